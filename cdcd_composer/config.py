@@ -1,0 +1,190 @@
+"""Run configuration: YAML plus dotted overrides, checked by name and type before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from composer.core import Time
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cdcd_composer.composer_model import EVAL_NOISE_LEVELS
+from cdcd_composer.model import CDCDConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the MDS dataset lives and how it is read."""
+
+    root: str  # Local directory or object-store URI holding train/, val/, tokenizer/.
+    local_cache: str | None = None  # Local cache for a remote root.
+    num_workers: int = 0
+    train_split: str = 'train'
+    eval_split: str = 'val'
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process (§2.1)."""
+
+    t_min: float = 1.0
+    t_max: float = 300.0
+    eval_noise_levels: list[float] = field(default_factory=lambda: list(EVAL_NOISE_LEVELS))
+
+
+@dataclass
+class ModelConfig(CDCDConfig):
+    """`CDCDConfig` whose vocab_size may be null: then it is read from the dataset."""
+
+    vocab_size: int | None = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None:
+            super().__post_init__()
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train.py` accepts; free-form values belong under `variables`."""
+
+    model: ModelConfig
+    data: DataConfig
+    max_duration: str  # Composer time string: '4800ba', '2ep', '10000000tok'.
+    global_train_batch_size: int
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    variables: dict[str, Any] = field(default_factory=dict)
+    run_name: str | None = None
+    seed: int = 17
+    device_train_microbatch_size: int | str | None = None  # None: the whole per-device batch.
+    device_eval_batch_size: int = 32
+    eval_interval: str = '500ba'
+    eval_subset_num_batches: int = -1
+    optimizer: dict[str, Any] = field(default_factory=lambda: {'name': 'decoupled_adamw', 'lr': 1.0e-4})
+    scheduler: dict[str, Any] = field(
+        default_factory=lambda: {'name': 'cosine_with_warmup', 't_warmup': '100ba', 'alpha_f': 0.1}
+    )
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU.
+    device: str | None = None  # None: Composer picks GPU when present.
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str = '50ba'
+    save_folder: str | None = None
+    save_interval: str = '1000ba'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    load_weights_only: bool = False
+    parallelism_config: dict[str, Any] | None = None
+    compile_config: dict[str, Any] | None = None
+    dist_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        for key in ('max_duration', 'eval_interval', 'save_interval', 'console_log_interval'):
+            value = getattr(self, key)
+            try:
+                Time.from_timestring(value)
+            except ValueError:
+                raise ValueError(
+                    f'{key}={value!r} is not a Composer time string; write e.g. 500ba, 2ep or 1000000tok'
+                ) from None
+        if self.global_train_batch_size <= 0:
+            raise ValueError(f'global_train_batch_size={self.global_train_batch_size} must be positive')
+        if self.autoresume and not self.run_name:
+            raise ValueError('autoresume=true needs a fixed run_name (set run_name: my-run)')
+        if self.autoresume and not self.save_folder:
+            raise ValueError('autoresume=true needs save_folder (where checkpoints are found)')
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a YAML value fits a type annotation (int counts as float, bool is not an int)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def from_dict(cls: type, data: Any, path: str = '') -> Any:
+    """Builds dataclass `cls` from a plain dict, rejecting unknown keys and wrong types by name.
+
+    Raises:
+        ValueError: one line naming the key, the bad value and the fix.
+    """
+    where = path.rstrip('.') or 'the config'
+    if not isinstance(data, dict):
+        raise ValueError(f'{where} must be a mapping of keys to values, got {data!r}')
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = ' (free-form values go under `variables:`)' if not path else ''
+            raise ValueError(f'unknown key {path}{key!r}{hint}; valid keys: {", ".join(sorted(fields))}')
+        tp = hints[key]
+        if not _matches(value, tp):
+            raise ValueError(f'{path}{key}={value!r} has the wrong type: expected {_type_name(tp)}')
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
+        if dataclasses.is_dataclass(inner[0]) and isinstance(value, dict):
+            value = from_dict(inner[0], value, f'{path}{key}.')
+        kwargs[key] = value
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f'missing required key {path}{missing[0]}; add it to the YAML or as {path}{missing[0]}=...')
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f'{where}: {e}') from None
+
+
+def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Reads a YAML file, applies `key.sub=value` overrides and resolves `${...}` references.
+
+    Raises:
+        ValueError: missing file, malformed YAML or override, or an unresolvable reference.
+    """
+    if not os.path.isfile(yaml_path):
+        raise ValueError(f'config file {yaml_path!r} not found; pass a YAML such as yamls/cdcd-tiny.yaml')
+    for item in overrides or []:
+        if '=' not in item:
+            raise ValueError(f'override {item!r} is not key=value (e.g. optimizer.lr=3e-4)')
+    try:
+        cfg = OmegaConf.merge(OmegaConf.load(yaml_path), OmegaConf.from_dotlist(list(overrides or [])))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ValueError(f'{yaml_path}: {str(e).splitlines()[0]}') from None
+    if not isinstance(resolved, dict):
+        raise ValueError(f'{yaml_path} must hold a mapping of keys to values at the top level')
+    return resolved
+
+
+def parse_config(raw: dict[str, Any]) -> TrainConfig:
+    """Validates a resolved config dict into a `TrainConfig`."""
+    return from_dict(TrainConfig, raw)

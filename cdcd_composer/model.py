@@ -1,0 +1,228 @@
+"""The CDCD denoiser: a time-conditioned bidirectional transformer over noisy token embeddings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CDCDConfig:
+    """Architecture of the denoiser (paper §4, §6.1; defaults are the paper's base model)."""
+
+    vocab_size: int = 30522  # Overwritten from the dataset's tokenizer when the YAML leaves it null.
+    d_embed: int = 256  # Token embedding width; quality is flat for d_embed >= 64 (§6.3).
+    d_model: int = 1024  # Transformer width.
+    n_layers: int = 8
+    n_heads: int = 16
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * d_model.
+    n_fourier: int = 64  # Fourier features of c_noise(t) = ln(t) / 4.
+    d_time: int = 128  # Width of the time-conditioning MLP (2 x d_time, GELU).
+    dropout: float = 0.0
+    embed_init_std: float = 0.001  # Tab. 1: embeddings start tiny; normalisation sets their scale.
+    tie_output_head: bool = False  # Logits from similarity to the normalised embeddings.
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f'model.d_model={self.d_model} must split into model.n_heads={self.n_heads} heads of even width'
+            )
+        for name in ('vocab_size', 'd_embed', 'd_model', 'n_layers', 'n_heads', 'n_fourier', 'd_time'):
+            if getattr(self, name) <= 0:
+                raise ValueError(f'model.{name}={getattr(self, name)} must be positive')
+
+
+def c_in(t: torch.Tensor) -> torch.Tensor:
+    """Input scaling 1 / sqrt(t^2 + 1) for sigma_data = 1 (EDM Tab. 1). t: any shape, returns same."""
+    return torch.rsqrt(t.square() + 1.0)
+
+
+def c_noise(t: torch.Tensor) -> torch.Tensor:
+    """Noise-level input ln(t) / 4 (EDM Tab. 1)."""
+    return torch.log(t) / 4.0
+
+
+def rotary(x: torch.Tensor) -> torch.Tensor:
+    """Applies rotary position embeddings (RoFormer) to x: (B, H, L, D_head), D_head even."""
+    _, _, length, d_head = x.shape
+    inv_freq = 10000.0 ** (-torch.arange(0, d_head, 2, device=x.device, dtype=torch.float32) / d_head)
+    angles = torch.arange(length, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (L, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class AdaptiveLayerNorm(nn.Module):
+    """LayerNorm whose shift and scale come from the time embedding (FiLM), zero-initialised.
+
+    At initialisation it is a plain (affine-free) LayerNorm, so training starts from an
+    ordinary transformer (§6.1).
+    """
+
+    def __init__(self, d_model: int, d_time: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
+        self.modulation = nn.Linear(d_time, 2 * d_model)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, d_model); time: (B, d_time). Returns (B, L, d_model)."""
+        shift, scale = self.modulation(time)[:, None, :].chunk(2, dim=-1)
+        return self.norm(x) * (1.0 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with rotary embeddings."""
+
+    def __init__(self, config: CDCDConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, d_model) -> (B, L, d_model)."""
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
+        q, k = rotary(q), rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(adaLN(x)), then x + MLP(adaLN(x))."""
+
+    def __init__(self, config: CDCDConfig) -> None:
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.d_model)
+        self.norm_attn = AdaptiveLayerNorm(config.d_model, config.d_time)
+        self.attn = Attention(config)
+        self.norm_mlp = AdaptiveLayerNorm(config.d_model, config.d_time)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, config.d_model),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, d_model); time: (B, d_time)."""
+        x = x + self.attn(self.norm_attn(x, time))
+        return x + self.mlp(self.norm_mlp(x, time))
+
+
+class TimeEmbedding(nn.Module):
+    """Fourier features of c_noise(t) = ln(t)/4, then an MLP (2 x d_time, GELU)."""
+
+    def __init__(self, n_fourier: int, d_time: int) -> None:
+        super().__init__()
+        # Log-spaced frequencies from 1 to 1000 resolve ln(t)/4 (range about -0.6..1.5) finely.
+        freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), n_fourier // 2))
+        self.register_buffer('freqs', freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(n_fourier, d_time), nn.GELU(), nn.Linear(d_time, d_time), nn.GELU())
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) noise std -> (B, d_time)."""
+        angles = c_noise(t.float())[:, None] * self.freqs
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+
+
+class CDCDTransformer(nn.Module):
+    """Denoiser: predicts logits over the vocabulary at every position.
+
+    Per position the input is `[c_in(t) * x_t * m, e * (1 - m), m, p * m]` (width 3*d_embed+1),
+    where m = 1 marks positions to generate, e the clean embedding of given tokens and p the
+    self-conditioning input (zeros when unused).
+    """
+
+    def __init__(self, config: CDCDConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_embed)
+        self.time_embedding = TimeEmbedding(config.n_fourier, config.d_time)
+        self.input_projection = nn.Linear(3 * config.d_embed + 1, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_out = AdaptiveLayerNorm(config.d_model, config.d_time)
+        if config.tie_output_head:
+            self.head = nn.Linear(config.d_model, config.d_embed)
+        else:
+            self.head = nn.Linear(config.d_model, config.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear weights N(0, 0.02), biases 0, embeddings N(0, embed_init_std); adaLN stays 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, AdaptiveLayerNorm):
+                nn.init.zeros_(module.modulation.weight)
+                nn.init.zeros_(module.modulation.bias)
+        nn.init.normal_(self.embedding.weight, std=self.config.embed_init_std)
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """Normalised embeddings E: (V, d_embed), each row of L2 norm sqrt(d_embed) (§2.1).
+
+        Gradients flow through the normalisation into the raw embedding table.
+        """
+        return F.normalize(self.embedding.weight, dim=-1) * math.sqrt(self.config.d_embed)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, L) int -> normalised embeddings (B, L, d_embed)."""
+        return F.normalize(self.embedding(tokens), dim=-1) * math.sqrt(self.config.d_embed)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clean: torch.Tensor,
+        generate_mask: torch.Tensor,
+        self_cond: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits of the clean tokens given noisy embeddings.
+
+        Args:
+            x_t: (B, L, d_embed) noisy embeddings e + t * eps (unscaled).
+            t: (B,) noise std per sequence.
+            clean: (B, L, d_embed) clean embeddings (only read where generate_mask is 0).
+            generate_mask: (B, L) 1 where a token is generated, 0 where it is given.
+            self_cond: (B, L, d_embed) previous estimate of the expected embedding, or zeros.
+
+        Returns:
+            (B, L, vocab_size) logits.
+        """
+        m = generate_mask.to(x_t.dtype)[..., None]  # (B, L, 1)
+        scale = c_in(t).to(x_t.dtype)[:, None, None]
+        features = torch.cat([scale * x_t * m, clean * (1.0 - m), m, self_cond * m], dim=-1)
+        h = self.input_projection(features)  # (B, L, d_model)
+        time = self.time_embedding(t).to(h.dtype)  # (B, d_time)
+        for block in self.blocks:
+            h = block(h, time)
+        h = self.head(self.norm_out(h, time))
+        if self.config.tie_output_head:
+            return h @ self.embedding_matrix().t().to(h.dtype)
+        return h
+
+    def expected_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        """x0_hat = softmax(logits) @ E with the normalised E (Eq. 7). (B, L, V) -> (B, L, d_embed)."""
+        probs = logits.float().softmax(dim=-1)
+        return probs @ self.embedding_matrix().float()
+
+    def non_embedding_parameters(self) -> int:
+        """Parameter count without the embedding table and the vocabulary-sized output head."""
+        vocab_sized = {id(self.embedding.weight)}
+        if not self.config.tie_output_head:
+            vocab_sized |= {id(self.head.weight), id(self.head.bias)}
+        return sum(p.numel() for p in self.parameters() if id(p) not in vocab_sized)
+
+
+def score(x0_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Score interpolation s(x, t) = (x0_hat - x) / t^2 (Eq. 8). x0_hat, x: (B, L, D); t: (B,)."""
+    return (x0_hat - x) / t.square()[:, None, None]

@@ -1,0 +1,119 @@
+"""YAML names of optimizers, schedulers, algorithms, callbacks and loggers, and their builders."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from composer import algorithms, callbacks, loggers, optim
+from torch import nn
+
+OPTIMIZERS: dict[str, type] = {
+    'decoupled_adamw': optim.DecoupledAdamW,
+    'adamw': torch.optim.AdamW,
+    'decoupled_sgdw': optim.DecoupledSGDW,
+}
+SCHEDULERS: dict[str, type] = {
+    'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
+    'linear_decay_with_warmup': optim.LinearWithWarmupScheduler,
+    'constant_with_warmup': optim.ConstantWithWarmupScheduler,
+}
+ALGORITHMS: dict[str, type] = {
+    'gradient_clipping': algorithms.GradientClipping,
+    'ema': algorithms.EMA,
+}
+CALLBACKS: dict[str, type] = {
+    'speed_monitor': callbacks.SpeedMonitor,
+    'lr_monitor': callbacks.LRMonitor,
+    'memory_monitor': callbacks.MemoryMonitor,
+    'optimizer_monitor': callbacks.OptimizerMonitor,
+    'runtime_estimator': callbacks.RuntimeEstimator,
+}
+LOGGERS: dict[str, type] = {
+    'file': loggers.FileLogger,
+    'tensorboard': loggers.TensorboardLogger,
+    'wandb': loggers.WandBLogger,
+    'mlflow': loggers.MLFlowLogger,
+}
+REGISTRIES = {
+    'optimizer': OPTIMIZERS,
+    'scheduler': SCHEDULERS,
+    'algorithms': ALGORITHMS,
+    'callbacks': CALLBACKS,
+    'loggers': LOGGERS,
+}
+
+
+def lookup(kind: str, name: str) -> type:
+    """The class registered as `name` under `kind` ('optimizer', 'callbacks', ...).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    registry = REGISTRIES[kind]
+    if name not in registry:
+        raise ValueError(f'unknown {kind} {name!r}; valid names: {", ".join(sorted(registry))}')
+    return registry[name]
+
+
+def check_kwargs(kind: str, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Fails by key name when `kwargs` do not fit the registered class's constructor.
+
+    Args:
+        kind: Registry kind, e.g. 'callbacks'.
+        name: Registered name.
+        kwargs: Keyword arguments from the YAML.
+        skip: Positional parameters supplied by the builder (e.g. 'params', 'optimizer').
+    """
+    cls = lookup(kind, name)
+    signature = inspect.signature(cls)
+    params = [p for p in signature.parameters.values() if p.name not in skip and p.name != 'self']
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    valid = {p.name for p in params}
+    for key in kwargs:
+        if key not in valid and not accepts_any:
+            raise ValueError(f'unknown key {kind}.{name}.{key}; valid keys: {", ".join(sorted(valid))}')
+    bound = {p.name for p in params if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    missing = sorted(bound - set(kwargs) - {p.name for p in params if p.kind is p.VAR_POSITIONAL})
+    if missing:
+        raise ValueError(f'{kind}.{name} needs key {missing[0]!r}')
+
+
+def build(kind: str, name: str, kwargs: dict[str, Any] | None) -> Any:
+    """Instantiates a registered class with YAML keyword arguments (None means no arguments)."""
+    kwargs = dict(kwargs or {})
+    check_kwargs(kind, name, kwargs)
+    return lookup(kind, name)(**kwargs)
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg['name']`; weight decay skips biases, norms and the embedding table.
+
+    Decaying the raw embedding table would only shrink rows that are normalised anyway, which
+    raises their effective learning rate without regularising anything.
+    """
+    kwargs = {k: v for k, v in cfg.items() if k != 'name'}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.ndim < 2 or id(param) in tables else decay).append(param)
+    groups = [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    return lookup('optimizer', cfg['name'])(groups, **kwargs)
+
+
+def check_sections(cfg: Any) -> None:
+    """Checks every registry-backed section of a `TrainConfig` before anything is built."""
+    if 'name' not in cfg.optimizer:
+        raise ValueError(f'optimizer needs a name; valid names: {", ".join(sorted(OPTIMIZERS))}')
+    if 'name' not in cfg.scheduler:
+        raise ValueError(f'scheduler needs a name; valid names: {", ".join(sorted(SCHEDULERS))}')
+    opt = {k: v for k, v in cfg.optimizer.items() if k != 'name'}
+    check_kwargs('optimizer', cfg.optimizer['name'], opt, skip=('params',))
+    sched = {k: v for k, v in cfg.scheduler.items() if k != 'name'}
+    check_kwargs('scheduler', cfg.scheduler['name'], sched)
+    for kind in ('algorithms', 'callbacks', 'loggers'):
+        for name, kwargs in getattr(cfg, kind).items():
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise ValueError(f'{kind}.{name} must be a mapping of keyword arguments (or empty), got {kwargs!r}')
+            check_kwargs(kind, name, dict(kwargs or {}))

@@ -1,0 +1,100 @@
+"""Tokenizers: load any Hugging Face tokenizer, or train an uncased WordPiece one offline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+BERT_SPECIAL_TOKENS = {
+    'pad_token': '[PAD]',
+    'unk_token': '[UNK]',
+    'cls_token': '[CLS]',
+    'sep_token': '[SEP]',
+    'mask_token': '[MASK]',
+}
+
+
+@dataclass(frozen=True)
+class StoryTokens:
+    """The ids that frame a story on the canvas: `[bos] story [eos] [pad] ...`."""
+
+    bos: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> StoryTokens:
+        """Reads the ids from a tokenizer, preferring BERT's [CLS]/[SEP], else BOS/EOS.
+
+        Raises:
+            ValueError: the tokenizer has no end-of-story or no padding token.
+        """
+        bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        if eos is None:
+            raise ValueError(f'tokenizer {tokenizer.name_or_path!r} has no [SEP]/eos token; choose another tokenizer')
+        if pad is None:
+            # GPT-style tokenizers have no pad token; the end-of-story token is the usual stand-in.
+            pad = eos
+        return cls(bos=bos if bos is not None else eos, eos=eos, pad=pad)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Trains an uncased BERT-style WordPiece tokenizer with the `tokenizers` library.
+
+    Args:
+        texts: Training texts (consumed once).
+        vocab_size: Largest vocabulary, special tokens included; a small corpus may yield fewer.
+
+    Returns:
+        A fast tokenizer that adds `[CLS] ... [SEP]` and saves with `save_pretrained`.
+    """
+    tok = Tokenizer(models.WordPiece(unk_token='[UNK]'))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix='##')
+    specials = list(BERT_SPECIAL_TOKENS.values())
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]',
+        pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', tok.token_to_id('[CLS]')), ('[SEP]', tok.token_to_id('[SEP]'))],
+    )
+    log.info('trained a WordPiece tokenizer with %d tokens', tok.get_vocab_size())
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Loads a tokenizer by hub name or local directory (e.g. the one saved beside the shards)."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise ValueError(
+            f'cannot load tokenizer {name_or_path!r}: give a local tokenizer directory or a hub name '
+            f'reachable from this machine ({type(e).__name__})'
+        ) from e
+
+
+def tokenizer_to_json(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A JSON-safe description that rebuilds the exact tokenizer (see `tokenizer_from_json`)."""
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ValueError(f'tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer; use a *Fast one')
+    return {
+        'tokenizer': tokenizer.backend_tokenizer.to_str(),
+        'special_tokens': {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    }
+
+
+def tokenizer_from_json(blob: dict) -> PreTrainedTokenizerFast:
+    """Inverse of `tokenizer_to_json`."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(blob['tokenizer']), **blob['special_tokens']
+    )

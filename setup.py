@@ -1,0 +1,33 @@
+"""Installs cdcd-composer: CDCD (continuous diffusion for categorical data) on MosaicML Composer."""
+
+from setuptools import find_packages, setup
+
+# Exact pins: Composer 0.32.1 and Streaming 0.13.0 are frozen and only known to work with these.
+install_requires = [
+    'torch==2.7.0',
+    'torchvision==0.22.0',
+    'mosaicml==0.32.1',
+    'mosaicml-streaming==0.13.0',
+    'numpy>=1.26,<2.2',
+    'transformers>=4.45,<5',
+    'datasets>=2.20',
+    'tokenizers>=0.20',
+    'einops>=0.7',
+    'pyyaml>=6.0',
+    'omegaconf>=2.3,<2.4',
+    'safetensors>=0.4',
+]
+
+extras_require = {
+    'test': ['pytest>=8', 'moto[server]>=5.0', 'ruff>=0.6'],
+}
+
+setup(
+    name='cdcd-composer',
+    version='0.1.0',
+    description='Continuous Diffusion for Categorical Data (Dieleman et al. 2022) as a Composer recipe',
+    packages=find_packages(include=['cdcd_composer', 'cdcd_composer.*']),
+    python_requires='>=3.10',
+    install_requires=install_requires,
+    extras_require=extras_require,
+)

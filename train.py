@@ -1,0 +1,157 @@
+"""Trains CDCD with Composer: `composer train.py yamls/cdcd-tiny.yaml key.sub=value ...`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from composer import Evaluator, Trainer
+from composer.utils import dist, get_device, reproducibility
+
+from cdcd_composer import registry
+from cdcd_composer.callbacks import RunMetadata
+from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.config import TrainConfig, load_config, parse_config
+from cdcd_composer.data import DatasetMetadata, build_dataloader, check_split, clean_shared_memory, fetch_dataset_files
+from cdcd_composer.tokenization import load_tokenizer, tokenizer_to_json
+
+log = logging.getLogger('train')
+
+
+def validate(cfg: TrainConfig) -> DatasetMetadata:
+    """Every check that needs no model and no shards: registry names, keys, data paths, sizes."""
+    registry.check_sections(cfg)
+    check_split(cfg.data.root, cfg.data.train_split)
+    check_split(cfg.data.root, cfg.data.eval_split)
+    meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < meta.vocab_size:
+        raise ValueError(
+            f'model.vocab_size={cfg.model.vocab_size} is smaller than the dataset vocabulary '
+            f'({meta.vocab_size}); set model.vocab_size=null to take it from the data'
+        )
+    return meta
+
+
+def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
+    """Builds the model, data, optimisation and system pieces into a Composer Trainer."""
+    model_kwargs = dataclasses.asdict(cfg.model)
+    if model_kwargs['vocab_size'] is None:
+        model_kwargs['vocab_size'] = meta.vocab_size
+    model = CDCDComposerModel(
+        model=model_kwargs,
+        t_min=cfg.diffusion.t_min,
+        t_max=cfg.diffusion.t_max,
+        eval_noise_levels=tuple(cfg.diffusion.eval_noise_levels),
+    )
+    log.info('model: %.2fM non-embedding parameters', model.model.non_embedding_parameters() / 1e6)
+
+    world = dist.get_world_size()
+    if cfg.global_train_batch_size % world:
+        raise ValueError(
+            f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by {world} devices'
+        )
+    per_device = cfg.global_train_batch_size // world
+    data_root, cache = cfg.data.root, cfg.data.local_cache
+    train_loader = build_dataloader(
+        data_root, cfg.data.train_split, per_device, shuffle=True, seed=cfg.seed,
+        num_workers=cfg.data.num_workers, local_cache=cache,
+    )
+    eval_loader = build_dataloader(
+        data_root, cfg.data.eval_split, cfg.device_eval_batch_size, shuffle=False, seed=cfg.seed,
+        num_workers=cfg.data.num_workers, local_cache=cache, drop_last=False,
+    )
+    evaluator = Evaluator(label='eval', dataloader=eval_loader, metric_names=list(model.get_metrics()))
+
+    optimizer = registry.build_optimizer(model, cfg.optimizer)
+    scheduler = registry.build('scheduler', cfg.scheduler['name'], {k: v for k, v in cfg.scheduler.items() if k != 'name'})
+    algorithms = [registry.build('algorithms', n, kw) for n, kw in cfg.algorithms.items()]
+    loggers = [registry.build('loggers', n, kw) for n, kw in cfg.loggers.items()]
+    tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
+    metadata = {
+        'model': model_kwargs,
+        'diffusion': dataclasses.asdict(cfg.diffusion),
+        'dataset': dataclasses.asdict(meta),
+        'tokenizer': tokenizer_to_json(tokenizer),
+    }
+    callbacks = [registry.build('callbacks', n, kw) for n, kw in cfg.callbacks.items()]
+    callbacks.append(RunMetadata(metadata))
+
+    precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
+    return Trainer(
+        run_name=cfg.run_name,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluator,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        precision=precision,
+        device=cfg.device,
+        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        parallelism_config=cfg.parallelism_config,
+        compile_config=cfg.compile_config,
+        seed=cfg.seed,
+        dist_timeout=cfg.dist_timeout,
+    )
+
+
+def main(cfg: dict[str, Any] | TrainConfig, return_trainer: bool = False, do_train: bool = True) -> Trainer | None:
+    """Validates the config, builds everything and trains.
+
+    Args:
+        cfg: A resolved config dict (from `load_config`) or a `TrainConfig`.
+        return_trainer: Return the Trainer (tests inspect it).
+        do_train: Call `fit()`; False only builds.
+    """
+    cfg = cfg if isinstance(cfg, TrainConfig) else parse_config(cfg)
+    trainer = run(cfg, validate(cfg), do_train)
+    return trainer if return_trainer else None
+
+
+def run(cfg: TrainConfig, meta: DatasetMetadata, do_train: bool = True) -> Trainer:
+    """Builds the Trainer for a validated config and trains."""
+    reproducibility.seed_all(cfg.seed)
+    if not dist.is_initialized():
+        # Streaming needs the process group before the datasets are built.
+        dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
+    clean_shared_memory()
+    trainer = build_trainer(cfg, meta)
+    if do_train:
+        trainer.fit()
+    return trainer
+
+
+def cli(argv: list[str]) -> None:
+    """`train.py CONFIG.yaml [key.sub=value ...]`; config errors exit with one line."""
+    if not argv or argv[0] in ('-h', '--help'):
+        sys.exit('usage: composer train.py yamls/cdcd-tiny.yaml [key.sub=value ...]')
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    try:
+        cfg = parse_config(load_config(argv[0], argv[1:]))
+        meta = validate(cfg)
+    except ValueError as e:
+        sys.exit(f'config error: {e}')
+    run(cfg, meta)
+
+
+if __name__ == '__main__':
+    cli(sys.argv[1:])
