@@ -16,7 +16,13 @@ from cdcd_composer import registry
 from cdcd_composer.callbacks import RunMetadata
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import TrainConfig, load_config, parse_config
-from cdcd_composer.data import DatasetMetadata, build_dataloader, check_split, clean_shared_memory, fetch_dataset_files
+from cdcd_composer.data import (
+    DatasetMetadata,
+    build_dataloader,
+    check_split,
+    clean_shared_memory,
+    fetch_dataset_files,
+)
 from cdcd_composer.tokenization import load_tokenizer, tokenizer_to_json
 
 log = logging.getLogger('train')
@@ -57,17 +63,30 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     per_device = cfg.global_train_batch_size // world
     data_root, cache = cfg.data.root, cfg.data.local_cache
     train_loader = build_dataloader(
-        data_root, cfg.data.train_split, per_device, shuffle=True, seed=cfg.seed,
-        num_workers=cfg.data.num_workers, local_cache=cache,
+        data_root,
+        cfg.data.train_split,
+        per_device,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        local_cache=cache,
     )
     eval_loader = build_dataloader(
-        data_root, cfg.data.eval_split, cfg.device_eval_batch_size, shuffle=False, seed=cfg.seed,
-        num_workers=cfg.data.num_workers, local_cache=cache, drop_last=False,
+        data_root,
+        cfg.data.eval_split,
+        cfg.device_eval_batch_size,
+        shuffle=False,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        local_cache=cache,
+        drop_last=False,
     )
     evaluator = Evaluator(label='eval', dataloader=eval_loader, metric_names=list(model.get_metrics()))
 
     optimizer = registry.build_optimizer(model, cfg.optimizer)
-    scheduler = registry.build('scheduler', cfg.scheduler['name'], {k: v for k, v in cfg.scheduler.items() if k != 'name'})
+    scheduler = registry.build(
+        'scheduler', cfg.scheduler['name'], {k: v for k, v in cfg.scheduler.items() if k != 'name'}
+    )
     algorithms = [registry.build('algorithms', n, kw) for n, kw in cfg.algorithms.items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in cfg.loggers.items()]
     tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
@@ -114,7 +133,9 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     )
 
 
-def main(cfg: dict[str, Any] | TrainConfig, return_trainer: bool = False, do_train: bool = True) -> Trainer | None:
+def main(
+    cfg: dict[str, Any] | TrainConfig, return_trainer: bool = False, do_train: bool = True
+) -> Trainer | None:
     """Validates the config, builds everything and trains.
 
     Args:

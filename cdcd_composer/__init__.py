@@ -1,0 +1,1 @@
+"""CDCD (continuous diffusion for categorical data) as a MosaicML Composer recipe."""

@@ -130,7 +130,9 @@ class CDCDComposerModel(ComposerModel):
         return outputs['loss']
 
     # -- evaluation -----------------------------------------------------------------------------
-    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> dict[str, torch.Tensor]:
+    def eval_forward(
+        self, batch: dict[str, torch.Tensor], outputs: Any | None = None
+    ) -> dict[str, torch.Tensor]:
         """CE and accuracy sums at each fixed noise level, with noise seeded by the batch content."""
         tokens = batch['tokens']
         generator = torch.Generator(device=tokens.device)
@@ -166,7 +168,9 @@ class CDCDComposerModel(ComposerModel):
             if isinstance(m, nn.Linear) and id(m.weight) not in per_sequence
         )
         per_sequence_params = sum(
-            m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Linear) and id(m.weight) in per_sequence
+            m.weight.numel()
+            for m in self.model.modules()
+            if isinstance(m, nn.Linear) and id(m.weight) in per_sequence
         )
         tokens = batch_size * seq_len
         flops = 2 * per_token_params * tokens + 2 * per_sequence_params * batch_size

@@ -43,10 +43,6 @@ class ModelConfig(CDCDConfig):
 
     vocab_size: int | None = None  # type: ignore[assignment]
 
-    def __post_init__(self) -> None:
-        if self.vocab_size is not None:
-            super().__post_init__()
-
 
 @dataclass
 class TrainConfig:
@@ -143,7 +139,7 @@ def from_dict(cls: type, data: Any, path: str = '') -> Any:
     for key, value in data.items():
         if key not in fields:
             hint = ' (free-form values go under `variables:`)' if not path else ''
-            raise ValueError(f'unknown key {path}{key!r}{hint}; valid keys: {", ".join(sorted(fields))}')
+            raise ValueError(f'unknown key {path}{key}{hint}; valid keys: {", ".join(sorted(fields))}')
         tp = hints[key]
         if not _matches(value, tp):
             raise ValueError(f'{path}{key}={value!r} has the wrong type: expected {_type_name(tp)}')
@@ -154,10 +150,14 @@ def from_dict(cls: type, data: Any, path: str = '') -> Any:
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ValueError(f'missing required key {path}{missing[0]}; add it to the YAML or as {path}{missing[0]}=...')
+        raise ValueError(
+            f'missing required key {path}{missing[0]}; add it to the YAML or as {path}{missing[0]}=...'
+        )
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -101,7 +101,9 @@ def write_split(examples: Iterable[np.ndarray], out_dir: str, size_limit: str = 
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', dir=parent)
     try:
         columns = {'tokens': 'ndarray:int32'}
-        with MDSWriter(out=tmp, columns=columns, compression='zstd', hashes=['xxh64'], size_limit=size_limit) as w:
+        with MDSWriter(
+            out=tmp, columns=columns, compression='zstd', hashes=['xxh64'], size_limit=size_limit
+        ) as w:
             for tokens in examples:
                 w.write({'tokens': tokens})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared.
@@ -186,7 +188,9 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
     from composer.utils import get_file
 
     for name in (METADATA_FILE, *(f'{TOKENIZER_DIR}/{f}' for f in TOKENIZER_FILES)):
-        get_file(f'{root.rstrip("/")}/{name}', os.path.join(local_cache, name), overwrite=True, progress_bar=False)
+        get_file(
+            f'{root.rstrip("/")}/{name}', os.path.join(local_cache, name), overwrite=True, progress_bar=False
+        )
     return local_cache
 
 

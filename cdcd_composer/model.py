@@ -29,10 +29,11 @@ class CDCDConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
-                f'model.d_model={self.d_model} must split into model.n_heads={self.n_heads} heads of even width'
+                f'model.d_model={self.d_model} must split into '
+                f'model.n_heads={self.n_heads} heads of even width'
             )
         for name in ('vocab_size', 'd_embed', 'd_model', 'n_layers', 'n_heads', 'n_fourier', 'd_time'):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f'model.{name}={getattr(self, name)} must be positive')
 
 
@@ -125,7 +126,9 @@ class TimeEmbedding(nn.Module):
         # Log-spaced frequencies from 1 to 1000 resolve ln(t)/4 (range about -0.6..1.5) finely.
         freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), n_fourier // 2))
         self.register_buffer('freqs', freqs, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(n_fourier, d_time), nn.GELU(), nn.Linear(d_time, d_time), nn.GELU())
+        self.mlp = nn.Sequential(
+            nn.Linear(n_fourier, d_time), nn.GELU(), nn.Linear(d_time, d_time), nn.GELU()
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (B,) noise std -> (B, d_time)."""

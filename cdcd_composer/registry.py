@@ -115,5 +115,7 @@ def check_sections(cfg: Any) -> None:
     for kind in ('algorithms', 'callbacks', 'loggers'):
         for name, kwargs in getattr(cfg, kind).items():
             if kwargs is not None and not isinstance(kwargs, dict):
-                raise ValueError(f'{kind}.{name} must be a mapping of keyword arguments (or empty), got {kwargs!r}')
+                raise ValueError(
+                    f'{kind}.{name} must be a mapping of keyword arguments (or empty), got {kwargs!r}'
+                )
             check_kwargs(kind, name, dict(kwargs or {}))

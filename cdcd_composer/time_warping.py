@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def low_discrepancy_uniform(n: int, device: torch.device | str = 'cpu', generator: torch.Generator | None = None):
+def low_discrepancy_uniform(
+    n: int, device: torch.device | str = 'cpu', generator: torch.Generator | None = None
+):
     """Stratified u in [0, 1): u_b = (b + U) / n mod 1 with one U ~ U[0, 1) per call. Returns (n,)."""
     offset = torch.rand((), device=device, generator=generator)
     return torch.remainder((torch.arange(n, device=device) + offset) / n, 1.0)
@@ -36,7 +38,7 @@ class UniformTime:
         return self.t_min + u * (self.t_max - self.t_min)
 
     def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
-        """n noise levels t = F^-1(u) with low-discrepancy u. Returns (n,) float32."""
+        """N noise levels t = F^-1(u) with low-discrepancy u. Returns (n,) float32."""
         return self.inverse_cdf(low_discrepancy_uniform(n, device))
 
     def sampling_timesteps(self, n_steps: int) -> torch.Tensor:

@@ -39,7 +39,9 @@ class StoryTokens:
         eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         if eos is None:
-            raise ValueError(f'tokenizer {tokenizer.name_or_path!r} has no [SEP]/eos token; choose another tokenizer')
+            raise ValueError(
+                f'tokenizer {tokenizer.name_or_path!r} has no [SEP]/eos token; choose another tokenizer'
+            )
         if pad is None:
             # GPT-style tokenizers have no pad token; the end-of-story token is the usual stand-in.
             pad = eos

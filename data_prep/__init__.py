@@ -1,0 +1,1 @@
+"""Dataset conversion scripts (importable so tests can call them)."""

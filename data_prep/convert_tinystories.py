@@ -17,7 +17,14 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
-from cdcd_composer.data import METADATA_FILE, SPLITS, TOKENIZER_DIR, DatasetMetadata, encode_stories, write_split
+from cdcd_composer.data import (
+    METADATA_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    DatasetMetadata,
+    encode_stories,
+    write_split,
+)
 from cdcd_composer.grammar import StoryGrammar
 from cdcd_composer.tokenization import StoryTokens, load_tokenizer, train_wordpiece
 
@@ -106,7 +113,13 @@ def convert(
         counts = {'examples': 0, 'truncated': 0}
         write_split(encode_stories(texts(split), tok, seq_len, counts), os.path.join(out_root, split))
         examples[split], truncated[split] = counts['examples'], counts['truncated']
-        log.info('%s: %d stories, %d truncated to %d tokens', split, counts['examples'], counts['truncated'], seq_len)
+        log.info(
+            '%s: %d stories, %d truncated to %d tokens',
+            split,
+            counts['examples'],
+            counts['truncated'],
+            seq_len,
+        )
     meta = DatasetMetadata(
         seq_len=seq_len,
         vocab_size=len(tok),

@@ -1,0 +1,35 @@
+# `make demo` and `make test` each work on a fresh machine: they create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA := data/synthetic
+# Two CPU cores: one intra-op thread per core.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DATA)/cdcd_dataset.json: | $(VENV)/.installed
+	rm -rf $(DATA)  # an interrupted conversion has no metadata file: start it again
+	$(PY) data_prep/convert_tinystories.py --source synthetic --out_root $(DATA)
+
+demo: install $(DATA)/cdcd_dataset.json
+	$(PY) train.py yamls/cdcd-tiny.yaml
+	$(PY) generate.py runs/cdcd-tiny/checkpoints/latest-rank0.pt --num_samples 8 --steps 200
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q -rs --durations=10
+
+clean:
+	rm -rf runs $(DATA)

@@ -1,0 +1,62 @@
+"""Shared fixtures: seeding, a tiny synthetic MDS dataset and a tiny config derived from cdcd-tiny.yaml."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train.py, generate.py and data_prep/ live at the top level.
+
+from cdcd_composer.config import load_config  # noqa: E402
+from data_prep.convert_tinystories import convert  # noqa: E402
+
+TINY_MODEL = {'d_embed': 16, 'd_model': 32, 'n_layers': 2, 'n_heads': 2, 'n_fourier': 8, 'd_time': 16}
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(scope='session')
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256 train / 64 val synthetic stories on a 96-token canvas with a trained WordPiece tokenizer."""
+    root = tmp_path_factory.mktemp('data') / 'synthetic'
+    convert(
+        source='synthetic', out_root=str(root), seq_len=96, num_train=256, num_val=64, train_tokenizer=512
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset: Path, tmp_path: Path) -> dict:
+    """yamls/cdcd-tiny.yaml shrunk to a few thousand non-embedding parameters and a few batches."""
+    overrides = [
+        f'variables.data_root={tiny_dataset}',
+        'max_duration=4ba',
+        'global_train_batch_size=8',
+        'device_eval_batch_size=16',
+        'eval_interval=2ba',
+        'eval_subset_num_batches=1',
+        'progress_bar=false',
+        f'save_folder={tmp_path}/checkpoints',
+        'save_interval=4ba',
+        f'loggers.file.filename={tmp_path}/logs.txt',
+        'scheduler.t_warmup=1ba',
+    ] + [f'model.{k}={v}' for k, v in TINY_MODEL.items()]
+    return load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', '1'))

@@ -1,0 +1,92 @@
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from cdcd_composer.config import load_config, parse_config
+from train import validate
+
+
+@pytest.mark.parametrize('name', ['cdcd-tiny', 'cdcd-5m', 'cdcd-140m'])
+def test_shipped_yamls_parse(name):
+    cfg = parse_config(load_config(str(REPO / 'yamls' / f'{name}.yaml')))
+    assert cfg.run_name == name
+
+
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('model.d_modle=64', 'unknown key model.d_modle'),
+        ('optimzer.lr=1', 'unknown key optimzer (free-form values go under `variables:`)'),
+        ('model.n_layers=two', "model.n_layers='two' has the wrong type: expected int"),
+        ('global_train_batch_size=1.5', 'global_train_batch_size=1.5 has the wrong type'),
+        ('max_duration=10 steps', 'not a Composer time string'),
+        ('model.n_heads=3', 'must split into model.n_heads=3 heads'),
+        ('diffusion.t_mni=1', 'unknown key diffusion.t_mni'),
+        ('eval_interval=soon', "eval_interval='soon' is not a Composer time string"),
+    ],
+)
+def test_config_errors_name_the_key(tiny_config, override, message):
+    raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), ['variables.data_root=x', override])
+    with pytest.raises(ValueError) as exc:
+        parse_config(raw)
+    assert message in str(exc.value)
+    assert '\n' not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('optimizer.name=adam', "unknown optimizer 'adam'; valid names: adamw, decoupled_adamw"),
+        ('optimizer.lrr=1.0', 'unknown key optimizer.decoupled_adamw.lrr'),
+        ('callbacks.speed_monitor.window=3', 'unknown key callbacks.speed_monitor.window'),
+        ('algorithms.emma.half_life=1ba', "unknown algorithms 'emma'"),
+        ('model.vocab_size=10', 'smaller than the dataset vocabulary'),
+    ],
+)
+def test_registry_and_data_errors_before_any_work(tiny_config, override, message):
+    raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), [override])
+    raw['data'] = tiny_config['data']
+    with pytest.raises(ValueError) as exc:
+        validate(parse_config(raw))
+    assert message in str(exc.value)
+
+
+def test_missing_data_path_names_the_fix(tmp_path):
+    raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), [f'variables.data_root={tmp_path}/nope'])
+    with pytest.raises(ValueError, match=r"data.root .*nope' has no 'train' split; create it with"):
+        validate(parse_config(raw))
+
+
+def test_cli_misspelt_key_fails_in_one_line_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / 'train.py'),
+            str(REPO / 'yamls' / 'cdcd-tiny.yaml'),
+            'model.d_modle=64',
+            f'save_folder={tmp_path}/ckpt',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        'config error: unknown key model.d_modle; valid keys: d_embed, d_model, d_time, dropout, '
+        'embed_init_std, mlp_ratio, n_fourier, n_heads, n_layers, tie_output_head, vocab_size'
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_autoresume_needs_a_fixed_run_name():
+    raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), ['autoresume=true', 'run_name=null'])
+    with pytest.raises(ValueError, match='autoresume=true needs a fixed run_name'):
+        parse_config(raw)
+
+
+def test_missing_yaml_is_a_clear_error():
+    with pytest.raises(ValueError, match='not found'):
+        load_config('yamls/nope.yaml')

@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, TINY_MODEL
+
+from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.model import CDCDConfig, CDCDTransformer, c_in, rotary, score
+
+VOCAB = 50
+
+
+@pytest.fixture
+def wrapper() -> CDCDComposerModel:
+    return CDCDComposerModel({'vocab_size': VOCAB, **TINY_MODEL}, t_min=1.0, t_max=300.0)
+
+
+def _batch(b: int = 3, length: int = 12) -> dict:
+    return {'tokens': torch.randint(0, VOCAB, (b, length))}
+
+
+def test_tiny_model_has_a_few_thousand_parameters(wrapper):
+    assert 1_000 < wrapper.model.non_embedding_parameters() < 50_000
+
+
+def test_normalised_embeddings_have_norm_sqrt_d(wrapper):
+    model = wrapper.model
+    d = model.config.d_embed
+    rows = model.embedding_matrix().norm(dim=-1)
+    torch.testing.assert_close(rows, torch.full((VOCAB,), math.sqrt(d)))
+    tokens = torch.randint(0, VOCAB, (2, 5))
+    torch.testing.assert_close(model.embed(tokens), model.embedding_matrix()[tokens])
+    # Tab. 1 init: the raw table is tiny, the normalised one is not.
+    assert model.embedding.weight.std() < 0.01
+
+
+def test_expected_embedding_and_score_match_closed_forms(wrapper):
+    model = wrapper.model
+    logits = torch.randn(2, 4, VOCAB)
+    x0_hat = model.expected_embedding(logits)
+    manual = torch.einsum('blv,vd->bld', logits.softmax(-1), model.embedding_matrix())
+    torch.testing.assert_close(x0_hat, manual)
+    x = torch.randn(2, 4, model.config.d_embed)
+    t = torch.tensor([2.0, 5.0])
+    torch.testing.assert_close(score(x0_hat, x, t), (x0_hat - x) / t[:, None, None] ** 2)
+    # A one-hot prediction gives exactly that token's embedding.
+    sharp = torch.full((1, 1, VOCAB), -1e4)
+    sharp[0, 0, 7] = 1e4
+    torch.testing.assert_close(model.expected_embedding(sharp)[0, 0], model.embedding_matrix()[7])
+
+
+def test_c_in_scales_unit_variance_inputs():
+    t = torch.tensor([1.0, 10.0, 300.0])
+    x = torch.randn(20000, 3) * torch.sqrt(1 + t**2)  # e (std 1) + t * eps
+    assert torch.allclose((x * c_in(t)).std(0), torch.ones(3), atol=0.03)
+
+
+def test_given_positions_carry_no_loss_and_no_noise(wrapper):
+    batch = wrapper.corrupt(_batch())
+    mask = torch.ones_like(batch['tokens'], dtype=torch.bool)
+    mask[:, :5] = False
+    batch['generate_mask'] = mask
+    out = wrapper(batch)
+    ce = wrapper.token_cross_entropy(out['logits'], batch['tokens'])
+    torch.testing.assert_close(out['loss'], ce[:, 5:].mean())
+    torch.testing.assert_close(out['ce_per_sequence'], ce[:, 5:].mean(-1))
+    # Changing the targets of given positions leaves the loss unchanged ...
+    other = dict(batch, tokens=batch['tokens'].clone())
+    other['tokens'][:, :5] = (other['tokens'][:, :5] + 1) % VOCAB
+    wrapper.eval()
+    with torch.no_grad():
+        same_inputs = wrapper.model(
+            wrapper.model.embed(batch['tokens']) + batch['t'][:, None, None] * batch['noise'],
+            batch['t'],
+            wrapper.model.embed(batch['tokens']),
+            mask,
+            batch['self_cond'],
+        )
+        # ... and given positions ignore the noise entirely: the output is the same for any noise there.
+        noise2 = batch['noise'].clone()
+        noise2[:, :5] = torch.randn_like(noise2[:, :5]) * 100
+        x2 = wrapper.model.embed(batch['tokens']) + batch['t'][:, None, None] * noise2
+        moved = wrapper.model(x2, batch['t'], wrapper.model.embed(batch['tokens']), mask, batch['self_cond'])
+    torch.testing.assert_close(same_inputs, moved)
+
+
+def test_forward_reports_pairs_for_time_warping(wrapper):
+    out = wrapper(_batch(b=6))
+    assert out['ce_per_sequence'].shape == (6,) and out['t'].shape == (6,)
+    assert not out['ce_per_sequence'].requires_grad
+    assert ((out['t'] >= 1.0) & (out['t'] <= 300.0)).all()
+    # Low-discrepancy: one t per stratum of width 1/B.
+    u = torch.sort((out['t'] - 1.0) / 299.0).values
+    assert ((u >= torch.arange(6) / 6) & (u < (torch.arange(6) + 1) / 6)).all()
+
+
+def test_time_conditioning_starts_as_plain_layernorm(wrapper):
+    model = wrapper.model
+    batch = wrapper.corrupt(_batch())
+    args = (batch['noise'], batch['t'], batch['noise'], batch['generate_mask'], batch['self_cond'])
+    out_a = model(*args)
+    out_b = model(batch['noise'], batch['t'] * 7, *args[2:])
+    # adaLN is zero-initialised, but c_in(t) scales the input, so only that path may differ:
+    scaled = model(
+        batch['noise'] * c_in(batch['t'] * 7)[:, None, None] / c_in(batch['t'])[:, None, None],
+        batch['t'],
+        *args[2:],
+    )
+    torch.testing.assert_close(out_b, scaled)
+    assert not torch.allclose(out_a, out_b)
+
+
+def test_rotary_attention_depends_on_relative_position_only():
+    q = torch.randn(1, 1, 1, 8).expand(1, 1, 10, 8)
+    k = torch.randn(1, 1, 1, 8).expand(1, 1, 10, 8)
+    scores = rotary(q) @ rotary(k).transpose(-1, -2)  # (1, 1, 10, 10)
+    torch.testing.assert_close(scores[0, 0, 2, 5], scores[0, 0, 4, 7])
+    torch.testing.assert_close(rotary(q).norm(dim=-1), q.norm(dim=-1))
+
+
+def test_flops_per_batch_is_three_forwards(wrapper):
+    batch = _batch(b=4, length=16)
+    n = sum(p.numel() for n_, p in wrapper.model.named_parameters() if n_.endswith('weight') and p.ndim == 2)
+    flops = wrapper.flops_per_batch(batch)
+    assert flops == 3 * wrapper.forward_flops(4, 16)
+    assert 0.5 * 6 * n * 64 < flops < 2 * 6 * n * 64
+
+
+@pytest.mark.parametrize('name, target', [('cdcd-5m', 4.87e6), ('cdcd-140m', 139.4e6)])
+def test_parameter_counts_match_the_earlier_reproduction(name, target):
+    cfg = yaml.safe_load((REPO / 'yamls' / f'{name}.yaml').read_text())['model']
+    cfg['vocab_size'] = cfg.get('vocab_size') or 30522
+    with torch.device('meta'):
+        model = CDCDTransformer(CDCDConfig(**cfg))
+    assert abs(model.non_embedding_parameters() / target - 1) < 0.05
+
+
+def test_bad_architecture_fails_by_name():
+    with pytest.raises(ValueError, match='n_heads'):
+        CDCDConfig(vocab_size=10, d_model=30, n_heads=4)
