@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 import torch
-from composer import Evaluator, Trainer
+from composer import DataSpec, Evaluator, Trainer
 from composer.utils import dist, get_device, reproducibility
 
 from cdcd_composer import registry
@@ -103,7 +103,10 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     return Trainer(
         run_name=cfg.run_name,
         model=model,
-        train_dataloader=train_loader,
+        # SpeedMonitor counts tokens through the DataSpec (our batches have no `input_ids`).
+        train_dataloader=DataSpec(
+            train_loader, get_num_tokens_in_batch=lambda batch: batch['tokens'].numel()
+        ),
         eval_dataloader=evaluator,
         eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,

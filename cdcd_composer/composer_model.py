@@ -72,7 +72,8 @@ class CDCDComposerModel(ComposerModel):
         self.time_distribution = UniformTime(t_min, t_max)
         self.eval_noise_levels = tuple(float(t) for t in eval_noise_levels)
         self.eval_seed = eval_seed
-        self.eval_metrics = nn.ModuleDict()
+        # A plain dict, not a ModuleDict: FSDP wraps every child module of a ComposerModel.
+        self.eval_metrics: dict[str, MaskedMean] = {}
         for t in self.eval_noise_levels:
             for kind in ('CE', 'Accuracy'):
                 key = f'{kind}_t{_level_name(t)}'
@@ -152,7 +153,7 @@ class CDCDComposerModel(ComposerModel):
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         """Validation metrics: CE (nats/token) and token accuracy at each fixed noise level."""
-        return {} if is_train else dict(self.eval_metrics.items())
+        return {} if is_train else dict(self.eval_metrics)
 
     def update_metric(self, batch: Any, outputs: dict[str, torch.Tensor], metric: Metric) -> None:
         """Feeds the matching sum from `eval_forward` into its metric."""

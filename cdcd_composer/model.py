@@ -170,6 +170,14 @@ class CDCDTransformer(nn.Module):
                 nn.init.zeros_(module.modulation.bias)
         nn.init.normal_(self.embedding.weight, std=self.config.embed_init_std)
 
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP shards each transformer block as its own unit (read by Composer)."""
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Blocks are the activation-checkpointing units when the FSDP config enables it."""
+        return isinstance(module, Block)
+
     def embedding_matrix(self) -> torch.Tensor:
         """Normalised embeddings E: (V, d_embed), each row of L2 norm sqrt(d_embed) (§2.1).
 
