@@ -22,9 +22,10 @@ def generate(
     tau: float = 1.0,
     self_conditioning: bool = False,
     progress: bool = False,
+    warp: bool = True,
 ) -> tuple[list[str], str]:
     """Unconditional samples decoded to text (cut at the end-of-story token), and the data source."""
-    trained = load_trained_model(checkpoint)
+    trained = load_trained_model(checkpoint, warp=warp)
     bar = tqdm(total=steps, desc='sampling', disable=not progress)
     tokens = euler_sample(
         trained.model,
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--self_conditioning', action='store_true', help='feed x0_hat back (if trained with it)')
     p.add_argument('--out', default=None, help='write samples as JSONL here')
+    p.add_argument(
+        '--warp', choices=('checkpoint', 'none'), default='checkpoint',
+        help="timesteps from the checkpoint's fitted time warp, or evenly spaced in t ('none')",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.num_samples <= 0 or args.steps <= 0:
         p.exit(2, 'error: --num_samples and --steps must be positive\n')

@@ -16,6 +16,8 @@ install_requires = [
     'pyyaml>=6.0',
     'omegaconf>=2.3,<2.4',
     'safetensors>=0.4',
+    'scipy>=1.11',
+    'matplotlib>=3.7',
 ]
 
 extras_require = {

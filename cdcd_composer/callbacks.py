@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from typing import Any
 
-from composer.core import Callback, State
+import torch
+from composer.core import Callback, Event, State
 from composer.loggers import Logger
+from composer.utils import create_interval_scheduler, dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+
+from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.plotting import plot_time_warp
+from cdcd_composer.time_warping import TimeWarp
+
+log = logging.getLogger(__name__)
 
 
 class RunMetadata(Callback):
@@ -35,3 +48,175 @@ class RunMetadata(Callback):
                 'the checkpoint was trained with a different model config; '
                 'use the YAML it was trained with or set load_weights_only=true'
             )
+
+
+def unwrap_model(model: torch.nn.Module) -> CDCDComposerModel:
+    """The ComposerModel inside a DDP wrapper (FSDP shards in place and needs no unwrapping)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+class TimeWarpRefit(Callback):
+    """Fits the time warp to (t, per-sequence CE) pairs from training and installs it (paper §3.3).
+
+    Every batch the pairs of all ranks are all-gathered into a fixed-size ring buffer (so every
+    rank holds the same buffer); every `interval` the curve is refitted from that buffer. The
+    fit is deterministic given its data, so all ranks install bit-identical curves. The curve,
+    the buffer and the fit count are checkpointed as fixed-shape tensors and restored on resume.
+
+    Args:
+        interval: Refit period, a Composer time string ('200ba').
+        buffer_size: Most recent pairs kept for the fit (across all ranks).
+        n_bins: Bins of the piecewise-linear CDF.
+        mu: Uniform mixture weight.
+        temperature: Temperature of the fitted density.
+        shape: 'piecewise' (paper) or 'cauchy' (earlier reproduction).
+        min_points: Fewest pairs for a fit (default: 2 per bin).
+        plot_folder: Folder for `time_warp.png` (formatted with `{run_name}`); None disables it.
+        history: Number of earlier fits drawn (fainter) in the figure.
+    """
+
+    def __init__(
+        self,
+        interval: str = '200ba',
+        buffer_size: int = 4096,
+        n_bins: int = 100,
+        mu: float = 0.01,
+        temperature: float = 1.0,
+        shape: str = 'piecewise',
+        min_points: int | None = None,
+        plot_folder: str | None = '{run_name}',
+        history: int = 5,
+    ) -> None:
+        if buffer_size < 2 * n_bins:
+            raise ValueError(
+                f'callbacks.time_warp_refit.buffer_size={buffer_size} must be at least 2 * n_bins'
+            )
+        self.interval = interval
+        self._should_refit = create_interval_scheduler(interval, checkpoint_events=False)
+        self.warp_kwargs = {'n_bins': n_bins, 'mu': mu, 'temperature': temperature, 'shape': shape}
+        TimeWarp(**self.warp_kwargs)  # Fail on bad arguments now, not at the first refit.
+        self.min_points = min_points
+        self.plot_folder = plot_folder
+        self.history_size = history
+        self.warp: TimeWarp | None = None
+        self.buffer = torch.full((3, buffer_size), float('nan'), dtype=torch.float64)  # rows: t, CE, F'(t)
+        self.n_seen = 0  # Pairs ever appended; the write position is n_seen % buffer_size.
+        self.fit_count = 0
+        self.history: list[dict[str, Any]] = []
+        self._pending: list[torch.Tensor] = []
+        self._loaded_warp: dict[str, torch.Tensor] | None = None
+
+    # -- events ----------------------------------------------------------------------------
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Builds the warp over the model's noise range (restoring a checkpointed curve) and installs it."""
+        model = unwrap_model(state.model)
+        t_range = model.time_distribution
+        self.warp = TimeWarp(t_range.t_min, t_range.t_max, **self.warp_kwargs)
+        if self._loaded_warp is not None:
+            self.warp.load_state_dict(self._loaded_warp)
+            self._loaded_warp = None
+        model.time_distribution = self.warp
+
+    def after_forward(self, state: State, logger: Logger) -> None:
+        """Keeps this microbatch's (t, CE, F'(t)) triples until the batch ends."""
+        outputs = state.outputs
+        if not isinstance(outputs, dict) or 'ce_per_sequence' not in outputs:
+            return
+        t = outputs['t'].detach().double().cpu()
+        density = self.warp.density(t) if self.warp is not None else torch.ones_like(t)
+        self._pending.append(torch.stack([t, outputs['ce_per_sequence'].detach().double().cpu(), density]))
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        """Gathers the batch's pairs from every rank into the buffer; refits when the interval says so."""
+        if self._pending:
+            local = torch.cat(self._pending, dim=1)
+            self._pending = []
+            self._append(self._all_gather(local, state))
+        if self._should_refit(state, Event.BATCH_END):
+            self.refit(state, logger)
+
+    def _all_gather(self, local: torch.Tensor, state: State) -> torch.Tensor:
+        if dist.get_world_size() == 1:
+            return local
+        device = state.device.tensor_to_device(local)  # gloo gathers CPU tensors, NCCL device tensors
+        return torch.cat([g.cpu() for g in dist.all_gather(device)], dim=1)
+
+    def _append(self, triples: torch.Tensor) -> None:
+        capacity = self.buffer.shape[1]
+        triples = triples[:, -capacity:]
+        index = (self.n_seen + torch.arange(triples.shape[1])) % capacity
+        self.buffer[:, index] = triples
+        self.n_seen += triples.shape[1]
+
+    def refit(self, state: State, logger: Logger) -> None:
+        """Fits the curve to the buffer, installs it and logs its summary (and the figure)."""
+        assert self.warp is not None  # Set at FIT_START.
+        start = time.perf_counter()
+        filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])]
+        report = self.warp.fit(filled[0], filled[1], density=filled[2], min_points=self.min_points)
+        seconds = time.perf_counter() - start
+        if not report.accepted:
+            log.info(
+                'time warp refit skipped at %s: %s; keeping the previous curve',
+                state.timestamp.batch,
+                report.reason,
+            )
+            logger.log_metrics({'time_warp/refit_skipped': 1.0})
+            return
+        self.fit_count += 1
+        self.history = (
+            self.history + [{'offset': self.warp.fit_offset, 'heights': self.warp.fit_heights.tolist()}]
+        )[-self.history_size :]
+        summary = {
+            'time_warp/median_t': self.warp.quantile(0.5),
+            'time_warp/t10': self.warp.quantile(0.1),
+            'time_warp/t90': self.warp.quantile(0.9),
+            'time_warp/residual': report.residual,
+            'time_warp/fit_count': float(self.fit_count),
+            'time_warp/refit_seconds': seconds,
+            'time_warp/refit_skipped': 0.0,
+        }
+        logger.log_metrics(summary)
+        log.info('time warp refit %d on %d pairs: %s', self.fit_count, report.n_points, summary)
+        if dist.get_global_rank() == 0:
+            self._plot(state, logger, filled)
+
+    def _plot(self, state: State, logger: Logger, filled: torch.Tensor) -> None:
+        image = plot_time_warp(
+            self.warp, filled[0], filled[1], self.history, title=f'batch {int(state.timestamp.batch)}'
+        )
+        logger.log_images(image, name='time_warp', channels_last=True)
+        if self.plot_folder is not None:
+            folder = self.plot_folder.format(run_name=state.run_name)
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, 'time_warp.png'))
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Curve, buffer and counters; tensors have fixed shapes."""
+        warp = self.warp.state_dict() if self.warp is not None else self._loaded_warp
+        return {
+            'warp': warp,
+            'warp_kwargs': dict(self.warp_kwargs),
+            'buffer': self.buffer.clone(),
+            'n_seen': self.n_seen,
+            'fit_count': self.fit_count,
+            'history': list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores everything; the curve is installed into the model at FIT_START."""
+        if state['buffer'].shape != self.buffer.shape:
+            raise ValueError(
+                f'checkpointed time warp buffer has {state["buffer"].shape[1]} slots, config has '
+                f'{self.buffer.shape[1]}; set the same buffer_size'
+            )
+        self.buffer = state['buffer'].double().clone()
+        self.n_seen = int(state['n_seen'])
+        self.fit_count = int(state['fit_count'])
+        self.history = list(state['history'])
+        if state['warp'] is not None:
+            if self.warp is not None:
+                self.warp.load_state_dict(state['warp'])
+            else:
+                self._loaded_warp = state['warp']

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
-from cdcd_composer.time_warping import UniformTime
+from cdcd_composer.time_warping import TimeWarp
 from cdcd_composer.tokenization import tokenizer_from_json
 
 
@@ -21,7 +21,7 @@ class TrainedModel:
 
     model: CDCDTransformer
     tokenizer: PreTrainedTokenizerFast
-    time_distribution: UniformTime
+    time_distribution: TimeWarp
     seq_len: int
     bos_id: int
     eos_id: int
@@ -40,7 +40,7 @@ def _local_copy(path: str, workdir: str) -> str:
     return local
 
 
-def load_trained_model(path: str, device: str = 'cpu') -> TrainedModel:
+def load_trained_model(path: str, device: str = 'cpu', warp: bool = True) -> TrainedModel:
     """Builds the denoiser from a full (monolithic) Composer checkpoint written by `train.py`.
 
     The checkpoint is unpickled (`torch.load(weights_only=False)`, as Composer does): only
@@ -49,6 +49,7 @@ def load_trained_model(path: str, device: str = 'cpu') -> TrainedModel:
     Args:
         path: Local path or object-store URI of a `.pt` checkpoint.
         device: Where to put the model.
+        warp: Use the fitted time warp stored in the checkpoint (False: uniform t, for comparison).
 
     Raises:
         ValueError: the file is missing or was not written by this recipe's `train.py`.
@@ -67,10 +68,17 @@ def load_trained_model(path: str, device: str = 'cpu') -> TrainedModel:
     model.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     model.to(device).eval()
     dataset = meta['dataset']
+    time_distribution = TimeWarp(meta['diffusion']['t_min'], meta['diffusion']['t_max'])
+    refit_state = state['state']['callbacks'].get('TimeWarpRefit')
+    if warp and refit_state is not None and refit_state['warp'] is not None:
+        time_distribution = TimeWarp(
+            time_distribution.t_min, time_distribution.t_max, **refit_state['warp_kwargs']
+        )
+        time_distribution.load_state_dict(refit_state['warp'])
     return TrainedModel(
         model=model,
         tokenizer=tokenizer_from_json(meta['tokenizer']),
-        time_distribution=UniformTime(meta['diffusion']['t_min'], meta['diffusion']['t_max']),
+        time_distribution=time_distribution,
         seq_len=dataset['seq_len'],
         bos_id=dataset['bos_id'],
         eos_id=dataset['eos_id'],

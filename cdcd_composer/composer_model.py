@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, TimeEmbedding
-from cdcd_composer.time_warping import UniformTime
+from cdcd_composer.time_warping import TimeWarp
 
 EVAL_NOISE_LEVELS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 
@@ -69,7 +69,7 @@ class CDCDComposerModel(ComposerModel):
         self.config = model if isinstance(model, CDCDConfig) else CDCDConfig(**model)
         self.model = CDCDTransformer(self.config)
         # Replaced by a fitted time warp when that callback is enabled; same interface.
-        self.time_distribution = UniformTime(t_min, t_max)
+        self.time_distribution = TimeWarp(t_min, t_max)
         self.eval_noise_levels = tuple(float(t) for t in eval_noise_levels)
         self.eval_seed = eval_seed
         # A plain dict, not a ModuleDict: FSDP wraps every child module of a ComposerModel.

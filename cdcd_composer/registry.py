@@ -9,6 +9,8 @@ import torch
 from composer import algorithms, callbacks, loggers, optim
 from torch import nn
 
+from cdcd_composer.callbacks import TimeWarpRefit
+
 OPTIMIZERS: dict[str, type] = {
     'decoupled_adamw': optim.DecoupledAdamW,
     'adamw': torch.optim.AdamW,
@@ -29,6 +31,7 @@ CALLBACKS: dict[str, type] = {
     'memory_monitor': callbacks.MemoryMonitor,
     'optimizer_monitor': callbacks.OptimizerMonitor,
     'runtime_estimator': callbacks.RuntimeEstimator,
+    'time_warp_refit': TimeWarpRefit,
 }
 LOGGERS: dict[str, type] = {
     'file': loggers.FileLogger,
