@@ -70,6 +70,8 @@ class TimeWarpRefit(Callback):
         mu: Uniform mixture weight.
         temperature: Temperature of the fitted density.
         shape: 'piecewise' (paper) or 'cauchy' (earlier reproduction).
+        max_weight: Cap on importance weights, as a multiple of their mean.
+        min_explained: Smallest R^2 for a fit to be installed.
         min_points: Fewest pairs for a fit (default: 2 per bin).
         plot_folder: Folder for `time_warp.png` (formatted with `{run_name}`); None disables it.
         history: Number of earlier fits drawn (fainter) in the figure.
@@ -83,6 +85,8 @@ class TimeWarpRefit(Callback):
         mu: float = 0.01,
         temperature: float = 1.0,
         shape: str = 'piecewise',
+        max_weight: float = 10.0,
+        min_explained: float = 0.1,
         min_points: int | None = None,
         plot_folder: str | None = '{run_name}',
         history: int = 5,
@@ -93,7 +97,14 @@ class TimeWarpRefit(Callback):
             )
         self.interval = interval
         self._should_refit = create_interval_scheduler(interval, checkpoint_events=False)
-        self.warp_kwargs = {'n_bins': n_bins, 'mu': mu, 'temperature': temperature, 'shape': shape}
+        self.warp_kwargs = {
+            'n_bins': n_bins,
+            'mu': mu,
+            'temperature': temperature,
+            'shape': shape,
+            'max_weight': max_weight,
+            'min_explained': min_explained,
+        }
         TimeWarp(**self.warp_kwargs)  # Fail on bad arguments now, not at the first refit.
         self.min_points = min_points
         self.plot_folder = plot_folder
@@ -151,14 +162,15 @@ class TimeWarpRefit(Callback):
     def refit(self, state: State, logger: Logger) -> None:
         """Fits the curve to the buffer, installs it and logs its summary (and the figure)."""
         assert self.warp is not None  # Set at FIT_START.
+        batch = int(state.timestamp.batch)
         start = time.perf_counter()
         filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])]
         report = self.warp.fit(filled[0], filled[1], density=filled[2], min_points=self.min_points)
         seconds = time.perf_counter() - start
         if not report.accepted:
             log.info(
-                'time warp refit skipped at %s: %s; keeping the previous curve',
-                state.timestamp.batch,
+                'time warp refit skipped at batch %d: %s; keeping the previous curve',
+                batch,
                 report.reason,
             )
             logger.log_metrics({'time_warp/refit_skipped': 1.0})
@@ -172,6 +184,7 @@ class TimeWarpRefit(Callback):
             'time_warp/t10': self.warp.quantile(0.1),
             'time_warp/t90': self.warp.quantile(0.9),
             'time_warp/residual': report.residual,
+            'time_warp/explained': report.explained,
             'time_warp/fit_count': float(self.fit_count),
             'time_warp/refit_seconds': seconds,
             'time_warp/refit_skipped': 0.0,

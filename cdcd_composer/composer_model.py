@@ -101,9 +101,9 @@ class CDCDComposerModel(ComposerModel):
 
     def denoise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, L, V) for a corrupted batch (see `corrupt`)."""
-        clean = self.model.embed(batch['tokens'])  # (B, L, D)
-        x_t = clean + batch['t'][:, None, None] * batch['noise'].to(clean.dtype)
-        return self.model(x_t, batch['t'], clean, batch['generate_mask'], batch['self_cond'].to(clean.dtype))
+        return self.model(
+            batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond'], noise=batch['noise']
+        )
 
     @staticmethod
     def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -170,8 +170,15 @@ def build_dataloader(
     dataset = StoryDataset(
         remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size
     )
+    # A private generator: starting an iterator (e.g. for an evaluation) must not draw from the
+    # global torch RNG, or a resumed run samples different noise levels than an uninterrupted one.
     return DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, persistent_workers=False
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

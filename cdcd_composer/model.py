@@ -191,35 +191,49 @@ class CDCDTransformer(nn.Module):
 
     def forward(
         self,
-        x_t: torch.Tensor,
+        tokens: torch.Tensor,
         t: torch.Tensor,
-        clean: torch.Tensor,
         generate_mask: torch.Tensor,
         self_cond: torch.Tensor,
-    ) -> torch.Tensor:
+        noise: torch.Tensor | None = None,
+        x_t: torch.Tensor | None = None,
+        return_expected_embedding: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits of the clean tokens given noisy embeddings.
 
+        Every use of the parameters happens inside `forward`, so FSDP gathers them first.
+
         Args:
-            x_t: (B, L, d_embed) noisy embeddings e + t * eps (unscaled).
+            tokens: (B, L) clean token ids; read where generate_mask is 0 (given tokens) and,
+                in training, to build x_t = e + t * noise.
             t: (B,) noise std per sequence.
-            clean: (B, L, d_embed) clean embeddings (only read where generate_mask is 0).
             generate_mask: (B, L) 1 where a token is generated, 0 where it is given.
             self_cond: (B, L, d_embed) previous estimate of the expected embedding, or zeros.
+            noise: (B, L, d_embed) standard normal eps (training); ignored when x_t is given.
+            x_t: (B, L, d_embed) noisy embeddings (sampling), instead of tokens + noise.
+            return_expected_embedding: Also return x0_hat = softmax(logits) @ E, (B, L, d_embed).
 
         Returns:
-            (B, L, vocab_size) logits.
+            (B, L, vocab_size) logits, and x0_hat when asked for.
         """
+        clean = self.embed(tokens)  # (B, L, D)
+        if x_t is None:
+            if noise is None:
+                raise ValueError('CDCDTransformer.forward needs noise or x_t')
+            x_t = clean + t[:, None, None].to(clean.dtype) * noise.to(clean.dtype)
         m = generate_mask.to(x_t.dtype)[..., None]  # (B, L, 1)
         scale = c_in(t).to(x_t.dtype)[:, None, None]
-        features = torch.cat([scale * x_t * m, clean * (1.0 - m), m, self_cond * m], dim=-1)
+        features = torch.cat([scale * x_t * m, clean * (1.0 - m), m, self_cond.to(x_t.dtype) * m], dim=-1)
         h = self.input_projection(features)  # (B, L, d_model)
         time = self.time_embedding(t).to(h.dtype)  # (B, d_time)
         for block in self.blocks:
             h = block(h, time)
-        h = self.head(self.norm_out(h, time))
+        logits = self.head(self.norm_out(h, time))
         if self.config.tie_output_head:
-            return h @ self.embedding_matrix().t().to(h.dtype)
-        return h
+            logits = logits @ self.embedding_matrix().t().to(logits.dtype)
+        if return_expected_embedding:
+            return logits, self.expected_embedding(logits)
+        return logits
 
     def expected_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """x0_hat = softmax(logits) @ E with the normalised E (Eq. 7). (B, L, V) -> (B, L, d_embed)."""

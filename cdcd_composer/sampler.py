@@ -53,20 +53,25 @@ def euler_sample(
         generate_mask = torch.ones(num_samples, seq_len, dtype=torch.bool, device=device)
     if given_tokens is None:
         given_tokens = torch.zeros(num_samples, seq_len, dtype=torch.long, device=device)
-    clean = model.embed(given_tokens)
     noise = torch.randn(num_samples, seq_len, d_embed, generator=generator, device=device)
     x = noise * timesteps[0] * initial_noise_scale
     self_cond = torch.zeros_like(x)
     for i in range(len(timesteps) - 1):
         t_i, t_next = timesteps[i], timesteps[i + 1]
-        logits = model(x, t_i.expand(num_samples), clean, generate_mask, self_cond)
-        x0_hat = model.expected_embedding(logits)
+        _, x0_hat = model(
+            given_tokens,
+            t_i.expand(num_samples),
+            generate_mask,
+            self_cond,
+            x_t=x,
+            return_expected_embedding=True,
+        )
         if self_conditioning:
             self_cond = x0_hat
         x = x + (t_next - t_i) * (x - x0_hat) / (t_i * score_temperature)
         if on_step is not None:
             on_step(i)
-    logits = model(x, timesteps[-1].expand(num_samples), clean, generate_mask, self_cond)
+    logits = model(given_tokens, timesteps[-1].expand(num_samples), generate_mask, self_cond, x_t=x)
     return torch.where(generate_mask.bool(), logits.argmax(-1), given_tokens)
 
 

@@ -103,7 +103,7 @@ class TimeWarp:
 
     # -- the distribution ------------------------------------------------------------------
     def _unit(self, t: torch.Tensor) -> torch.Tensor:
-        """t' = (t - t_min) / (t_max - t_min), clamped to [0, 1], float64."""
+        """The unit time t' = (t - t_min) / (t_max - t_min), clamped to [0, 1], float64."""
         return ((t.double() - self.t_min) / (self.t_max - self.t_min)).clamp(0.0, 1.0)
 
     def _bin(self, unit: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class TimeWarp:
         unit = self._unit(t.detach().cpu())
         k = self._bin(unit)
         out = self._cumulative()[k] + self.masses[k] * (unit * self.n_bins - k)
-        return out.to(t.device)
+        return torch.where(unit >= 1.0, 1.0, out).to(t.device)
 
     def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
         """F^-1(u): t' = (k + (u - M_k) / m_k) / N for the bin k with M_k <= u < M_{k+1}.
@@ -140,7 +140,7 @@ class TimeWarp:
         return (self.masses[k] * self.n_bins / (self.t_max - self.t_min)).to(t.device)
 
     def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
-        """t = F^-1(u) with low-discrepancy u (one shared offset). Returns (n,) float32."""
+        """Draws t = F^-1(u) with low-discrepancy u (one shared offset). Returns (n,) float32."""
         return self.inverse_cdf(low_discrepancy_uniform(n, device))
 
     def sampling_timesteps(self, n_steps: int) -> torch.Tensor:
@@ -212,7 +212,9 @@ class TimeWarp:
         report = FitReport(True, 'ok', math.sqrt(residual), explained, n_points)
         if explained < self.min_explained:
             report.accepted = False
-            report.reason = f'the fit explains {explained:.1%} < {self.min_explained:.0%} of the loss variance'
+            report.reason = (
+                f'the fit explains {explained:.1%} < {self.min_explained:.0%} of the loss variance'
+            )
             return report
         self.masses = self._masses_from_heights(heights)
         self.fit_offset, self.fit_heights = float(offset), heights
@@ -222,7 +224,9 @@ class TimeWarp:
         # The offset is a free column; it comes out >= 0 anyway since cross-entropy is non-negative.
         design = torch.cat([torch.ones(unit.numel(), 1, dtype=torch.float64), self._ramps(unit)], dim=1)
         root_w = w.sqrt()
-        solution, _ = nnls((design * root_w[:, None]).numpy(), (y * root_w).numpy(), maxiter=50 * design.shape[1])
+        solution, _ = nnls(
+            (design * root_w[:, None]).numpy(), (y * root_w).numpy(), maxiter=50 * design.shape[1]
+        )
         solution = torch.from_numpy(solution)
         return float(solution[0]), solution[1:]
 

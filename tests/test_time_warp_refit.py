@@ -1,0 +1,175 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from composer.core import Callback
+from conftest import REPO
+
+import train
+from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.checkpoint import load_trained_model
+
+pytestmark = pytest.mark.slow
+
+# Small enough to fit after two batches of 8 sequences; min_explained=0 installs every fit, so
+# the curves below are non-trivial (and so are their differences, if any).
+REFIT = {
+    'interval': '2ba', 'buffer_size': 64, 'n_bins': 8, 'min_points': 16, 'min_explained': 0.0,
+    'mu': 0.05,
+}  # fmt: skip
+
+
+def refit_config(tiny_config: dict, tmp_path: Path, **overrides) -> dict:
+    cfg = dict(tiny_config, **overrides)
+    cfg['callbacks'] = dict(cfg['callbacks'], time_warp_refit=dict(REFIT, plot_folder=str(tmp_path / 'run')))
+    return cfg
+
+
+class Preempted(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    """Dies at the start of the batch after `batch` (its checkpoint is already written)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_start(self, state, logger) -> None:
+        if int(state.timestamp.batch) == self.batch:
+            raise Preempted
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality; empty buffer slots are NaN on both sides."""
+    return a.shape == b.shape and torch.equal(a.nan_to_num(nan=-7.0), b.nan_to_num(nan=-7.0))
+
+
+def refit_callback(trainer) -> TimeWarpRefit:
+    return next(c for c in trainer.state.callbacks if isinstance(c, TimeWarpRefit))
+
+
+def test_refits_install_the_curve_plot_it_and_checkpoint_it(tiny_config, tmp_path):
+    trainer = train.main(refit_config(tiny_config, tmp_path, max_duration='6ba'), return_trainer=True)
+    callback = refit_callback(trainer)
+    assert callback.fit_count >= 2  # 3 refits; one may be rejected as noise
+    assert callback.n_seen == 6 * 8
+    assert trainer.state.model.time_distribution is callback.warp
+    assert not torch.equal(callback.warp.masses, torch.full((8,), 1 / 8, dtype=torch.float64))
+    assert (tmp_path / 'run' / 'time_warp.png').stat().st_size > 1000
+    # State has fixed shapes whatever the fill level (sharded checkpoints need that).
+    state = callback.state_dict()
+    assert state['buffer'].shape == (3, 64) and state['warp']['masses'].shape == (8,)
+    # generate.py samples with the checkpoint's curve, or uniform on request.
+    loaded = load_trained_model(str(tmp_path / 'checkpoints' / 'latest-rank0.pt'))
+    assert torch.equal(loaded.time_distribution.masses, callback.warp.masses)
+    steps = loaded.time_distribution.sampling_timesteps(10)
+    torch.testing.assert_close(steps, callback.warp.sampling_timesteps(10))
+    uniform = load_trained_model(str(tmp_path / 'checkpoints' / 'latest-rank0.pt'), warp=False)
+    assert torch.equal(uniform.time_distribution.masses, torch.full((100,), 0.01, dtype=torch.float64))
+
+
+class CaptureCurve(Callback):
+    """Records the curve the model samples from when the first batch starts."""
+
+    def __init__(self) -> None:
+        self.curve = None
+
+    def batch_start(self, state, logger) -> None:
+        if self.curve is None:
+            self.curve = state.model.time_distribution.state_dict()
+
+
+def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
+    common = {'eval_interval': '16ba', 'save_interval': '20ba', 'max_duration': '24ba'}
+    first = train.main(refit_config(tiny_config, tmp_path, save_folder=str(tmp_path / 'ckpt'), **common),
+                       return_trainer=True, do_train=False)  # fmt: skip
+    first.state.callbacks.append(CrashAt(20))  # dies right after its checkpoint at batch 20
+    with pytest.raises(Preempted):
+        first.fit()
+    saved = refit_callback(first).state_dict()
+    assert saved['fit_count'] > 3
+
+    resumed = train.main(
+        refit_config(tiny_config, tmp_path, save_folder=None,
+                     load_path=str(tmp_path / 'ckpt' / 'latest-rank0.pt'), **common),
+        return_trainer=True, do_train=False,
+    )  # fmt: skip
+    restored = refit_callback(resumed)
+    assert same(restored.buffer, saved['buffer'])
+    assert (restored.n_seen, restored.fit_count, restored.history) == (
+        saved['n_seen'], saved['fit_count'], saved['history'])  # fmt: skip
+    capture = CaptureCurve()
+    resumed.state.callbacks.append(capture)
+    resumed.fit()
+    # The first batch after the resume samples t from exactly the checkpointed curve ...
+    for key, value in saved['warp'].items():
+        assert torch.equal(capture.curve[key], value), key
+    # ... and refitting carries on from the restored buffer.
+    assert restored.fit_count > saved['fit_count']
+    assert resumed.state.model.time_distribution is restored.warp
+
+
+DRIVER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+from composer.core import Callback
+from composer.utils import dist
+from cdcd_composer.callbacks import TimeWarpRefit, unwrap_model
+from cdcd_composer.config import load_config
+
+class DumpCurve(Callback):
+    def fit_end(self, state, logger):
+        cb = next(c for c in state.callbacks if isinstance(c, TimeWarpRefit))
+        torch.save({{'warp': cb.warp.state_dict(), 'buffer': cb.buffer, 'fit_count': cb.fit_count,
+                    'installed': unwrap_model(state.model).time_distribution is cb.warp}},
+                   os.path.join({out!r}, f'rank{{dist.get_global_rank()}}.pt'))
+
+cfg = load_config({yaml!r}, sys.argv[1:])
+trainer = train.main(cfg, return_trainer=True, do_train=False)
+trainer.state.callbacks.append(DumpCurve())
+trainer.fit()
+"""
+
+
+@pytest.mark.parametrize('strategy', ['fsdp2', 'ddp'])
+def test_two_ranks_hold_bit_identical_curves(tiny_dataset, tmp_path, strategy):
+    driver = tmp_path / 'driver.py'
+    yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
+    driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), out=str(tmp_path), yaml=yaml)))
+    overrides = [
+        f'variables.data_root={tiny_dataset}', 'max_duration=8ba', 'global_train_batch_size=8',
+        'eval_interval=4ba', 'eval_subset_num_batches=1', 'progress_bar=false', 'model.d_embed=16',
+        'model.d_model=32', 'model.n_layers=2', 'model.n_heads=2', 'model.n_fourier=8', 'model.d_time=16',
+        f'save_folder={tmp_path}/ckpt', 'save_interval=4ba',
+        f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
+        *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
+        f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if strategy == 'fsdp2':
+        env['FSDP_VERSION'] = '2'
+        overrides += ['parallelism_config.fsdp.state_dict_type=sharded',
+                      'parallelism_config.fsdp.reshard_after_forward=true']  # fmt: skip
+    launcher = Path(sys.executable).parent / 'composer'
+    proc = subprocess.run(
+        [str(launcher), '-n', '2', '--stdout', str(tmp_path / 'out{rank}.txt'),
+         '--stderr', str(tmp_path / 'err{rank}.txt'), str(driver), *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    errors = ''.join(
+        (tmp_path / f'err{r}.txt').read_text()[-2000:] for r in (0, 1) if (tmp_path / f'err{r}.txt').exists()
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:] + errors
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
+    assert ranks[0]['fit_count'] == ranks[1]['fit_count'] >= 2
+    assert ranks[0]['installed'] and ranks[1]['installed']
+    assert same(ranks[0]['buffer'], ranks[1]['buffer'])
+    assert not torch.isnan(ranks[0]['buffer']).any()  # 8 batches x 8 sequences from both ranks
+    for key in ranks[0]['warp']:
+        assert torch.equal(ranks[0]['warp'][key], ranks[1]['warp'][key]), key
