@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             args.tau,
             args.self_conditioning,
             progress=True,
+            warp=args.warp == 'checkpoint',
         )
     except ValueError as e:
         sys.exit(f'error: {e}')

@@ -87,8 +87,8 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     scheduler = registry.build(
         'scheduler', cfg.scheduler['name'], {k: v for k, v in cfg.scheduler.items() if k != 'name'}
     )
-    algorithms = [registry.build('algorithms', n, kw) for n, kw in cfg.algorithms.items()]
-    loggers = [registry.build('loggers', n, kw) for n, kw in cfg.loggers.items()]
+    algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
+    loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
     tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
     metadata = {
         'model': model_kwargs,
@@ -96,7 +96,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         'dataset': dataclasses.asdict(meta),
         'tokenizer': tokenizer_to_json(tokenizer),
     }
-    callbacks = [registry.build('callbacks', n, kw) for n, kw in cfg.callbacks.items()]
+    callbacks = [registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()]
     callbacks.append(RunMetadata(metadata))
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')

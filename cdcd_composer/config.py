@@ -64,9 +64,10 @@ class TrainConfig:
     scheduler: dict[str, Any] = field(
         default_factory=lambda: {'name': 'cosine_with_warmup', 't_warmup': '100ba', 'alpha_f': 0.1}
     )
-    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
-    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # name -> keyword arguments ({} or null for defaults; false disables an entry of the YAML).
+    algorithms: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
+    loggers: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
     precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU.
     device: str | None = None  # None: Composer picks GPU when present.
     progress_bar: bool = True

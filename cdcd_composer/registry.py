@@ -105,6 +105,19 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
     return lookup('optimizer', cfg['name'])(groups, **kwargs)
 
 
+def enabled(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The entries of an `algorithms`/`callbacks`/`loggers` section that are on, with their kwargs.
+
+    `name: {...}` passes keyword arguments, `name: {}`, `name: null` or `name: true` uses the
+    defaults, and `name: false` switches off an entry (e.g. `callbacks.time_warp_refit=false`).
+    """
+    return {
+        name: dict(kwargs) if isinstance(kwargs, dict) else {}
+        for name, kwargs in section.items()
+        if kwargs is not False
+    }
+
+
 def check_sections(cfg: Any) -> None:
     """Checks every registry-backed section of a `TrainConfig` before anything is built."""
     if 'name' not in cfg.optimizer:
@@ -116,9 +129,5 @@ def check_sections(cfg: Any) -> None:
     sched = {k: v for k, v in cfg.scheduler.items() if k != 'name'}
     check_kwargs('scheduler', cfg.scheduler['name'], sched)
     for kind in ('algorithms', 'callbacks', 'loggers'):
-        for name, kwargs in getattr(cfg, kind).items():
-            if kwargs is not None and not isinstance(kwargs, dict):
-                raise ValueError(
-                    f'{kind}.{name} must be a mapping of keyword arguments (or empty), got {kwargs!r}'
-                )
-            check_kwargs(kind, name, dict(kwargs or {}))
+        for name, kwargs in enabled(getattr(cfg, kind)).items():
+            check_kwargs(kind, name, kwargs)

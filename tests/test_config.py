@@ -90,3 +90,13 @@ def test_autoresume_needs_a_fixed_run_name():
 def test_missing_yaml_is_a_clear_error():
     with pytest.raises(ValueError, match='not found'):
         load_config('yamls/nope.yaml')
+
+
+def test_false_switches_off_a_yaml_entry(tiny_config):
+    from cdcd_composer.registry import enabled
+
+    raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), ['callbacks.time_warp_refit=false'])
+    cfg = parse_config(raw)
+    assert 'time_warp_refit' not in enabled(cfg.callbacks)
+    assert enabled(cfg.callbacks)['lr_monitor'] == {}
+    assert enabled({'a': None, 'b': True, 'c': {'x': 1}}) == {'a': {}, 'b': {}, 'c': {'x': 1}}
