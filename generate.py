@@ -20,7 +20,7 @@ def generate(
     steps: int = 200,
     seed: int = 0,
     tau: float = 1.0,
-    self_conditioning: bool = False,
+    self_conditioning: bool | None = None,
     progress: bool = False,
     warp: bool = True,
 ) -> tuple[list[str], str]:
@@ -32,7 +32,7 @@ def generate(
         trained.time_distribution.sampling_timesteps(steps),
         num_samples,
         trained.seq_len,
-        self_conditioning=self_conditioning,
+        self_conditioning=trained.self_conditioned if self_conditioning is None else self_conditioning,
         score_temperature=tau,
         generator=torch.Generator().manual_seed(seed),
         on_step=lambda _: bar.update(),
@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--steps', type=int, default=200, help='Euler steps')
     p.add_argument('--tau', type=float, default=1.0, help='score temperature')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--self_conditioning', action='store_true', help='feed x0_hat back (if trained with it)')
+    p.add_argument(
+        '--self_conditioning', choices=('auto', 'on', 'off'), default='auto',
+        help='feed the previous x0_hat back (auto: if the checkpoint was trained with it)',
+    )  # fmt: skip
     p.add_argument('--out', default=None, help='write samples as JSONL here')
     p.add_argument(
         '--warp', choices=('checkpoint', 'none'), default='checkpoint',
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             args.steps,
             args.seed,
             args.tau,
-            args.self_conditioning,
+            {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
             progress=True,
             warp=args.warp == 'checkpoint',
         )

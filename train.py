@@ -52,6 +52,8 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         t_min=cfg.diffusion.t_min,
         t_max=cfg.diffusion.t_max,
         eval_noise_levels=tuple(cfg.diffusion.eval_noise_levels),
+        masking=cfg.masking,
+        pad_id=meta.pad_id,
     )
     log.info('model: %.2fM non-embedding parameters', model.model.non_embedding_parameters() / 1e6)
 
@@ -90,8 +92,11 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
     tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
+    self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
     metadata = {
         'model': model_kwargs,
+        # generate.py feeds x0_hat back by default when the model was trained with it.
+        'self_conditioning': None if self_conditioning is None else self_conditioning.get('p', 0.5),
         'diffusion': dataclasses.asdict(cfg.diffusion),
         'dataset': dataclasses.asdict(meta),
         'tokenizer': tokenizer_to_json(tokenizer),

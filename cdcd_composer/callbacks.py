@@ -12,9 +12,8 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
 
-from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.plotting import plot_time_warp
 from cdcd_composer.time_warping import TimeWarp
 
@@ -48,11 +47,6 @@ class RunMetadata(Callback):
                 'the checkpoint was trained with a different model config; '
                 'use the YAML it was trained with or set load_weights_only=true'
             )
-
-
-def unwrap_model(model: torch.nn.Module) -> CDCDComposerModel:
-    """The ComposerModel inside a DDP wrapper (FSDP shards in place and needs no unwrapping)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
 
 
 class TimeWarpRefit(Callback):

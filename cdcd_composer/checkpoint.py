@@ -26,6 +26,7 @@ class TrainedModel:
     bos_id: int
     eos_id: int
     source: str  # Dataset source ('synthetic' means the grammar recogniser applies).
+    self_conditioned: bool  # Trained with self-conditioning: sampling should feed x0_hat back.
 
 
 def _local_copy(path: str, workdir: str) -> str:
@@ -83,4 +84,5 @@ def load_trained_model(path: str, device: str = 'cpu', warp: bool = True) -> Tra
         bos_id=dataset['bos_id'],
         eos_id=dataset['eos_id'],
         source=dataset['source'],
+        self_conditioned=bool(meta.get('self_conditioning')),
     )

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
+from cdcd_composer.masking import MaskingConfig, sample_generate_mask
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, TimeEmbedding
 from cdcd_composer.time_warping import TimeWarp
 
@@ -55,6 +57,8 @@ class CDCDComposerModel(ComposerModel):
         t_max: Largest training noise std; sampling starts here.
         eval_noise_levels: Noise stds at which validation CE and accuracy are reported.
         eval_seed: Seed of the evaluation noise, so every evaluation sees the same corruption.
+        masking: Conditioning-mask mixture for training (None: every position generated).
+        pad_id: Padding id of the dataset (padding is never given by a mask).
     """
 
     def __init__(
@@ -64,8 +68,15 @@ class CDCDComposerModel(ComposerModel):
         t_max: float = 300.0,
         eval_noise_levels: tuple[float, ...] = EVAL_NOISE_LEVELS,
         eval_seed: int = 1234,
+        masking: MaskingConfig | dict[str, float] | None = None,
+        pad_id: int = 0,
     ) -> None:
         super().__init__()
+        self.masking = MaskingConfig(**masking) if isinstance(masking, dict) else masking
+        self.pad_id = pad_id
+        # Extra no-grad forward passes per training step, as a fraction of the batch; set by the
+        # SelfConditioning algorithm so `flops_per_batch` counts them.
+        self.extra_forward_fraction = 0.0
         self.config = model if isinstance(model, CDCDConfig) else CDCDConfig(**model)
         self.model = CDCDTransformer(self.config)
         # Replaced by a fitted time warp when that callback is enabled; same interface.
@@ -94,7 +105,10 @@ class CDCDComposerModel(ComposerModel):
         if 'noise' not in out:
             out['noise'] = torch.randn(batch_size, length, self.config.d_embed, device=tokens.device)
         if 'generate_mask' not in out:
-            out['generate_mask'] = torch.ones_like(tokens, dtype=torch.bool)
+            if self.masking is not None and self.training:
+                out['generate_mask'] = sample_generate_mask(tokens, self.pad_id, self.masking)
+            else:
+                out['generate_mask'] = torch.ones_like(tokens, dtype=torch.bool)
         if 'self_cond' not in out:
             out['self_cond'] = torch.zeros(batch_size, length, self.config.d_embed, device=tokens.device)
         return out
@@ -142,7 +156,9 @@ class CDCDComposerModel(ComposerModel):
         for t_value in self.eval_noise_levels:
             t = torch.full((tokens.shape[0],), t_value, device=tokens.device)
             noise = torch.randn(*tokens.shape, self.config.d_embed, device=tokens.device, generator=generator)
-            corrupted = self.corrupt({**batch, 't': t, 'noise': noise})
+            # Validation measures unconditional denoising: every position generated.
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+            corrupted = self.corrupt({**batch, 't': t, 'noise': noise, 'generate_mask': mask})
             logits = self.denoise(corrupted)
             m = corrupted['generate_mask'].float()
             name = _level_name(t_value)
@@ -181,11 +197,19 @@ class CDCDComposerModel(ComposerModel):
         return flops
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
-        """Training FLOPs: forward + backward = 3 x forward (read by Composer's SpeedMonitor)."""
+        """Training FLOPs: 3 x forward (forward + backward) plus self-conditioning's no-grad passes.
+
+        Read by Composer's SpeedMonitor.
+        """
         batch_size, seq_len = batch['tokens'].shape
-        return 3 * self.forward_flops(batch_size, seq_len)
+        return int((3 + self.extra_forward_fraction) * self.forward_flops(batch_size, seq_len))
 
 
 def _is_per_sequence(module: nn.Module) -> bool:
     """Modules applied once per sequence (time conditioning), not once per token."""
     return isinstance(module, (TimeEmbedding, AdaptiveLayerNorm))
+
+
+def unwrap_model(model: nn.Module) -> CDCDComposerModel:
+    """The ComposerModel inside a DDP wrapper (FSDP shards in place and needs no unwrapping)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]

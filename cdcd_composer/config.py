@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS
+from cdcd_composer.masking import MaskingConfig
 from cdcd_composer.model import CDCDConfig
 
 
@@ -53,6 +54,7 @@ class TrainConfig:
     max_duration: str  # Composer time string: '4800ba', '2ep', '10000000tok'.
     global_train_batch_size: int
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    masking: MaskingConfig | None = None  # Conditioning masks in training; None: all generated.
     variables: dict[str, Any] = field(default_factory=dict)
     run_name: str | None = None
     seed: int = 17

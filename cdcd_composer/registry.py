@@ -10,6 +10,7 @@ from composer import algorithms, callbacks, loggers, optim
 from torch import nn
 
 from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.self_conditioning import SelfConditioning
 
 OPTIMIZERS: dict[str, type] = {
     'decoupled_adamw': optim.DecoupledAdamW,
@@ -24,6 +25,7 @@ SCHEDULERS: dict[str, type] = {
 ALGORITHMS: dict[str, type] = {
     'gradient_clipping': algorithms.GradientClipping,
     'ema': algorithms.EMA,
+    'self_conditioning': SelfConditioning,
 }
 CALLBACKS: dict[str, type] = {
     'speed_monitor': callbacks.SpeedMonitor,

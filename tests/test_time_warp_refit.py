@@ -120,7 +120,8 @@ sys.path.insert(0, {repo!r})
 import train
 from composer.core import Callback
 from composer.utils import dist
-from cdcd_composer.callbacks import TimeWarpRefit, unwrap_model
+from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.config import load_config
 
 class DumpCurve(Callback):

@@ -1,0 +1,87 @@
+"""Conditioning masks (paper §4.1, §6.1; SED §3.2): which tokens are given and which are generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MASK_KINDS = ('prefix', 'random', 'span')
+
+
+@dataclass
+class MaskingConfig:
+    """Per-example mixture of conditioning masks.
+
+    The weights of `prefix`, `random` and `span` are relative (normalised to sum to one); a
+    fraction `drop` of examples is left fully unconditional (every position generated), which
+    is what classifier-free guidance needs.
+    """
+
+    prefix: float = 0.5  # Given: the first k story tokens, k ~ U{0, ..., n-1}.
+    random: float = 0.5  # Given: a uniform random subset of c story tokens, c ~ U{0, ..., n-1}.
+    span: float = 0.0  # Generated: one random span of the story (infilling); the rest is given.
+    drop: float = 0.1  # Examples with no conditioning at all.
+
+    def __post_init__(self) -> None:
+        weights = (self.prefix, self.random, self.span)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f'masking weights prefix/random/span must be >= 0 and not all 0, got {weights}')
+        if not 0.0 <= self.drop <= 1.0:
+            raise ValueError(f'masking.drop={self.drop} must lie in [0, 1]')
+
+
+def story_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Number of non-pad tokens of each example: (B, L) -> (B,) int64 (stories are left-aligned)."""
+    return (tokens != pad_id).sum(-1)
+
+
+def sample_generate_mask(
+    tokens: torch.Tensor, pad_id: int, config: MaskingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draws one conditioning mask per example.
+
+    Only story tokens can be given: padding is a target of the fixed-canvas layout (it tells
+    the model where the story ends), so a given pad would leak the story's length.
+
+    Args:
+        tokens: (B, L) token ids, stories left-aligned and followed by `pad_id`.
+        pad_id: The padding id of the dataset.
+        config: Mixture weights and the unconditional fraction.
+        generator: Random generator (on `tokens.device`) for reproducible draws.
+
+    Returns:
+        (B, L) bool, True where the token is generated (m = 1), False where it is given.
+    """
+    batch, length = tokens.shape
+    device = tokens.device
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=device, generator=generator)
+
+    n = story_lengths(tokens, pad_id)  # (B,)
+    position = torch.arange(length, device=device)[None, :]  # (1, L)
+    in_story = position < n[:, None]
+
+    # prefix: given = position < k
+    k = (uniform(batch) * n).floor().long()
+    prefix_given = position < k[:, None]
+    # random: given = the c story positions with the smallest random scores
+    c = (uniform(batch) * n).floor().long()
+    scores = uniform(batch, length).masked_fill(~in_story, 2.0)
+    rank = scores.argsort(dim=-1).argsort(dim=-1)
+    random_given = rank < c[:, None]
+    # span: generated = [start, start + width) inside the story, the rest of the story given
+    start = (uniform(batch) * n).floor().long()
+    width = 1 + (uniform(batch) * (n - start)).floor().long()
+    inside = (position >= start[:, None]) & (position < (start + width)[:, None])
+    span_given = in_story & ~inside
+
+    weights = torch.tensor([config.prefix, config.random, config.span], device=device)
+    kind = torch.multinomial(weights.expand(batch, 3), 1, generator=generator)[:, 0]  # (B,)
+    given = torch.stack([prefix_given, random_given, span_given], dim=1)[
+        torch.arange(batch, device=device), kind
+    ]
+    dropped = uniform(batch) < config.drop
+    given = given & in_story & ~dropped[:, None]
+    return ~given
