@@ -77,7 +77,7 @@ def sample_generate_mask(
     inside = (position >= start[:, None]) & (position < (start + width)[:, None])
     span_given = in_story & ~inside
 
-    weights = torch.tensor([config.prefix, config.random, config.span], device=device)
+    weights = torch.tensor([config.prefix, config.random, config.span], dtype=torch.float, device=device)
     kind = torch.multinomial(weights.expand(batch, 3), 1, generator=generator)[:, 0]  # (B,)
     given = torch.stack([prefix_given, random_given, span_given], dim=1)[
         torch.arange(batch, device=device), kind

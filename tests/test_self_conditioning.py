@@ -1,0 +1,104 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+import train
+
+pytestmark = pytest.mark.slow
+
+
+def run_one_step(tiny_config: dict, p: float, masking: bool = True) -> tuple[list[dict], object]:
+    """Trains one batch and records every training-mode call of the denoiser."""
+    cfg = dict(tiny_config, max_duration='1ba', eval_interval='100ba', save_folder=None)
+    cfg['algorithms'] = dict(cfg['algorithms'], self_conditioning={'p': p})
+    if masking:
+        cfg['masking'] = {'prefix': 0.5, 'random': 0.5, 'span': 0.0, 'drop': 0.0}
+    trainer = train.main(cfg, return_trainer=True, do_train=False)
+    calls = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            tokens, t, mask, self_cond = args
+            calls.append({
+                'batch': tokens.shape[0], 'grad_enabled': torch.is_grad_enabled(), 'mask': mask.clone(),
+                'self_cond': self_cond.detach().clone(), 'self_cond_grad': self_cond.requires_grad,
+                't': t.clone(), 'noise': kwargs['noise'].clone(), 'tokens': tokens.clone(),
+            })  # fmt: skip
+
+    handle = trainer.state.model.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.fit()
+    handle.remove()
+    return calls, trainer
+
+
+def test_p0_makes_one_forward_with_zero_self_conditioning(tiny_config):
+    calls, _ = run_one_step(tiny_config, 0.0)
+    assert len(calls) == 1 and calls[0]['grad_enabled']
+    assert not calls[0]['self_cond'].any()
+
+
+def test_p1_makes_a_no_grad_pass_then_feeds_its_estimate(tiny_config):
+    calls, trainer = run_one_step(tiny_config, 1.0)
+    assert len(calls) == 2
+    first, second = calls
+    assert not first['grad_enabled'] and second['grad_enabled']  # no gradient through the first pass
+    assert not second['self_cond_grad']
+    assert first['batch'] == second['batch'] == 8
+    # Both passes see exactly the same corruption.
+    for key in ('t', 'noise', 'mask', 'tokens'):
+        assert torch.equal(first[key], second[key]), key
+    generated = second['mask'].bool()
+    assert (~generated).any() and generated.any()  # the masking mixture gave both kinds
+    norms = second['self_cond'].norm(dim=-1)
+    assert (norms[generated] > 0).all()  # an estimate wherever a token is generated
+    assert (norms[~generated] == 0).all()  # none where it is given
+    # x0_hat is a convex combination of normalised embeddings: its norm is at most sqrt(d).
+    assert norms.max() <= 16**0.5 + 1e-4
+
+
+def test_p_half_runs_the_extra_pass_on_exactly_half(tiny_config):
+    calls, trainer = run_one_step(tiny_config, 0.5)
+    first, second = calls
+    assert first['batch'] == 4 and second['batch'] == 8
+    with_estimate = second['self_cond'].flatten(1).any(-1)
+    assert int(with_estimate.sum()) == 4
+    # The choice is reproducible from the seed: a second run chooses the same examples.
+    again, _ = run_one_step(tiny_config, 0.5)
+    assert torch.equal(again[1]['self_cond'].flatten(1).any(-1), with_estimate)
+    model = trainer.state.model
+    batch = {'tokens': second['tokens']}
+    assert model.flops_per_batch(batch) == int(3.5 * model.forward_flops(8, second['tokens'].shape[1]))
+
+
+@pytest.mark.parametrize('strategy', ['fsdp2', 'ddp'])
+def test_two_ranks_finish_fifty_steps_without_hanging(tiny_dataset, tmp_path, strategy):
+    overrides = [
+        f'variables.data_root={tiny_dataset}', 'max_duration=50ba', 'global_train_batch_size=8',
+        'eval_interval=25ba', 'eval_subset_num_batches=1', 'progress_bar=false', 'model.d_embed=16',
+        'model.d_model=32', 'model.n_layers=2', 'model.n_heads=2', 'model.n_fourier=8', 'model.d_time=16',
+        f'save_folder={tmp_path}/ckpt', 'save_interval=25ba',
+        f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
+        'algorithms.self_conditioning.p=0.5', 'masking.prefix=0.5', 'masking.random=0.5', 'masking.drop=0.1',
+        'callbacks.time_warp_refit.interval=10ba', 'callbacks.time_warp_refit.buffer_size=256',
+        'callbacks.time_warp_refit.n_bins=16', f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if strategy == 'fsdp2':
+        env['FSDP_VERSION'] = '2'
+        overrides += ['parallelism_config.fsdp.state_dict_type=sharded']
+    launcher = Path(sys.executable).parent / 'composer'
+    cmd = [str(launcher), '-n', '2', '--stderr', str(tmp_path / 'err{rank}.txt'), str(REPO / 'train.py'),
+           str(REPO / 'yamls' / 'cdcd-tiny.yaml'), *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = ''.join(
+        (tmp_path / f'err{r}.txt').read_text()[-1500:] for r in (0, 1) if (tmp_path / f'err{r}.txt').exists()
+    )
+    assert proc.returncode == 0, proc.stderr[-1500:] + errors
+    log = (tmp_path / 'log-0.txt').read_text()
+    assert '[batch=50/50]' in log or 'batch=50' in log
+    assert (tmp_path / 'ckpt').exists()
