@@ -102,3 +102,24 @@ def test_two_ranks_finish_fifty_steps_without_hanging(tiny_dataset, tmp_path, st
     log = (tmp_path / 'log-0.txt').read_text()
     assert '[batch=50/50]' in log or 'batch=50' in log
     assert (tmp_path / 'ckpt').exists()
+
+
+def test_sampler_feeds_the_previous_estimate_back(tiny_config):
+    from cdcd_composer.sampler import euler_sample
+
+    _, trainer = run_one_step(tiny_config, 1.0, masking=False)
+    model = trainer.state.model.model.eval()
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[3].clone()), with_kwargs=True
+    )
+    timesteps = trainer.state.model.time_distribution.sampling_timesteps(3)
+    for on in (False, True):
+        seen.clear()
+        euler_sample(
+            model, timesteps, 2, 96, self_conditioning=on, generator=torch.Generator().manual_seed(0)
+        )
+        assert len(seen) == 4  # three steps and the final argmax pass
+        assert not seen[0].any()  # zero on the first step
+        assert all(s.any() for s in seen[1:]) == on
+    handle.remove()
