@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +61,29 @@ def tiny_config(tiny_dataset: Path, tmp_path: Path) -> dict:
 @pytest.fixture(autouse=True)
 def _single_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', '1'))
+
+
+def two_rank_overrides(dataset: Path, tmp_path: Path, steps: int) -> list[str]:
+    """Overrides of cdcd-tiny.yaml for a short multi-process run with an eval and a checkpoint."""
+    return [
+        f'variables.data_root={dataset}', f'max_duration={steps}ba', 'global_train_batch_size=8',
+        f'eval_interval={steps // 2}ba', 'eval_subset_num_batches=1', 'progress_bar=false',
+        f'save_folder={tmp_path}/ckpt', f'save_interval={steps // 2}ba',
+        f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
+        f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
+        *[f'model.{k}={v}' for k, v in TINY_MODEL.items()],
+    ]  # fmt: skip
+
+
+def launch_two_ranks(script: Path, args: list[str], tmp_path: Path, strategy: str) -> None:
+    """Runs `composer -n 2 script args` on CPU (gloo) under FSDP2 or DDP and fails with the ranks' errors."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if strategy == 'fsdp2':
+        env['FSDP_VERSION'] = '2'
+        args = [*args, 'parallelism_config.fsdp.state_dict_type=sharded']
+    launcher = Path(sys.executable).parent / 'composer'
+    cmd = [str(launcher), '-n', '2', '--stderr', str(tmp_path / 'err{rank}.txt'), str(script), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs = [tmp_path / f'err{rank}.txt' for rank in (0, 1)]
+    errors = ''.join(log.read_text()[-1500:] for log in logs if log.exists())
+    assert proc.returncode == 0, proc.stderr[-1500:] + errors

@@ -1,11 +1,6 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, launch_two_ranks, two_rank_overrides
 
 import train
 
@@ -78,27 +73,14 @@ def test_p_half_runs_the_extra_pass_on_exactly_half(tiny_config):
 @pytest.mark.parametrize('strategy', ['fsdp2', 'ddp'])
 def test_two_ranks_finish_fifty_steps_without_hanging(tiny_dataset, tmp_path, strategy):
     overrides = [
-        f'variables.data_root={tiny_dataset}', 'max_duration=50ba', 'global_train_batch_size=8',
-        'eval_interval=25ba', 'eval_subset_num_batches=1', 'progress_bar=false', 'model.d_embed=16',
-        'model.d_model=32', 'model.n_layers=2', 'model.n_heads=2', 'model.n_fourier=8', 'model.d_time=16',
-        f'save_folder={tmp_path}/ckpt', 'save_interval=25ba',
-        f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
+        *two_rank_overrides(tiny_dataset, tmp_path, steps=50),
         'algorithms.self_conditioning.p=0.5', 'masking.prefix=0.5', 'masking.random=0.5', 'masking.drop=0.1',
         'callbacks.time_warp_refit.interval=10ba', 'callbacks.time_warp_refit.buffer_size=256',
-        'callbacks.time_warp_refit.n_bins=16', f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
+        'callbacks.time_warp_refit.n_bins=16',
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    if strategy == 'fsdp2':
-        env['FSDP_VERSION'] = '2'
-        overrides += ['parallelism_config.fsdp.state_dict_type=sharded']
-    launcher = Path(sys.executable).parent / 'composer'
-    cmd = [str(launcher), '-n', '2', '--stderr', str(tmp_path / 'err{rank}.txt'), str(REPO / 'train.py'),
-           str(REPO / 'yamls' / 'cdcd-tiny.yaml'), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    errors = ''.join(
-        (tmp_path / f'err{r}.txt').read_text()[-1500:] for r in (0, 1) if (tmp_path / f'err{r}.txt').exists()
+    launch_two_ranks(
+        REPO / 'train.py', [str(REPO / 'yamls' / 'cdcd-tiny.yaml'), *overrides], tmp_path, strategy
     )
-    assert proc.returncode == 0, proc.stderr[-1500:] + errors
     log = (tmp_path / 'log-0.txt').read_text()
     assert '[batch=50/50]' in log or 'batch=50' in log
     assert (tmp_path / 'ckpt').exists()

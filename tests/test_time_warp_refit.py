@@ -1,13 +1,10 @@
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from composer.core import Callback
-from conftest import REPO
+from conftest import REPO, launch_two_ranks, two_rank_overrides
 
 import train
 from cdcd_composer.callbacks import TimeWarpRefit
@@ -144,29 +141,10 @@ def test_two_ranks_hold_bit_identical_curves(tiny_dataset, tmp_path, strategy):
     yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
     driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), out=str(tmp_path), yaml=yaml)))
     overrides = [
-        f'variables.data_root={tiny_dataset}', 'max_duration=8ba', 'global_train_batch_size=8',
-        'eval_interval=4ba', 'eval_subset_num_batches=1', 'progress_bar=false', 'model.d_embed=16',
-        'model.d_model=32', 'model.n_layers=2', 'model.n_heads=2', 'model.n_fourier=8', 'model.d_time=16',
-        f'save_folder={tmp_path}/ckpt', 'save_interval=4ba',
-        f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
+        *two_rank_overrides(tiny_dataset, tmp_path, steps=8),
         *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
-        f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    if strategy == 'fsdp2':
-        env['FSDP_VERSION'] = '2'
-        overrides += ['parallelism_config.fsdp.state_dict_type=sharded',
-                      'parallelism_config.fsdp.reshard_after_forward=true']  # fmt: skip
-    launcher = Path(sys.executable).parent / 'composer'
-    proc = subprocess.run(
-        [str(launcher), '-n', '2', '--stdout', str(tmp_path / 'out{rank}.txt'),
-         '--stderr', str(tmp_path / 'err{rank}.txt'), str(driver), *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    errors = ''.join(
-        (tmp_path / f'err{r}.txt').read_text()[-2000:] for r in (0, 1) if (tmp_path / f'err{r}.txt').exists()
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:] + errors
+    ]
+    launch_two_ranks(driver, overrides, tmp_path, strategy)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
     assert ranks[0]['fit_count'] == ranks[1]['fit_count'] >= 2
     assert ranks[0]['installed'] and ranks[1]['installed']
