@@ -106,8 +106,9 @@ def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
     # The first batch after the resume samples t from exactly the checkpointed curve ...
     for key, value in saved['warp'].items():
         assert torch.equal(capture.curve[key], value), key
-    # ... and refitting carries on from the restored buffer.
-    assert restored.fit_count > saved['fit_count']
+    # ... and collection carries on into the restored buffer (refits at 22 and 24 may be rejected).
+    assert restored.n_seen == saved['n_seen'] + 4 * 8
+    assert restored.fit_count >= saved['fit_count']
     assert resumed.state.model.time_distribution is restored.warp
 
 
