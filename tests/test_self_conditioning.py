@@ -105,3 +105,23 @@ def test_sampler_feeds_the_previous_estimate_back(tiny_config):
         assert not seen[0].any()  # zero on the first step
         assert all(s.any() for s in seen[1:]) == on
     handle.remove()
+
+
+def test_choice_depends_only_on_seed_batch_and_microbatch():
+    """A fresh algorithm (as after a resume) picks the same examples at the same batch."""
+    from types import SimpleNamespace
+
+    from cdcd_composer.self_conditioning import SelfConditioning
+
+    def choices(algorithm, batch_index, microbatches):
+        state = SimpleNamespace(rank_zero_seed=17, timestamp=SimpleNamespace(batch=batch_index))
+        return [torch.randperm(8, generator=algorithm._generator(state))[:4] for _ in range(microbatches)]
+
+    uninterrupted = SelfConditioning(0.5)
+    for batch_index in range(5):
+        expected = choices(uninterrupted, batch_index, 2)
+    resumed = choices(SelfConditioning(0.5), 4, 2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
+    assert not torch.equal(expected[0], expected[1])  # microbatches draw differently
+    with pytest.raises(ValueError, match='self_conditioning.p'):
+        SelfConditioning(1.5)
