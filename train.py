@@ -39,6 +39,11 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
             f'model.vocab_size={cfg.model.vocab_size} is smaller than the dataset vocabulary '
             f'({meta.vocab_size}); set model.vocab_size=null to take it from the data'
         )
+    if cfg.data.seq_len is not None and cfg.data.seq_len != meta.seq_len:
+        raise ValueError(
+            f'data.seq_len={cfg.data.seq_len} but {cfg.data.root} holds {meta.seq_len}-token examples; '
+            f'set data.seq_len={meta.seq_len} or convert the data again with --seq_len {cfg.data.seq_len}'
+        )
     return meta
 
 

@@ -24,6 +24,7 @@ class DataConfig:
 
     root: str  # Local directory or object-store URI holding train/, val/, tokenizer/.
     local_cache: str | None = None  # Local cache for a remote root.
+    seq_len: int | None = None  # Expected canvas length; checked against the dataset when set.
     num_workers: int = 0
     train_split: str = 'train'
     eval_split: str = 'val'

@@ -1,23 +1,20 @@
-"""Stories as fixed-canvas token sequences in MosaicML Streaming MDS shards, written and read back."""
+"""Reading a converted dataset: its metadata, checks of its splits, and Streaming dataloaders."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-from streaming import MDSWriter, StreamingDataset
+from streaming import StreamingDataset
+from streaming.base.hashing import get_hash
 from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
-from cdcd_composer.tokenization import StoryTokens
+from cdcd_composer.dataset_store import DatasetRoot, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -29,87 +26,51 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 
 @dataclass
 class DatasetMetadata:
-    """What a reader must know about a dataset; saved as `cdcd_dataset.json` beside the splits."""
+    """What a reader must know about a dataset; saved as `cdcd_dataset.json` beside the splits.
+
+    Written last by the converter: its presence marks a complete dataset. Each split's
+    `manifest.json` holds the detailed counts and statistics.
+    """
 
     seq_len: int
     vocab_size: int
     bos_id: int
     eos_id: int
     pad_id: int
-    layout: str  # 'padded': one story per example, padded to the canvas with pad as a target.
+    layout: str  # 'padded' (one story per example, pads are targets) or 'packed'.
     source: str
     tokenizer: str  # Name or path the tokenizer came from; the exact copy is in `tokenizer/`.
     num_examples: dict[str, int]
     num_truncated: dict[str, int]
+    overflow: str = 'truncate'  # Over-long stories: 'truncate' or 'split' across examples.
+    token_dtype: str = 'int32'
+    settings: dict = field(default_factory=dict)  # Every converter option that shaped the data.
 
-    def save(self, root: str) -> None:
-        """Writes the metadata file into the local directory `root`."""
-        with open(os.path.join(root, METADATA_FILE), 'w') as f:
-            json.dump(asdict(self), f, indent=2)
+    def to_json(self) -> dict:
+        """A JSON-safe dict (the file's content)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, blob: dict) -> DatasetMetadata:
+        """Inverse of `to_json`; unknown keys (from a newer converter) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in blob.items() if k in names})
 
     @classmethod
     def load(cls, root: str) -> DatasetMetadata:
         """Reads `root/cdcd_dataset.json` (local path).
 
         Raises:
-            ValueError: the file is missing or was written by something else.
+            ValueError: the file is missing (no dataset, or an interrupted conversion).
         """
         path = os.path.join(root, METADATA_FILE)
         if not os.path.isfile(path):
             raise ValueError(
-                f'{path} not found: data root {root!r} is not a dataset; create one with '
-                f'`python data_prep/convert_tinystories.py --out_root {root}`'
+                f'{path} not found: data root {root!r} is not a complete dataset; create it with '
+                f'`python data_prep/convert_tinystories.py --out_root {root}` (or rerun an interrupted one)'
             )
         with open(path) as f:
-            return cls(**json.load(f))
-
-
-def encode_stories(
-    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, counts: dict[str, int]
-) -> Iterator[np.ndarray]:
-    """Tokenizes stories onto a fixed canvas: `[bos] story [eos] [pad]...`, shape (seq_len,) int32.
-
-    A story longer than the canvas is truncated (it then has no end-of-story token);
-    `counts['truncated']` and `counts['examples']` are incremented as a side channel.
-    """
-    ids = StoryTokens.of(tokenizer)
-    for text in texts:
-        body = tokenizer(text.strip(), add_special_tokens=False)['input_ids']
-        tokens = [ids.bos, *body, ids.eos]
-        if len(tokens) > seq_len:
-            tokens = tokens[:seq_len]
-            counts['truncated'] += 1
-        canvas = np.full(seq_len, ids.pad, dtype=np.int32)
-        canvas[: len(tokens)] = tokens
-        counts['examples'] += 1
-        yield canvas
-
-
-def write_split(examples: Iterable[np.ndarray], out_dir: str, size_limit: str = '64mb') -> None:
-    """Writes token arrays to MDS shards in `out_dir`, which must not exist yet.
-
-    Shards are written to a temporary sibling and renamed into place at the end, so an
-    interrupted write never leaves a directory that looks like a complete split.
-
-    Raises:
-        ValueError: `out_dir` already exists (remove it, or choose another `out_root`).
-    """
-    if os.path.exists(out_dir):
-        raise ValueError(f'{out_dir} already exists: remove it or choose another --out_root')
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', dir=parent)
-    try:
-        columns = {'tokens': 'ndarray:int32'}
-        with MDSWriter(
-            out=tmp, columns=columns, compression='zstd', hashes=['xxh64'], size_limit=size_limit
-        ) as w:
-            for tokens in examples:
-                w.write({'tokens': tokens})
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared.
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            return cls.from_json(json.load(f))
 
 
 class StoryDataset(StreamingDataset):
@@ -122,19 +83,57 @@ class StoryDataset(StreamingDataset):
 
 
 def check_split(root: str, split: str) -> None:
-    """Fails fast, before any model is built, when a local split is missing.
+    """Fails fast, before any model is built, when a split is missing, incomplete or corrupt.
+
+    Locally every shard must exist with the size and xxh64 hash its `index.json` records (a
+    fast pass: xxh64 reads GB/s). For an object-store root the index is fetched and every shard
+    must be listed; hashes are then checked by Streaming as each shard is downloaded.
+
+    Args:
+        root: Dataset root (local path or object-store URI).
+        split: Split directory name.
 
     Raises:
-        ValueError: no `index.json` under `root/split`.
+        ValueError: one line naming the split or shard and the fix.
     """
-    if '://' in root:
-        return  # Remote roots are checked by Streaming when it downloads the index.
-    index = os.path.join(root, split, 'index.json')
-    if not os.path.isfile(index):
-        raise ValueError(
-            f'{index} not found: data.root {root!r} has no {split!r} split; create it with '
-            f'`python data_prep/convert_tinystories.py --out_root {root}` or fix data.root'
-        )
+    fix = f'rebuild it with `python data_prep/convert_tinystories.py --out_root {root} --overwrite`'
+    if is_remote(root):
+        store, where = DatasetRoot(root), f'{root.rstrip("/")}/{split}'
+        index = store.read_json(f'{split}/index.json')
+        if index is None:
+            raise ValueError(f'{where}/index.json not found: no {split!r} split under data.root; {fix}')
+        listed = {key.rsplit('/', 1)[-1] for key in store.store.list_objects(store._key(split))}
+    else:
+        where = os.path.join(root, split)
+        path = os.path.join(where, 'index.json')
+        if not os.path.isfile(path):
+            raise ValueError(
+                f'{path} not found: data.root {root!r} has no {split!r} split; create it with '
+                f'`python data_prep/convert_tinystories.py --out_root {root}` or fix data.root'
+            )
+        with open(path) as f:
+            index = json.load(f)
+    for shard in index['shards']:
+        files = [info for info in (shard.get('zip_data'), shard['raw_data']) if info]
+        if is_remote(root):
+            if not any(info['basename'] in listed for info in files):
+                raise ValueError(f'{where}/{files[0]["basename"]} is missing; {fix}')
+            continue
+        _check_local_shard(where, files, fix)
+
+
+def _check_local_shard(where: str, files: list[dict], fix: str) -> None:
+    """The compressed or raw form of a shard exists with the recorded size and xxh64 hash."""
+    present = [info for info in files if os.path.isfile(os.path.join(where, info['basename']))]
+    if not present:
+        raise ValueError(f'shard {os.path.join(where, files[0]["basename"])} is missing; {fix}')
+    info = present[0]
+    path = os.path.join(where, info['basename'])
+    with open(path, 'rb') as f:
+        data = f.read()
+    expected = info.get('hashes', {}).get('xxh64')
+    if len(data) != info['bytes'] or (expected and get_hash('xxh64', data) != expected):
+        raise ValueError(f'shard {path} is corrupt (size or xxh64 hash differs from index.json); {fix}')
 
 
 def build_dataloader(
@@ -160,15 +159,19 @@ def build_dataloader(
         local_cache: Where remote shards are cached; required for a remote root.
         drop_last: Drop the last incomplete batch.
     """
-    check_split(root, split)
-    if '://' in root:
+    if is_remote(root):
         if local_cache is None:
             raise ValueError(f'data.local_cache is required for the remote data.root {root!r}')
         remote, local = f'{root.rstrip("/")}/{split}', os.path.join(local_cache, split)
     else:
         remote, local = None, os.path.join(root, split)
     dataset = StoryDataset(
-        remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size
+        remote=remote,
+        local=local,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+        validate_hash='xxh64' if remote else None,  # Local shards were checked by `check_split`.
     )
     # A private generator: starting an iterator (e.g. for an evaluation) must not draw from the
     # global torch RNG, or a resumed run samples different noise levels than an uninterrupted one.
@@ -188,7 +191,7 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
     A local root is returned as is; for an object-store root the two are downloaded into
     `local_cache` (shards are left to Streaming).
     """
-    if '://' not in root:
+    if not is_remote(root):
         return root
     if local_cache is None:
         raise ValueError(f'data.local_cache is required for the remote data.root {root!r}')

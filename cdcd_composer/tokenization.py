@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,28 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer by hub name or local directory (e.g. the one saved beside the shards)."""
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """Loads a fast tokenizer by hub name, local directory, or BERT `vocab.txt` file.
+
+    A `vocab.txt` file builds an uncased BERT WordPiece tokenizer (bert-base-uncased's
+    vocabulary file reproduces its ids exactly).
+
+    Raises:
+        ValueError: it cannot be loaded, or has no fast (Rust) implementation.
+    """
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
+        if os.path.isfile(name_or_path):
+            tokenizer = BertTokenizerFast(vocab_file=name_or_path, do_lower_case=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
         raise ValueError(
-            f'cannot load tokenizer {name_or_path!r}: give a local tokenizer directory or a hub name '
-            f'reachable from this machine ({type(e).__name__})'
+            f'cannot load tokenizer {name_or_path!r}: give a hub name reachable from this machine, a '
+            f'local tokenizer directory or a BERT vocab.txt ({type(e).__name__}: {str(e)[:120]})'
         ) from e
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ValueError(f'tokenizer {name_or_path!r} has no fast (Rust) version; choose another tokenizer')
+    return tokenizer
 
 
 def tokenizer_to_json(tokenizer: PreTrainedTokenizerBase) -> dict:
