@@ -195,7 +195,6 @@ class SplitWriter:
         self.root, self.split, self.seq_len, self.dtype = root, split, seq_len, dtype
         self.size_limit = size_limit
         self.carry = np.zeros(0, dtype)
-        self.dropped_tail_tokens = 0
         self.examples = 0
 
     def __enter__(self) -> SplitWriter:
@@ -227,15 +226,13 @@ class SplitWriter:
 
     def commit(self, manifest: dict) -> None:
         """Finishes the shards and writes `manifest.json`; the split becomes visible."""
-        self.dropped_tail_tokens = len(self.carry)
         self.writer.finish()
-        path = os.path.join(self.staging, MANIFEST_FILE)
-        with open(path, 'w') as f:
-            json.dump(manifest, f, indent=2)
         if self.root.store is None:
+            with open(os.path.join(self.staging, MANIFEST_FILE), 'w') as f:
+                json.dump(manifest, f, indent=2)
             self.root.commit_directory(self.staging, self.split)
-        else:
-            self.root.upload(path, f'{self.split}/{MANIFEST_FILE}')
+        else:  # The writer has uploaded (and removed) the shards and index.json; the marker is last.
+            self.root.write_json(f'{self.split}/{MANIFEST_FILE}', manifest)
 
     def __exit__(self, *exc_info) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -12,6 +12,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import signal
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,10 @@ _WORKER_ENCODER: StoryEncoder | None = None
 def init_worker(tokenizer_json: str, spec: CanvasSpec) -> None:
     """Process-pool initializer: builds this worker's encoder once."""
     global _WORKER_ENCODER
+    # Handlers inherited from the parent (Composer, Streaming) must not keep a worker alive:
+    # SIGTERM from `Pool.terminate` ends it, and Ctrl-C is the parent's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_ENCODER = StoryEncoder(tokenizer_json, spec)
 
 
@@ -187,7 +192,8 @@ def encode_all(
         return
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # One thread per worker; inherited on fork.
     # fork: a worker starts in milliseconds and imports nothing (spawn would re-import torch).
-    with multiprocessing.get_context('fork').Pool(num_workers, init_worker, (tokenizer_json, spec)) as pool:
+    pool = multiprocessing.get_context('fork').Pool(num_workers, init_worker, (tokenizer_json, spec))
+    try:
         in_flight: deque = deque()
         for batch in batched(records, batch_stories):
             in_flight.append(pool.apply_async(encode_in_worker, (batch,)))
@@ -195,3 +201,9 @@ def encode_all(
                 yield in_flight.popleft().get()
         while in_flight:
             yield in_flight.popleft().get()
+        pool.close()
+    except BaseException:  # Ctrl-C, an error, or the consumer stopped early: stop the workers now.
+        pool.terminate()
+        raise
+    finally:
+        pool.join()

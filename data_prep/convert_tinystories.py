@@ -304,7 +304,7 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
             )
         root.remove(METADATA_FILE)  # From here on the old dataset no longer looks complete.
     for part in (*SPLITS, TOKENIZER_DIR):
-        _refuse_foreign(root, part, opt, settings)
+        _refuse_foreign(root, part, opt)
 
     tokenizer, name = tokenizer_in_root(root, opt)
     manifests = {}
@@ -335,29 +335,21 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
     return meta
 
 
-def _refuse_foreign(root: DatasetRoot, part: str, opt: ConvertOptions, settings: dict) -> None:
-    """Without --overwrite, refuses to replace a split or tokenizer made with other settings.
+def _refuse_foreign(root: DatasetRoot, part: str, opt: ConvertOptions) -> None:
+    """Without --overwrite, refuses to replace a split or tokenizer this converter did not write.
 
-    Leftovers of an interrupted run (shards without a manifest) are replaced silently.
+    Called only when the root holds no complete dataset: whatever has a manifest is the leftover
+    of an interrupted run and is kept (same settings) or redone; shards or a tokenizer without
+    one belong to something else.
     """
-    if opt.overwrite:
+    if opt.overwrite or root.read_json(f'{part}/{MANIFEST_FILE}') is not None:
         return
-    manifest = root.read_json(f'{part}/{MANIFEST_FILE}')
-    occupied = manifest is None and root.exists(
-        f'{part}/index.json' if part in SPLITS else f'{part}/tokenizer.json'
-    )
-    if manifest is not None and part in SPLITS and manifest.get('settings') != settings:
-        occupied = True
-    if (
-        manifest is not None
-        and part == TOKENIZER_DIR
-        and manifest.get('settings') != opt.tokenizer_settings()
-    ):
-        occupied = True
-    if occupied:
+    if root.exists(f'{part}/index.json' if part in SPLITS else f'{part}/tokenizer.json'):
+        if part in SPLITS and root.exists(f'{TOKENIZER_DIR}/{MANIFEST_FILE}'):
+            return  # Shards whose manifest upload was interrupted, after our tokenizer was written.
         raise ValueError(
-            f'{root.join(part)} already exists and was made with other settings: pass --overwrite to replace '
-            'it, or choose another --out_root'
+            f'{root.join(part)} already exists and was not written by this converter: pass --overwrite to '
+            'replace it, or choose another --out_root'
         )
 
 

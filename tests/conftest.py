@@ -15,6 +15,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py, generate.py and data_prep/ live at the top level.
 
+from s3_server import s3_endpoint, s3_env  # noqa: E402, F401 - fixtures
+
 from cdcd_composer.config import load_config  # noqa: E402
 from data_prep.convert_tinystories import convert  # noqa: E402
 

@@ -43,6 +43,7 @@ def test_config_errors_name_the_key(tiny_config, override, message):
         ('callbacks.speed_monitor.window=3', 'unknown key callbacks.speed_monitor.window'),
         ('algorithms.emma.half_life=1ba', "unknown algorithms 'emma'"),
         ('model.vocab_size=10', 'smaller than the dataset vocabulary'),
+        ('data.seq_len=128', 'holds 96-token examples; set data.seq_len=96 or convert the data again'),
     ],
 )
 def test_registry_and_data_errors_before_any_work(tiny_config, override, message):
