@@ -48,7 +48,7 @@ def test_config_errors_name_the_key(tiny_config, override, message):
 )
 def test_registry_and_data_errors_before_any_work(tiny_config, override, message):
     raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), [override])
-    raw['data'] = tiny_config['data']
+    raw['data']['root'] = tiny_config['data']['root']
     with pytest.raises(ValueError) as exc:
         validate(parse_config(raw))
     assert message in str(exc.value)
