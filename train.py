@@ -34,9 +34,9 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     check_split(cfg.data.root, cfg.data.train_split)
     check_split(cfg.data.root, cfg.data.eval_split)
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < meta.vocab_size:
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != meta.vocab_size:
         raise ValueError(
-            f'model.vocab_size={cfg.model.vocab_size} is smaller than the dataset vocabulary '
+            f'model.vocab_size={cfg.model.vocab_size} does not match the dataset vocabulary '
             f'({meta.vocab_size}); set model.vocab_size=null to take it from the data'
         )
     if cfg.data.seq_len is not None and cfg.data.seq_len != meta.seq_len:

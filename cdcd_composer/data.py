@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 METADATA_FILE = 'cdcd_dataset.json'
 TOKENIZER_DIR = 'tokenizer'
 SPLITS = ('train', 'val')
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
 
 
 @dataclass
@@ -195,12 +194,14 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
         return root
     if local_cache is None:
         raise ValueError(f'data.local_cache is required for the remote data.root {root!r}')
-    from composer.utils import get_file
-
-    for name in (METADATA_FILE, *(f'{TOKENIZER_DIR}/{f}' for f in TOKENIZER_FILES)):
-        get_file(
-            f'{root.rstrip("/")}/{name}', os.path.join(local_cache, name), overwrite=True, progress_bar=False
+    store = DatasetRoot(root)
+    if store.read_json(METADATA_FILE) is None:
+        raise ValueError(
+            f'{root}/{METADATA_FILE} not found: data.root is not a complete dataset; create it with '
+            f'`python data_prep/convert_tinystories.py --out_root {root}` (or rerun an interrupted one)'
         )
+    store.fetch_file(METADATA_FILE, os.path.join(local_cache, METADATA_FILE))
+    store.fetch_directory(TOKENIZER_DIR, os.path.join(local_cache, TOKENIZER_DIR))
     return local_cache
 
 

@@ -154,6 +154,19 @@ class DatasetRoot:
         for name in sorted(os.listdir(staging), key=lambda n: n == MANIFEST_FILE):
             self.upload(os.path.join(staging, name), f'{rel}/{name}')
 
+    def fetch_directory(self, rel: str, local_dir: str) -> str:
+        """Downloads every file under `rel` into `local_dir` (remote roots); returns `local_dir`."""
+        prefix = self._key(rel) + '/'
+        for key in self.store.list_objects(prefix):
+            name = key[len(prefix) :]
+            self.store.download_object(key, os.path.join(local_dir, name), overwrite=True)
+        return local_dir
+
+    def fetch_file(self, rel: str, local_path: str) -> str:
+        """Downloads one file (remote roots); returns `local_path`."""
+        self.store.download_object(self._key(rel), local_path, overwrite=True)
+        return local_path
+
     def upload(self, local_path: str, rel: str) -> None:
         """Uploads one local file to `rel` (remote roots only)."""
         self.store.upload_object(self._key(rel), local_path)

@@ -62,7 +62,7 @@ class SplitStats:
             'truncated': c['truncated'],
             'split_across_examples': c['split'],
             'examples': examples,
-            'story_tokens': c['tokens'],
+            'tokens_kept': c['tokens'],
             'dropped_tail_tokens': dropped_tail_tokens,
             'canvas_tokens': examples * seq_len,
             'pad_fraction': round(1 - (c['tokens'] - dropped_tail_tokens) / max(examples * seq_len, 1), 4),
@@ -73,9 +73,9 @@ class SplitStats:
             story_tokens |= {
                 'min': int(lengths.min()),
                 'mean': round(float(lengths.mean()), 1),
-                'p50': float(q[0]),
-                'p90': float(q[1]),
-                'p99': float(q[2]),
+                'p50': round(float(q[0]), 1),
+                'p90': round(float(q[1]), 1),
+                'p99': round(float(q[2]), 1),
                 'max': int(lengths.max()),
                 'longer_than_canvas': round(float((lengths > seq_len).mean()), 4),
             }
@@ -84,14 +84,10 @@ class SplitStats:
             'unk_fraction': round(float(self.token_counts[unk_id]) / max(total, 1), 6)
             if unk_id is not None
             else None,
-            'top': [
-                {
-                    'id': int(i),
-                    'token': id_to_token(int(i)),
-                    'fraction': round(self.token_counts[i] / max(total, 1), 5),
-                }
+            'top_fractions': {
+                id_to_token(int(i)): round(float(self.token_counts[i]) / max(total, 1), 5)
                 for i in top
                 if self.token_counts[i]
-            ],
+            },
         }
         return {'counts': counts, 'story_tokens': story_tokens, 'token_histogram': histogram}

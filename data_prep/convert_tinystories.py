@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from cdcd_composer.data import METADATA_FILE, SPLITS, TOKENIZER_DIR, TOKENIZER_FILES, DatasetMetadata
+from cdcd_composer.data import METADATA_FILE, SPLITS, TOKENIZER_DIR, DatasetMetadata
 from cdcd_composer.dataset_store import MANIFEST_FILE, DatasetRoot, SplitWriter
 from cdcd_composer.grammar import StoryGrammar
 from cdcd_composer.split_stats import SplitStats
@@ -197,10 +197,9 @@ def tokenizer_in_root(root: DatasetRoot, opt: ConvertOptions) -> tuple[PreTraine
     manifest = root.read_json(f'{TOKENIZER_DIR}/{MANIFEST_FILE}')
     if manifest is not None and manifest.get('settings') == opt.tokenizer_settings():
         with tempfile.TemporaryDirectory() as tmp:
-            local = root.join(TOKENIZER_DIR) if root.store is None else tmp
-            if root.store is not None:
-                for name in TOKENIZER_FILES:
-                    root.store.download_object(root._key(f'{TOKENIZER_DIR}/{name}'), os.path.join(tmp, name))
+            local = (
+                root.join(TOKENIZER_DIR) if root.store is None else root.fetch_directory(TOKENIZER_DIR, tmp)
+            )
             log.info('reusing the tokenizer of the interrupted run in %s', root.join(TOKENIZER_DIR))
             return load_tokenizer(local), manifest['name']
     tokenizer, name = build_tokenizer(opt)

@@ -42,7 +42,7 @@ def test_config_errors_name_the_key(tiny_config, override, message):
         ('optimizer.lrr=1.0', 'unknown key optimizer.decoupled_adamw.lrr'),
         ('callbacks.speed_monitor.window=3', 'unknown key callbacks.speed_monitor.window'),
         ('algorithms.emma.half_life=1ba', "unknown algorithms 'emma'"),
-        ('model.vocab_size=10', 'smaller than the dataset vocabulary'),
+        ('model.vocab_size=10', 'does not match the dataset vocabulary (512)'),
         ('data.seq_len=128', 'holds 96-token examples; set data.seq_len=96 or convert the data again'),
     ],
 )

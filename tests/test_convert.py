@@ -22,6 +22,7 @@ from cdcd_composer.story_sources import is_carved
 from cdcd_composer.tokenization import StoryTokens, load_tokenizer
 from data_prep import convert_tinystories
 from data_prep.convert_tinystories import convert, main
+from train import main as train_main
 
 STORIES = list(StoryGrammar(seed=3).stories(60))
 SEQ_LEN = 48
@@ -316,7 +317,7 @@ def test_corrupt_or_missing_shards_are_named_before_training(tmp_path, tokenizer
 
 
 @pytest.mark.slow
-def test_write_to_s3_and_stream_back(tmp_path, tokenizer_dir, s3_env):
+def test_write_to_s3_stream_back_and_train(tmp_path, tokenizer_dir, s3_env, tiny_config):
     bucket = s3_env()
     src = write_text(tmp_path / 'all.txt', STORIES)
     uri = f's3://{bucket}/datasets/stories'
@@ -336,6 +337,14 @@ def test_write_to_s3_and_stream_back(tmp_path, tokenizer_dir, s3_env):
     with pytest.raises(ValueError, match='already holds a dataset'):
         convert(source='files', out_root=uri, train_files=[str(src)], val_fraction=0.3, progress=False,
                 tokenizer=str(tokenizer_dir))  # fmt: skip
+
+    # Training reads the same data: metadata and tokenizer fetched, shards streamed into the cache.
+    train_cfg = tiny_config | {'data': {'root': uri, 'local_cache': str(tmp_path / 'train-cache')},
+                               'max_duration': '2ba', 'eval_interval': '2ba'}  # fmt: skip
+    trainer = train_main(train_cfg, return_trainer=True)
+    assert int(trainer.state.timestamp.batch) == 2
+    assert sorted(os.listdir(tmp_path / 'train-cache')) == ['cdcd_dataset.json', 'tokenizer', 'train', 'val']
+    trainer.close()
 
     import boto3
 
