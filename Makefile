@@ -17,7 +17,6 @@ $(VENV)/.installed: setup.py pyproject.toml
 install: $(VENV)/.installed
 
 $(DATA)/cdcd_dataset.json: | $(VENV)/.installed
-	rm -rf $(DATA)  # an interrupted conversion has no metadata file: start it again
 	$(PY) data_prep/convert_tinystories.py --source synthetic --out_root $(DATA)
 
 demo: install $(DATA)/cdcd_dataset.json

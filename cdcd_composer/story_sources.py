@@ -169,13 +169,19 @@ def hub_stories(dataset: str, split: str, text_column: str) -> Iterator[Record]:
     from datasets import load_dataset
 
     try:
-        rows = load_dataset(dataset, split=split, streaming=True)
+        rows = iter(load_dataset(dataset, split=split, streaming=True))
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            if text_column not in row:
+                raise SourceError(f'hub dataset {dataset!r} has no column {text_column!r}; set --text_column')
+            yield _text_of(row[text_column], text_column)
+    except SourceError:
+        raise
     except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "cannot read it".
-        raise SourceError(f'cannot stream hub dataset {dataset!r} split {split!r}: {e}') from e
-    for row in rows:
-        if text_column not in row:
-            raise SourceError(f'hub dataset {dataset!r} has no column {text_column!r}; set --text_column')
-        yield _text_of(row[text_column], text_column)
+        raise SourceError(f'cannot stream hub dataset {dataset!r} split {split!r}: {str(e)[:200]}') from e
 
 
 def is_carved(index: int, fraction: float, seed: int) -> bool:

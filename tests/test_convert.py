@@ -103,6 +103,25 @@ def test_each_file_format_round_trips_to_the_tokenizer_output(fmt, tmp_path, tok
     assert m['token_dtype'] == 'uint16' and json.loads((out / 'train' / 'index.json').read_text())
 
 
+def test_hub_source_streams_a_dataset_repository(tmp_path, tokenizer_dir):
+    """`--source hub` through `datasets.load_dataset(..., streaming=True)`, offline: a local
+    directory laid out like a hub dataset repository (splits named by file)."""
+    repo = tmp_path / 'repo' / 'data'
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({'story': STORIES[:40]}), repo / 'train-00000-of-00001.parquet')
+    pq.write_table(pa.table({'story': STORIES[40:]}), repo / 'validation-00000-of-00001.parquet')
+    out = tmp_path / 'ds'
+    meta = convert(source='hub', dataset=str(tmp_path / 'repo'), text_column='story', out_root=str(out),
+                   tokenizer=str(tokenizer_dir), seq_len=SEQ_LEN, progress=False)  # fmt: skip
+    tok = load_tokenizer(str(tokenizer_dir))
+    np.testing.assert_array_equal(read_split(out, 'train'), padded(tok, STORIES[:40]))
+    np.testing.assert_array_equal(read_split(out, 'val'), padded(tok, STORIES[40:]))
+    assert meta.source == f'hub:{tmp_path / "repo"}'
+    with pytest.raises(ValueError, match="has no column 'text'; set --text_column"):
+        convert(source='hub', dataset=str(tmp_path / 'repo'), out_root=str(tmp_path / 'x'), progress=False,
+                tokenizer=str(tokenizer_dir))  # fmt: skip
+
+
 def test_val_fraction_carves_a_fixed_disjoint_subset(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'all.txt', STORIES)
     convert_files(tmp_path / 'ds', [src], val_fraction=0.25, tokenizer=str(tokenizer_dir))
