@@ -1,4 +1,14 @@
-"""Samples stories from a trained checkpoint: `python generate.py CHECKPOINT --num_samples 8 --steps 200`."""
+"""Samples stories from a trained model.
+
+    python generate.py runs/cdcd-tiny/export --num_samples 8 --steps 200
+    python generate.py runs/cdcd-tiny/export --prompt "Once upon a time" --tau 0.9
+    python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
+    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --trust_checkpoint --heun --steps 100
+
+MODEL is a weights-only export (directory or object-store prefix; written at the end of
+training, or by `python -m cdcd_composer.export`) or a Composer `.pt` checkpoint (a pickle:
+refused from untrusted locations unless --trust_checkpoint).
+"""
 
 from __future__ import annotations
 
@@ -6,83 +16,90 @@ import argparse
 import json
 import sys
 
-import torch
 from tqdm import tqdm
 
 from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.generation import Request, generate_texts
 from cdcd_composer.grammar import recognised_fraction
-from cdcd_composer.sampler import decode_samples, euler_sample
+from cdcd_composer.sampler import SamplerSettings
 
 
-def generate(
-    checkpoint: str,
-    num_samples: int = 8,
-    steps: int = 200,
-    seed: int = 0,
-    tau: float = 1.0,
-    self_conditioning: bool | None = None,
-    progress: bool = False,
-    warp: bool = True,
-) -> tuple[list[str], str]:
-    """Unconditional samples decoded to text (cut at the end-of-story token), and the data source."""
-    trained = load_trained_model(checkpoint, warp=warp)
-    bar = tqdm(total=steps, desc='sampling', disable=not progress)
-    tokens = euler_sample(
-        trained.model,
-        trained.time_distribution.sampling_timesteps(steps),
-        num_samples,
-        trained.seq_len,
-        self_conditioning=trained.self_conditioned if self_conditioning is None else self_conditioning,
-        score_temperature=tau,
-        generator=torch.Generator().manual_seed(seed),
-        on_step=lambda _: bar.update(),
-    )
-    bar.close()
-    return decode_samples(tokens, trained.tokenizer, trained.eos_id), trained.source
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument('checkpoint', help='local path or s3:// URI of a checkpoint written by train.py')
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
+    p.add_argument('--prompt', default=None, help='text to continue')
+    p.add_argument('--template', default=None, help='story with ___ blanks to fill')
+    p.add_argument('--blank_length', type=int, default=8, help='tokens per ___ blank')
     p.add_argument('--num_samples', type=int, default=8)
-    p.add_argument('--steps', type=int, default=200, help='Euler steps')
+    p.add_argument('--steps', type=int, default=200, help='solver steps')
+    p.add_argument('--heun', action='store_true', help="Heun's 2nd-order solver (use ~half the steps)")
     p.add_argument('--tau', type=float, default=1.0, help='score temperature')
+    p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
+    p.add_argument('--initial_noise_scale', type=float, default=1.0)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument(
         '--self_conditioning', choices=('auto', 'on', 'off'), default='auto',
-        help='feed the previous x0_hat back (auto: if the checkpoint was trained with it)',
+        help='feed the previous x0_hat back (auto: if the model was trained with it)',
     )  # fmt: skip
-    p.add_argument('--out', default=None, help='write samples as JSONL here')
     p.add_argument(
         '--warp', choices=('checkpoint', 'none'), default='checkpoint',
-        help="timesteps from the checkpoint's fitted time warp, or evenly spaced in t ('none')",
+        help="timesteps from the model's fitted time warp, or evenly spaced in t ('none')",
     )  # fmt: skip
-    args = p.parse_args(argv)
-    if args.num_samples <= 0 or args.steps <= 0:
-        p.exit(2, 'error: --num_samples and --steps must be positive\n')
+    p.add_argument(
+        '--out', default=None, help='write samples here: JSON Lines if it ends in .jsonl, else text'
+    )
+    p.add_argument('--device', default='cpu')
+    p.add_argument(
+        '--trust_checkpoint', action='store_true', help='unpickle a .pt even from an untrusted place'
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; failures are one line on stderr."""
+    args = parse_args(argv)
     try:
-        texts, source = generate(
-            args.checkpoint,
-            args.num_samples,
-            args.steps,
-            args.seed,
-            args.tau,
-            {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
-            progress=True,
-            warp=args.warp == 'checkpoint',
+        settings = SamplerSettings(
+            heun=args.heun,
+            score_temperature=args.tau,
+            initial_noise_scale=args.initial_noise_scale,
+            guidance_scale=args.guidance,
         )
-    except ValueError as e:
-        sys.exit(f'error: {e}')
+        trained = load_trained_model(
+            args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint
+        )
+        self_cond = {'auto': trained.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
+        settings = SamplerSettings(**{**settings.__dict__, 'self_conditioning': self_cond})
+        request = Request(args.prompt, args.template, args.blank_length)
+        bar = tqdm(total=args.steps, desc='sampling', unit='step')
+        texts = generate_texts(
+            trained.model, trained.tokenizer, trained.time_distribution, trained.seq_len, trained.eos_id,
+            num_samples=args.num_samples, steps=args.steps, settings=settings, request=request,
+            padded=trained.dataset.get('layout', 'padded') == 'padded', seed=args.seed,
+            on_step=lambda _: bar.update(),
+        )  # fmt: skip
+        bar.close()
+    except (ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
-    if source == 'synthetic':
+    if trained.source == 'synthetic':
         print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
     if args.out:
+        record = {
+            k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'heun', 'tau', 'guidance', 'seed')
+        }
         with open(args.out, 'w') as f:
-            for text in texts:
-                f.write(json.dumps({'text': text}) + '\n')
+            for i, text in enumerate(texts):
+                f.write(
+                    json.dumps({'text': text, 'index': i, **record}) + '\n'
+                    if args.out.endswith('.jsonl')
+                    else text + '\n\n'
+                )
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

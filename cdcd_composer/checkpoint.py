@@ -1,8 +1,16 @@
-"""Loading a trained denoiser, its tokenizer and its noise range from a Composer checkpoint."""
+"""Loading a trained denoiser, tokenizer and time warp from an export or a Composer checkpoint.
+
+The export (`cdcd_composer.export`: safetensors + JSON + tokenizer) loads without unpickling
+anything. A Composer `.pt` checkpoint is a pickle, which can run arbitrary code when loaded; it
+is loaded only from a trusted location (a local file owned by you and writable by no one else)
+or when the caller says it trusts it (`--trust_checkpoint`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -10,79 +18,168 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from cdcd_composer.dataset_store import DatasetRoot, is_remote
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.time_warping import TimeWarp
-from cdcd_composer.tokenization import tokenizer_from_json
+from cdcd_composer.tokenization import load_tokenizer, tokenizer_from_json
+
+EXPORT_CONFIG = 'cdcd_config.json'
+EXPORT_WEIGHTS = 'model.safetensors'
+EXPORT_TOKENIZER = 'tokenizer'
+WARP_PREFIX = 'time_warp.'
 
 
 @dataclass
 class TrainedModel:
-    """Everything sampling needs."""
+    """Everything sampling and export need."""
 
     model: CDCDTransformer
     tokenizer: PreTrainedTokenizerFast
     time_distribution: TimeWarp
-    seq_len: int
-    bos_id: int
-    eos_id: int
-    source: str  # Dataset source ('synthetic' means the grammar recogniser applies).
-    self_conditioned: bool  # Trained with self-conditioning: sampling should feed x0_hat back.
+    metadata: dict[str, Any]  # RunMetadata: model, diffusion, dataset, tokenizer, self_conditioning.
+    fitted_warp: bool  # Whether `time_distribution` is a fitted curve (False: uniform t).
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """The training data's metadata (seq_len, ids, layout, source)."""
+        return self.metadata['dataset']
+
+    @property
+    def seq_len(self) -> int:
+        """Canvas length."""
+        return self.dataset['seq_len']
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-story token id."""
+        return self.dataset['eos_id']
+
+    @property
+    def source(self) -> str:
+        """Dataset source ('synthetic' means the grammar recogniser applies)."""
+        return self.dataset['source']
+
+    @property
+    def self_conditioned(self) -> bool:
+        """Trained with self-conditioning: sampling should feed x0_hat back."""
+        return bool(self.metadata.get('self_conditioning'))
 
 
-def _local_copy(path: str, workdir: str) -> str:
-    if '://' not in path:
-        if not os.path.isfile(path):
-            raise ValueError(f'checkpoint {path!r} not found; pass a .pt file written by train.py')
-        return path
-    from composer.utils import get_file
+def build_trained_model(
+    metadata: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerFast,
+    warp_config: dict[str, Any] | None,
+    warp_state: dict[str, torch.Tensor] | None,
+    device: str = 'cpu',
+    warp: bool = True,
+) -> TrainedModel:
+    """Assembles a `TrainedModel`; `warp=False` (or no fitted curve) samples t uniformly."""
+    model = CDCDTransformer(CDCDConfig(**metadata['model']))
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    diffusion = metadata['diffusion']
+    time_distribution = TimeWarp(diffusion['t_min'], diffusion['t_max'])
+    fitted = warp and warp_config is not None and warp_state is not None
+    if fitted:
+        time_distribution = TimeWarp(**warp_config)
+        time_distribution.load_state_dict(warp_state)
+    return TrainedModel(model, tokenizer, time_distribution, metadata, fitted)
 
-    local = os.path.join(workdir, os.path.basename(path))
-    get_file(path, local, progress_bar=False)
-    return local
 
-
-def load_trained_model(path: str, device: str = 'cpu', warp: bool = True) -> TrainedModel:
-    """Builds the denoiser from a full (monolithic) Composer checkpoint written by `train.py`.
-
-    The checkpoint is unpickled (`torch.load(weights_only=False)`, as Composer does): only
-    load checkpoints you trust.
-
-    Args:
-        path: Local path or object-store URI of a `.pt` checkpoint.
-        device: Where to put the model.
-        warp: Use the fitted time warp stored in the checkpoint (False: uniform t, for comparison).
+def load_export(path: str, device: str = 'cpu', warp: bool = True) -> TrainedModel:
+    """Loads a weights-only export (local directory or object-store prefix); unpickles nothing.
 
     Raises:
-        ValueError: the file is missing or was not written by this recipe's `train.py`.
+        ValueError: `path` holds no export.
     """
+    from safetensors.torch import load_file
+
+    root = DatasetRoot(path)
+    if not root.exists(EXPORT_CONFIG):
+        raise ValueError(
+            f'{path} is neither a .pt checkpoint nor an export directory (no {EXPORT_CONFIG}); '
+            'pass a checkpoint from train.py or an export from python -m cdcd_composer.export'
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = root.fetch_directory('', tmp) if is_remote(path) else path
+        with open(os.path.join(local, EXPORT_CONFIG)) as f:
+            config = json.load(f)
+        tensors = load_file(os.path.join(local, EXPORT_WEIGHTS))
+        tokenizer = load_tokenizer(os.path.join(local, EXPORT_TOKENIZER))
+    weights = {k: v for k, v in tensors.items() if not k.startswith(WARP_PREFIX)}
+    warp_state = {k[len(WARP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(WARP_PREFIX)}
+    return build_trained_model(
+        config['metadata'], weights, tokenizer, config.get('time_warp'), warp_state or None, device, warp
+    )
+
+
+def untrusted_reason(path: str) -> str | None:
+    """Why a pickle at `path` is not trusted by default (None: a local file only you can write)."""
+    if is_remote(path):
+        return 'it comes from an object store'
+    info = os.stat(path)
+    if hasattr(os, 'getuid') and info.st_uid != os.getuid():
+        return 'it is owned by another user'
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return 'others can write to it'
+    return None
+
+
+def load_composer_checkpoint(
+    path: str, device: str = 'cpu', warp: bool = True, trust: bool = False
+) -> TrainedModel:
+    """Builds the denoiser from a full (monolithic) Composer checkpoint written by `train.py`.
+
+    Raises:
+        ValueError: missing, untrusted without `trust`, or not written by this recipe's `train.py`.
+    """
+    if not is_remote(path) and not os.path.isfile(path):
+        raise ValueError(f'checkpoint {path!r} not found; pass a .pt file or an export directory')
+    reason = untrusted_reason(path)
+    if reason and not trust:
+        raise ValueError(
+            f'refusing to unpickle {path} because {reason}: a pickle can run arbitrary code. Pass '
+            '--trust_checkpoint if you trust it, or use a weights-only export '
+            '(python -m cdcd_composer.export CHECKPOINT OUT_DIR)'
+        )
     with tempfile.TemporaryDirectory() as workdir:
-        state: dict[str, Any] = torch.load(_local_copy(path, workdir), map_location='cpu', weights_only=False)
+        local = path
+        if is_remote(path):
+            from composer.utils import get_file
+
+            local = os.path.join(workdir, os.path.basename(path))
+            get_file(path, local, progress_bar=False)
+        state: dict[str, Any] = torch.load(local, map_location='cpu', weights_only=False)
     try:
-        meta = state['state']['callbacks']['RunMetadata']['metadata']
+        metadata = state['state']['callbacks']['RunMetadata']['metadata']
         weights = state['state']['model']
     except (KeyError, TypeError):
         raise ValueError(
             f'{path!r} is not a cdcd-composer checkpoint (no RunMetadata); use one from train.py'
         ) from None
-    model = CDCDTransformer(CDCDConfig(**meta['model']))
     prefix = 'model.'
-    model.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    model.to(device).eval()
-    dataset = meta['dataset']
-    time_distribution = TimeWarp(meta['diffusion']['t_min'], meta['diffusion']['t_max'])
-    refit_state = state['state']['callbacks'].get('TimeWarpRefit')
-    if warp and refit_state is not None and refit_state['warp'] is not None:
-        time_distribution = TimeWarp(
-            time_distribution.t_min, time_distribution.t_max, **refit_state['warp_kwargs']
-        )
-        time_distribution.load_state_dict(refit_state['warp'])
-    return TrainedModel(
-        model=model,
-        tokenizer=tokenizer_from_json(meta['tokenizer']),
-        time_distribution=time_distribution,
-        seq_len=dataset['seq_len'],
-        bos_id=dataset['bos_id'],
-        eos_id=dataset['eos_id'],
-        source=dataset['source'],
-        self_conditioned=bool(meta.get('self_conditioning')),
-    )
+    weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    refit = state['state']['callbacks'].get('TimeWarpRefit') or {}
+    warp_config = None
+    if refit.get('warp') is not None:
+        diffusion = metadata['diffusion']
+        warp_config = {'t_min': diffusion['t_min'], 't_max': diffusion['t_max'], **refit['warp_kwargs']}
+    tokenizer = tokenizer_from_json(metadata['tokenizer'])
+    return build_trained_model(metadata, weights, tokenizer, warp_config, refit.get('warp'), device, warp)
+
+
+def load_trained_model(
+    path: str, device: str = 'cpu', warp: bool = True, trust: bool = False
+) -> TrainedModel:
+    """A weights-only export (directory or prefix) or a Composer `.pt` checkpoint, local or remote.
+
+    Args:
+        path: Export directory, `.pt` file, or their object-store URIs.
+        device: Where to put the model.
+        warp: Use the fitted time warp (False: uniform t, for comparison).
+        trust: Unpickle a `.pt` checkpoint even from an untrusted location.
+    """
+    if path.endswith('.pt') or (not is_remote(path) and os.path.isfile(path)):
+        return load_composer_checkpoint(path, device, warp, trust)
+    return load_export(path, device, warp)

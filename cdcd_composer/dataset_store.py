@@ -156,7 +156,8 @@ class DatasetRoot:
 
     def fetch_directory(self, rel: str, local_dir: str) -> str:
         """Downloads every file under `rel` into `local_dir` (remote roots); returns `local_dir`."""
-        prefix = self._key(rel) + '/'
+        prefix = self._key(rel).strip('/')
+        prefix = f'{prefix}/' if prefix else ''
         for key in self.store.list_objects(prefix):
             name = key[len(prefix) :]
             self.store.download_object(key, os.path.join(local_dir, name), overwrite=True)

@@ -10,6 +10,8 @@ from composer import algorithms, callbacks, loggers, optim
 from torch import nn
 
 from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.export import ExportWeights
+from cdcd_composer.sample_logging import TrainingSamples
 from cdcd_composer.self_conditioning import SelfConditioning
 
 OPTIMIZERS: dict[str, type] = {
@@ -34,6 +36,8 @@ CALLBACKS: dict[str, type] = {
     'optimizer_monitor': callbacks.OptimizerMonitor,
     'runtime_estimator': callbacks.RuntimeEstimator,
     'time_warp_refit': TimeWarpRefit,
+    'training_samples': TrainingSamples,
+    'export_weights': ExportWeights,
 }
 LOGGERS: dict[str, type] = {
     'file': loggers.FileLogger,

@@ -56,6 +56,9 @@ def tiny_config(tiny_dataset: Path, tmp_path: Path) -> dict:
         'save_interval=4ba',
         f'loggers.file.filename={tmp_path}/logs.txt',
         'scheduler.t_warmup=1ba',
+        f'callbacks.export_weights.folder={tmp_path}/export',
+        'callbacks.training_samples.interval=2ba',
+        'callbacks.training_samples.steps=2',
     ] + [f'model.{k}={v}' for k, v in TINY_MODEL.items()]
     return load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides)
 
@@ -73,6 +76,9 @@ def two_rank_overrides(dataset: Path, tmp_path: Path, steps: int) -> list[str]:
         f'save_folder={tmp_path}/ckpt', f'save_interval={steps // 2}ba',
         f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
         f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
+        f'callbacks.export_weights.folder={tmp_path}/export',
+        f'callbacks.training_samples.interval={steps // 2}ba',
+        'callbacks.training_samples.steps=2',
         *[f'model.{k}={v}' for k, v in TINY_MODEL.items()],
     ]  # fmt: skip
 

@@ -1,0 +1,80 @@
+"""Conditioning canvases for sampling: a prompt to continue, or a template with blanks to fill.
+
+A canvas is a pair (given_tokens, generate_mask), each of shape (seq_len,): the sampler keeps
+given tokens clean and generates where the mask is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cdcd_composer.tokenization import StoryTokens
+
+BLANK = '___'
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text.strip(), add_special_tokens=False)['input_ids'] if text.strip() else []
+
+
+def _check_fits(what: str, n: int, seq_len: int) -> None:
+    if n > seq_len:
+        raise ValueError(f'{what} takes {n} tokens but the canvas holds {seq_len}; shorten it')
+
+
+def prompt_canvas(
+    tokenizer: PreTrainedTokenizerBase, seq_len: int, prompt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[bos] prompt` given, everything after it generated.
+
+    Raises:
+        ValueError: the prompt does not leave room on the canvas.
+    """
+    ids = StoryTokens.of(tokenizer)
+    given = [ids.bos, *_encode(tokenizer, prompt)]
+    _check_fits(f'--prompt {prompt!r}', len(given) + 1, seq_len)
+    tokens = torch.full((seq_len,), ids.pad, dtype=torch.long)
+    tokens[: len(given)] = torch.tensor(given)
+    mask = torch.ones(seq_len, dtype=torch.bool)
+    mask[: len(given)] = False
+    return tokens, mask
+
+
+def template_canvas(
+    tokenizer: PreTrainedTokenizerBase, seq_len: int, template: str, blank_length: int, padded: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A story with blanks: `Once upon a time ___ . The end.` -> given text, generated blanks.
+
+    Each `___` is `blank_length` generated tokens; a template ending in `___` leaves the rest of
+    the canvas to generate. Otherwise the story ends where the template ends: `[eos]` is given
+    after it, and the padding after that too when the data was `padded` (one story per canvas).
+
+    Raises:
+        ValueError: no blank, a non-positive blank length, or a template longer than the canvas.
+    """
+    if BLANK not in template:
+        raise ValueError(f'--template {template!r} has no {BLANK} blank to fill; add one or use --prompt')
+    if blank_length <= 0:
+        raise ValueError(f'--blank_length must be positive, got {blank_length}')
+    ids = StoryTokens.of(tokenizer)
+    pieces = template.split(BLANK)
+    open_end = not pieces[-1].strip()
+    tokens, mask = [ids.bos], [False]
+    for i, piece in enumerate(pieces):
+        encoded = _encode(tokenizer, piece)
+        tokens += encoded
+        mask += [False] * len(encoded)
+        if i < len(pieces) - 1 and not (open_end and i == len(pieces) - 2):
+            tokens += [ids.pad] * blank_length
+            mask += [True] * blank_length
+    if not open_end:
+        tokens.append(ids.eos)
+        mask.append(False)
+    _check_fits(
+        f'--template {template!r} with --blank_length {blank_length}', len(tokens) + open_end, seq_len
+    )
+    rest = seq_len - len(tokens)
+    tokens += [ids.pad] * rest
+    mask += [open_end or not padded] * rest
+    return torch.tensor(tokens), torch.tensor(mask)
