@@ -132,8 +132,12 @@ class _Denoiser:
         return x0_hat
 
     def logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The final pass: logits (B, L, V) at t (conditional; guidance shapes the path only)."""
-        return self._call(x, t, self.mask, expected=False)
+        """The final pass: logits (B, L, V) at t, guided in logit space like x0_hat above."""
+        logits = self._call(x, t, self.mask, expected=False)
+        if self.guided:
+            unconditional = self._call(x, t, self.all_generated, expected=False)
+            logits = unconditional + self.settings.guidance_scale * (logits - unconditional)
+        return logits
 
 
 def decode_samples(tokens: torch.Tensor, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> list[str]:

@@ -41,26 +41,31 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_config(tiny_dataset: Path, tmp_path: Path) -> dict:
-    """yamls/cdcd-tiny.yaml shrunk to a few thousand non-embedding parameters and a few batches."""
-    overrides = [
-        f'variables.data_root={tiny_dataset}',
+def tiny_overrides(dataset: Path, out: Path) -> list[str]:
+    """yamls/cdcd-tiny.yaml shrunk to a few thousand non-embedding parameters and 4 batches."""
+    return [
+        f'variables.data_root={dataset}',
         'max_duration=4ba',
         'global_train_batch_size=8',
         'device_eval_batch_size=16',
         'eval_interval=2ba',
         'eval_subset_num_batches=1',
         'progress_bar=false',
-        f'save_folder={tmp_path}/checkpoints',
+        f'save_folder={out}/checkpoints',
         'save_interval=4ba',
-        f'loggers.file.filename={tmp_path}/logs.txt',
+        f'loggers.file.filename={out}/logs.txt',
         'scheduler.t_warmup=1ba',
-        f'callbacks.export_weights.folder={tmp_path}/export',
+        f'callbacks.time_warp_refit.plot_folder={out}',
+        f'callbacks.export_weights.folder={out}/export',
         'callbacks.training_samples.interval=2ba',
         'callbacks.training_samples.steps=2',
     ] + [f'model.{k}={v}' for k, v in TINY_MODEL.items()]
-    return load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides)
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset: Path, tmp_path: Path) -> dict:
+    """yamls/cdcd-tiny.yaml shrunk (see `tiny_overrides`), writing under tmp_path."""
+    return load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), tiny_overrides(tiny_dataset, tmp_path))
 
 
 @pytest.fixture(autouse=True)

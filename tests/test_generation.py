@@ -1,0 +1,287 @@
+"""Sampler, prompts and infilling, export, trust rules, training samples, metrics, judge, eval.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL
+
+import eval as eval_cli
+import generate
+import train
+from cdcd_composer.checkpoint import load_trained_model, untrusted_reason
+from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
+from cdcd_composer.model import CDCDConfig, CDCDTransformer
+from cdcd_composer.prompting import prompt_canvas, template_canvas
+from cdcd_composer.sampler import SamplerSettings, sample
+from cdcd_composer.tokenization import StoryTokens, load_tokenizer
+
+L = 96
+
+
+@pytest.fixture
+def tokenizer(tiny_dataset):
+    return load_tokenizer(str(tiny_dataset / 'tokenizer'))
+
+
+@pytest.fixture
+def model(tokenizer) -> CDCDTransformer:
+    return CDCDTransformer(CDCDConfig(vocab_size=len(tokenizer), **TINY_MODEL)).eval()
+
+
+def timesteps(n: int) -> torch.Tensor:
+    return torch.logspace(math.log10(20.0), 0.0, n + 1)
+
+
+def count_calls(model: torch.nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_prompt_tokens_stay_fixed_and_seed_decides(model, tokenizer):
+    given, mask = prompt_canvas(tokenizer, L, 'once upon a time , there was a little owl')
+    ids = StoryTokens.of(tokenizer)
+    n_given = int((~mask).sum())
+    assert (
+        given[0] == ids.bos
+        and n_given == 1 + len(tokenizer('once upon a time , there was a little owl')['input_ids']) - 2
+    )
+
+    def run(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return sample(model, timesteps(4), 3, L, given_tokens=given.expand(3, -1),
+                      generate_mask=mask.expand(3, -1), generator=generator)  # fmt: skip
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a[:, :n_given], given[:n_given].expand(3, -1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_template_blanks_are_filled_and_the_rest_kept(model, tokenizer):
+    ids = StoryTokens.of(tokenizer)
+    given, mask = template_canvas(tokenizer, L, 'lily was ___ . she was ___ . the end .', 3, padded=True)
+    words = lambda s: tokenizer(s, add_special_tokens=False)['input_ids']  # noqa: E731
+    expected = [ids.bos, *words('lily was'), *[ids.pad] * 3, *words('. she was'), *[ids.pad] * 3,
+                *words('. the end .'), ids.eos]  # fmt: skip
+    assert given[: len(expected)].tolist() == expected and (given[len(expected) :] == ids.pad).all()
+    blanks = [i for i, v in enumerate(mask.tolist()) if v]
+    assert len(blanks) == 6 and not mask[len(expected) :].any()  # Padded data: the story ends there.
+
+    target = 7  # Bias the head so every generated position becomes token 7.
+    with torch.no_grad():
+        model.head.bias[target] = 100.0
+    out = sample(
+        model, timesteps(3), 2, L, given_tokens=given.expand(2, -1), generate_mask=mask.expand(2, -1)
+    )
+    assert (out[:, blanks] == target).all()
+    assert torch.equal(out[:, ~mask], given[~mask].expand(2, -1))
+
+    open_given, open_mask = template_canvas(tokenizer, L, 'lily was happy . ___', 3, padded=True)
+    n = 1 + len(words('lily was happy .'))
+    assert not open_mask[:n].any() and open_mask[n:].all()  # A trailing blank runs to the end.
+    with pytest.raises(ValueError, match='has no ___ blank'):
+        template_canvas(tokenizer, L, 'no blank here', 3, padded=True)
+    with pytest.raises(ValueError, match='canvas holds 96'):
+        prompt_canvas(tokenizer, L, 'lily ' * 200)
+
+
+@pytest.mark.parametrize(
+    ('settings', 'prompted', 'calls'),
+    [
+        (SamplerSettings(), True, 5 + 1),  # one call per step, plus the final argmax pass
+        (SamplerSettings(guidance_scale=1.0), False, 5 + 1),
+        (SamplerSettings(guidance_scale=2.0), False, 5 + 1),  # nothing given: no unconditional pass
+        (SamplerSettings(guidance_scale=2.0), True, 2 * (5 + 1)),
+        (SamplerSettings(heun=True), False, 2 * 4 + 1 + 1),  # the last step stays Euler
+    ],
+)
+def test_model_calls_per_step(model, tokenizer, settings, prompted, calls):
+    calls_seen = count_calls(model)
+    given, mask = prompt_canvas(tokenizer, L, 'lily was') if prompted else (None, None)
+    kwargs = {'given_tokens': given.expand(2, -1), 'generate_mask': mask.expand(2, -1)} if prompted else {}
+    sample(model, timesteps(5), 2, L, settings, **kwargs)
+    assert len(calls_seen) == calls
+
+
+def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer):
+    """With g = 0 the guided path and final pass are unconditional: given tokens stop mattering."""
+    given, mask = prompt_canvas(tokenizer, L, 'lily was happy')
+    other, _ = prompt_canvas(tokenizer, L, 'tom was sad')
+    run = lambda g, tokens: sample(model, timesteps(3), 1, L, SamplerSettings(guidance_scale=g),  # noqa: E731
+                                   given_tokens=tokens[None], generate_mask=mask[None],
+                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.equal(run(0.0, given)[:, mask], run(0.0, other)[:, mask])
+    with pytest.raises(ValueError, match='score temperature'):
+        SamplerSettings(score_temperature=0.0)
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, tiny_dataset) -> Path:
+    """cdcd-tiny shrunk, 4 batches, with its checkpoint and end-of-training export."""
+    from conftest import tiny_overrides
+
+    from cdcd_composer.config import load_config
+
+    out = tmp_path_factory.mktemp('run')
+    cfg = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), tiny_overrides(tiny_dataset, out))
+    train.main(cfg)
+    return out
+
+
+def test_export_round_trip_and_generate_from_it(trained_run, tmp_path, capsys):
+    checkpoint, export = trained_run / 'checkpoints' / 'latest-rank0.pt', trained_run / 'export'
+    assert sorted(os.listdir(export)) == ['cdcd_config.json', 'model.safetensors', 'tokenizer']
+    from_pickle, from_export = load_trained_model(str(checkpoint)), load_trained_model(str(export))
+    for name, value in from_pickle.model.state_dict().items():
+        assert torch.equal(value, from_export.model.state_dict()[name]), name
+    assert from_export.fitted_warp and from_pickle.fitted_warp
+    grid = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(
+        from_pickle.time_distribution.inverse_cdf(grid), from_export.time_distribution.inverse_cdf(grid)
+    )
+    assert from_export.metadata == from_pickle.metadata
+
+    # The CLI export of the pickle equals the one written at the end of training.
+    cmd = [sys.executable, '-m', 'cdcd_composer.export', str(checkpoint), str(tmp_path / 'again')]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    again = load_trained_model(str(tmp_path / 'again'))
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in from_export.model.state_dict().items())
+
+    out = tmp_path / 'samples.jsonl'
+    argv = [
+        str(export),
+        '--prompt',
+        'once upon a time',
+        '--num_samples',
+        '2',
+        '--steps',
+        '3',
+        '--out',
+        str(out),
+    ]
+    assert generate.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r['text'].startswith('once upon a time') for r in rows)
+    assert (
+        generate.main([str(export), '--template', 'lily was ___ .', '--num_samples', '1', '--steps', '2'])
+        == 0
+    )
+    assert generate.main([str(export), '--template', 'no blank', '--steps', '2']) == 2
+    assert 'has no ___ blank' in capsys.readouterr().err
+
+
+def test_untrusted_pickles_are_refused(trained_run, capsys):
+    checkpoint = trained_run / 'checkpoints' / 'latest-rank0.pt'
+    assert untrusted_reason(str(checkpoint)) is None
+    assert untrusted_reason('s3://bucket/run/latest-rank0.pt') == 'it comes from an object store'
+    mode = checkpoint.stat().st_mode
+    checkpoint.chmod(mode | 0o002)
+    try:
+        with pytest.raises(
+            ValueError, match='refusing to unpickle .* others can write to it.*--trust_checkpoint'
+        ):
+            load_trained_model(str(checkpoint))
+        assert generate.main([str(checkpoint), '--steps', '2', '--num_samples', '1']) == 2
+        assert 'refusing to unpickle' in capsys.readouterr().err
+        assert (
+            generate.main([str(checkpoint), '--steps', '2', '--num_samples', '1', '--trust_checkpoint']) == 0
+        )
+    finally:
+        checkpoint.chmod(mode)
+
+
+def test_training_samples_are_logged_with_their_cost(trained_run):
+    log = (trained_run / 'logs.txt').read_text()
+    assert 'samples/seconds' in log and 'samples/fraction_of_training' in log
+    assert 'once upon a time' in log  # The prompted half of the table.
+
+
+def test_diversity_metrics_against_hand_computed_values():
+    seqs = [[1, 1, 2, 2], [3, 3, 3, 3]]
+    pooled, per_seq = unigram_entropy(seqs)
+    p = [2 / 8, 2 / 8, 4 / 8]
+    assert pooled == pytest.approx(-sum(x * math.log(x) for x in p))
+    assert per_seq == pytest.approx((math.log(2) + 0.0) / 2)
+    assert distinct_n(seqs, 1) == pytest.approx(3 / 8)
+    assert distinct_n(seqs, 2) == pytest.approx(4 / 6)  # (1,1) (1,2) (2,2) (3,3)x3
+    assert repetition_rate([[1, 2, 3, 4, 1, 2, 3, 4]], 4) == pytest.approx(1 - 4 / 5)
+    assert repetition_rate([[5, 6]], 4) == 0.0  # too short to count
+    d = diversity(seqs)
+    assert set(d) == {
+        'entropy_pooled',
+        'entropy_per_seq',
+        'distinct_1',
+        'distinct_2',
+        'distinct_3',
+        'repetition_4',
+    }
+
+
+@pytest.fixture(scope='module')
+def tiny_judge_dir(tmp_path_factory) -> Path:
+    """A randomly initialised GPT-2 with a word-level tokenizer, saved like a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = '<|endoftext|> once upon a time lily was happy sad . , tom the owl'.split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='<|endoftext|>'))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token='<|endoftext|>', eos_token='<|endoftext|>'
+    )
+    torch.manual_seed(0)
+    judge = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(words), n_positions=256, n_embd=16, n_layer=1, n_head=2)
+    )
+    out = tmp_path_factory.mktemp('judge')
+    judge.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_judge_nll_matches_a_manual_computation(tiny_judge_dir):
+    judge = Judge(str(tiny_judge_dir))
+    texts = ['lily was happy .', 'tom was sad , the owl was happy .']
+    score = judge.score(texts)
+    manual, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([[0, *judge.tokenizer(text)['input_ids']]])  # 0: the start token
+        with torch.no_grad():
+            logits = judge.model(ids).logits
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction='sum')
+        manual, count = manual + float(nll), count + ids.shape[1] - 1
+    assert score.tokens == count == 4 + 9
+    assert score.nll == pytest.approx(manual / count, rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(manual / count), rel=1e-5)
+    # With prompts, only the tokens after them count.
+    assert judge.score(texts, ['lily was', 'tom was sad ,']).tokens == 2 + 5
+
+
+def test_eval_cli_reports_samples_next_to_the_data(
+    trained_run, tiny_dataset, tiny_judge_dir, tmp_path, capsys
+):
+    out = tmp_path / 'report.json'
+    argv = [str(trained_run / 'export'), '--data_root', str(tiny_dataset), '--num_samples', '4',
+            '--steps', '2', '3', '--tau', '1.0', '0.9', '--judge', str(tiny_judge_dir), '--batch_size', '4',
+            '--out', str(out)]  # fmt: skip
+    assert eval_cli.main(argv) == 0
+    report = json.loads(out.read_text())
+    kinds = [(r['kind'], r.get('steps'), r.get('tau')) for r in report['rows']]
+    assert kinds[:2] == [('data', None, None), ('data (second half | first)', None, None)]
+    assert len(kinds) == 2 + 2 * 2 * 2
+    for row in report['rows']:
+        if not math.isnan(row['judge_nll']):  # NaN only when a barely trained model wrote nothing.
+            assert row['judge_ppl'] == pytest.approx(math.exp(row['judge_nll']))
+        assert 0 <= row['recognised'] <= 1 and row['entropy_pooled'] >= 0
+    assert all(not math.isnan(row['judge_nll']) for row in report['rows'][:2])
+    assert report['rows'][0]['recognised'] > 0.9  # Real synthetic stories parse (bar tokenizer UNKs).
+    assert set(report['cross_entropy_vs_t']) == {'1.0', '3.0', '10.0', '20.0'}
+    assert '| data |' in capsys.readouterr().out
