@@ -151,7 +151,12 @@ class DatasetRoot:
             os.rename(staging, self.join(rel))
             return
         self.remove(rel)
-        for name in sorted(os.listdir(staging), key=lambda n: n == MANIFEST_FILE):
+        files = [
+            os.path.relpath(os.path.join(folder, name), staging)
+            for folder, _, names in os.walk(staging)
+            for name in names
+        ]
+        for name in sorted(files, key=lambda n: n == MANIFEST_FILE):  # The marker goes last.
             self.upload(os.path.join(staging, name), f'{rel}/{name}')
 
     def fetch_directory(self, rel: str, local_dir: str) -> str:
