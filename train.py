@@ -13,7 +13,7 @@ from composer import DataSpec, Evaluator, Trainer
 from composer.utils import dist, get_device, reproducibility
 
 from cdcd_composer import registry
-from cdcd_composer.callbacks import RunMetadata
+from cdcd_composer.callbacks import BatchNoiseSeed, RunMetadata
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import TrainConfig, load_config, parse_config
 from cdcd_composer.data import (
@@ -107,7 +107,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         'tokenizer': tokenizer_to_json(tokenizer),
     }
     callbacks = [registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()]
-    callbacks.append(RunMetadata(metadata))
+    callbacks += [RunMetadata(metadata), BatchNoiseSeed()]
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
     return Trainer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -77,6 +78,10 @@ class CDCDComposerModel(ComposerModel):
         # Extra no-grad forward passes per training step, as a fraction of the batch; set by the
         # SelfConditioning algorithm so `flops_per_batch` counts them.
         self.extra_forward_fraction = 0.0
+        # Set per batch by the `BatchNoiseSeed` callback: the corruption of every microbatch is
+        # then a function of (seed, rank, batch, draw), so a resumed run redraws it exactly.
+        self.noise_seed: str | None = None
+        self._draws = 0
         self.config = model if isinstance(model, CDCDConfig) else CDCDConfig(**model)
         self.model = CDCDTransformer(self.config)
         # Replaced by a fitted time warp when that callback is enabled; same interface.
@@ -91,6 +96,18 @@ class CDCDComposerModel(ComposerModel):
                 self.eval_metrics[key] = MaskedMean(key)
 
     # -- the forward process and loss --------------------------------------------------------
+    def begin_batch(self, noise_seed: str) -> None:
+        """Seeds the corruption draws of the coming batch (see `BatchNoiseSeed`)."""
+        self.noise_seed, self._draws = noise_seed, 0
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator for the next draw of this batch, or None (global RNG) when unseeded."""
+        if self.noise_seed is None:
+            return None
+        self._draws += 1
+        key = zlib.crc32(f'{self.noise_seed}/{self._draws}'.encode())
+        return torch.Generator(device=device).manual_seed(key)
+
     def corrupt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fills in t, noise, generate_mask and self_cond where the batch lacks them.
 
@@ -100,13 +117,16 @@ class CDCDComposerModel(ComposerModel):
         tokens = batch['tokens']
         batch_size, length = tokens.shape
         out = dict(batch)
+        draws = 't' not in out or 'noise' not in out or 'generate_mask' not in out
+        generator = self._generator(tokens.device) if draws else None
         if 't' not in out:
-            out['t'] = self.time_distribution.sample_t(batch_size, tokens.device)
+            out['t'] = self.time_distribution.sample_t(batch_size, tokens.device, generator)
         if 'noise' not in out:
-            out['noise'] = torch.randn(batch_size, length, self.config.d_embed, device=tokens.device)
+            shape = (batch_size, length, self.config.d_embed)
+            out['noise'] = torch.randn(*shape, device=tokens.device, generator=generator)
         if 'generate_mask' not in out:
             if self.masking is not None and self.training:
-                out['generate_mask'] = sample_generate_mask(tokens, self.pad_id, self.masking)
+                out['generate_mask'] = sample_generate_mask(tokens, self.pad_id, self.masking, generator)
             else:
                 out['generate_mask'] = torch.ones_like(tokens, dtype=torch.bool)
         if 'self_cond' not in out:

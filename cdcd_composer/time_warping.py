@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 WARP_SHAPES = ('piecewise', 'cauchy')
 
 
-def low_discrepancy_uniform(n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+def low_discrepancy_uniform(
+    n: int, device: torch.device | str = 'cpu', generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Stratified u in [0, 1): u_b = (b + U) / n mod 1 with one U ~ U[0, 1) per call. Returns (n,)."""
-    offset = torch.rand((), device=device)
+    offset = torch.rand((), device=device, generator=generator)
     return torch.remainder((torch.arange(n, device=device) + offset) / n, 1.0)
 
 
@@ -139,9 +141,11 @@ class TimeWarp:
         k = self._bin(self._unit(t.detach().cpu()))
         return (self.masses[k] * self.n_bins / (self.t_max - self.t_min)).to(t.device)
 
-    def sample_t(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+    def sample_t(
+        self, n: int, device: torch.device | str = 'cpu', generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Draws t = F^-1(u) with low-discrepancy u (one shared offset). Returns (n,) float32."""
-        return self.inverse_cdf(low_discrepancy_uniform(n, device))
+        return self.inverse_cdf(low_discrepancy_uniform(n, device, generator))
 
     def sampling_timesteps(self, n_steps: int) -> torch.Tensor:
         """n_steps + 1 decreasing times: u evenly spaced from 1 to 0, t_i = F^-1(u_i) (§6.1)."""
