@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 from composer import DataSpec, Evaluator, Trainer
-from composer.utils import dist, get_device, reproducibility
+from composer.loggers import RemoteUploaderDownloader
+from composer.utils import dist, get_device, parse_uri, reproducibility
 
 from cdcd_composer import registry
 from cdcd_composer.callbacks import BatchNoiseSeed, RunMetadata
@@ -23,6 +24,7 @@ from cdcd_composer.data import (
     clean_shared_memory,
     fetch_dataset_files,
 )
+from cdcd_composer.dataset_store import DatasetRoot, is_remote
 from cdcd_composer.tokenization import load_tokenizer, tokenizer_to_json
 
 log = logging.getLogger('train')
@@ -34,6 +36,7 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     check_split(cfg.data.root, cfg.data.train_split)
     check_split(cfg.data.root, cfg.data.eval_split)
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
+    check_object_stores(cfg)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != meta.vocab_size:
         raise ValueError(
             f'model.vocab_size={cfg.model.vocab_size} does not match the dataset vocabulary '
@@ -45,6 +48,20 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
             f'set data.seq_len={meta.seq_len} or convert the data again with --seq_len {cfg.data.seq_len}'
         )
     return meta
+
+
+def check_object_stores(cfg: TrainConfig) -> None:
+    """The checkpoint bucket and a remote load_path are reachable, before anything is built.
+
+    Raises:
+        ValueError: one line naming the URI.
+    """
+    if cfg.save_folder is not None and is_remote(cfg.save_folder):
+        folder = cfg.save_folder.format(run_name=cfg.run_name or 'run')
+        DatasetRoot(folder.split('{')[0])  # Raises StoreError naming the URI when unreachable.
+    if cfg.load_path is not None and is_remote(cfg.load_path):
+        if not DatasetRoot(cfg.load_path.rsplit('/', 1)[0]).exists(cfg.load_path.rsplit('/', 1)[1]):
+            raise ValueError(f'load_path {cfg.load_path} not found: check the URI')
 
 
 def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
@@ -96,6 +113,10 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     )
     algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
+    if cfg.save_folder is not None and is_remote(cfg.save_folder):
+        # Composer would create this uploader itself, with 3 attempts; an outage needs more.
+        backend, bucket, _ = parse_uri(cfg.save_folder)
+        loggers.append(RemoteUploaderDownloader(f'{backend}://{bucket}', num_attempts=cfg.upload_attempts))
     tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
     self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
     metadata = {

@@ -3,11 +3,18 @@ run ends (per-batch losses after the resume point, weights, optimizer state, tim
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from composer.core import Callback
+from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
 
 import train
 from cdcd_composer.callbacks import TimeWarpRefit
@@ -76,3 +83,106 @@ def test_interrupted_mid_epoch_run_resumes_bit_for_bit(tiny_config, tmp_path):
     assert warp_a.fit_count == warp_b.fit_count > 0
     for key, value in warp_a.warp.state_dict().items():
         assert torch.equal(value, warp_b.warp.state_dict()[key]), key
+
+
+def s3_run_command(
+    driver_args: list[str], tiny_dataset: Path, folder: Path, bucket: str, name: str
+) -> list[str]:
+    """The training command of the kill-and-resume tests (identical for every attempt)."""
+    overrides = [
+        *tiny_overrides(tiny_dataset, folder),
+        f'run_name={name}', 'autoresume=true', f'save_folder=s3://{bucket}/runs/{{run_name}}/checkpoints',
+        'save_interval=5ba', 'save_num_checkpoints_to_keep=-1', 'max_duration=30ba', 'eval_interval=10ba',
+        *[f'masking.{k}={v}' for k, v in MASKING.items()],
+        *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
+    ]  # fmt: skip
+    return [*driver_args, str(REPO / 'yamls' / 'cdcd-tiny.yaml'), *overrides]
+
+
+def read_losses(path: Path) -> list[tuple[int, str]]:
+    return [(int(b), x) for b, x in (line.split() for line in path.read_text().splitlines())]
+
+
+def s3_keys(bucket: str, prefix: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT_URL'])
+    return [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get('Contents', [])]
+
+
+def kill_after_upload(cmd: list[str], bucket: str, marker: str, env: dict) -> None:
+    """Starts `cmd` in its own process group and SIGKILLs the group once `marker` is in the bucket."""
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not any(marker in k for k in s3_keys(bucket, 'runs/')):
+        assert proc.poll() is None, (
+            f'the run ended before its checkpoint appeared: {proc.stderr.read()[-2000:]}'
+        )
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize('strategy', ['single', 'fsdp2'])
+def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_dataset, tmp_path, s3_env):
+    bucket = s3_env()
+    driver = str(REPO / 'tests' / 'loss_recording_driver.py')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if strategy == 'single':
+        launcher = [sys.executable, driver]
+    else:
+        env['FSDP_VERSION'] = '2'
+        launcher = [str(Path(sys.executable).parent / 'composer'), '-n', '2', driver]
+
+    def command(name: str) -> list[str]:
+        losses = str(tmp_path / f'{name}-{{rank}}.txt')
+        cmd = s3_run_command([*launcher, losses], tiny_dataset, tmp_path / name, bucket, name)
+        if strategy == 'fsdp2':
+            cmd += ['parallelism_config.fsdp.state_dict_type=sharded', 'global_train_batch_size=16']
+        return cmd
+
+    subprocess.run(command('straight'), env=env, check=True, capture_output=True)
+    slow = dict(env, BATCH_SLEEP_SECONDS='1', BATCH_SLEEP_AFTER='10')  # Time for the upload, then the kill.
+    kill_after_upload(command('killed'), bucket, 'killed/checkpoints/latest-rank0.pt.symlink', slow)
+    ranks = (0,) if strategy == 'single' else (0, 1)
+    before = {r: read_losses(tmp_path / f'killed-{r}.txt') for r in ranks}
+    assert all(0 < len(b) < 30 for b in before.values())
+    subprocess.run(command('killed'), env=env, check=True, capture_output=True)  # The same command again.
+
+    for rank in ranks:
+        straight = dict(read_losses(tmp_path / f'straight-{rank}.txt'))
+        after = read_losses(tmp_path / f'killed-{rank}.txt')[len(before[rank]) :]
+        resumed_from = after[0][0] - 1
+        assert resumed_from in (10, 15, 20, 25) and [b for b, _ in after] == list(range(resumed_from + 1, 31))
+        assert all(loss == straight[b] for b, loss in after), rank  # Bit-for-bit (hex floats).
+    exports = [
+        load_file(str(tmp_path / name / 'export' / 'model.safetensors')) for name in ('straight', 'killed')
+    ]
+    assert exports[0].keys() == exports[1].keys()
+    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])  # Weights and warp curve.
+    if strategy == 'single':
+        ckpts = [get_checkpoint(bucket, name, tmp_path) for name in ('straight', 'killed')]
+        opt_a, opt_b = (_flatten(c['state']['optimizers']) for c in ckpts)
+        assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+        refit = [c['state']['callbacks']['TimeWarpRefit'] for c in ckpts]
+        assert refit[0]['fit_count'] == refit[1]['fit_count']
+        assert torch.equal(refit[0]['buffer'].nan_to_num(-7.0), refit[1]['buffer'].nan_to_num(-7.0))
+
+
+def get_checkpoint(bucket: str, name: str, tmp_path: Path) -> dict:
+    from composer.utils import get_file
+
+    local = tmp_path / f'{name}-final.pt'
+    get_file(f's3://{bucket}/runs/{name}/checkpoints/ep0-ba30-rank0.pt', str(local))
+    return torch.load(local, weights_only=False)
+
+
+def _flatten(tree, prefix: str = '') -> dict[str, torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}/{key}').items()}
+    return {}
