@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
+import re
 import sys
 from typing import Any
 
@@ -37,6 +39,7 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     check_split(cfg.data.root, cfg.data.eval_split)
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
     check_object_stores(cfg)
+    check_autoresume(cfg)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != meta.vocab_size:
         raise ValueError(
             f'model.vocab_size={cfg.model.vocab_size} does not match the dataset vocabulary '
@@ -48,6 +51,48 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
             f'set data.seq_len={meta.seq_len} or convert the data again with --seq_len {cfg.data.seq_len}'
         )
     return meta
+
+
+CHECKPOINT_NAME = re.compile(r'ep(\d+)-ba(\d+)-rank0\.pt$|ep(\d+)-ba(\d+)$')
+
+
+def checkpoints_in(folder: str) -> list[str]:
+    """Checkpoint names in a save folder (local or remote), oldest first by batch."""
+    names = [n for n in DatasetRoot(folder).list_names() if CHECKPOINT_NAME.match(n)]
+    return sorted(names, key=lambda n: int(re.search(r'ba(\d+)', n).group(1)))
+
+
+def check_autoresume(cfg: TrainConfig) -> None:
+    """Refuses to start afresh over existing checkpoints that autoresume cannot find.
+
+    Composer resumes from the `latest-rank0.pt` pointer; a run killed between uploading a
+    checkpoint and its pointer leaves checkpoints without one, and would silently start again.
+
+    Raises:
+        ValueError: one line naming the newest checkpoint and how to resume from it.
+    """
+    if not cfg.autoresume or cfg.save_folder is None:
+        return
+    folder = cfg.save_folder.format(run_name=cfg.run_name)
+    names = DatasetRoot(folder).list_names()
+    found = checkpoints_in(folder)
+    if found and not any(n.startswith('latest-rank0.pt') for n in names):
+        raise ValueError(
+            f'{folder} holds checkpoints (newest {found[-1]}) but no latest-rank0.pt pointer, so autoresume '
+            f'would start from scratch: set load_path={folder}/{found[-1]} to resume from it'
+        )
+
+
+def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
+    """The one-line error for a checkpoint that cannot be loaded, naming the way out."""
+    folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
+    older = checkpoints_in(folder)[:-1] if folder else []
+    way_out = f'set load_path={folder}/{older[-1]} to resume from the one before' if older else 'start afresh'
+    return ValueError(
+        f'cannot load the checkpoint to resume from ({type(error).__name__}: '
+        f'{str(error).splitlines()[0][:120] if str(error) else ""}); it is damaged: delete it and its '
+        f'latest-rank0.pt pointer, or {way_out}'
+    )
 
 
 def check_object_stores(cfg: TrainConfig) -> None:
@@ -131,40 +176,45 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     callbacks += [RunMetadata(metadata), BatchNoiseSeed()]
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
-    return Trainer(
-        run_name=cfg.run_name,
-        model=model,
-        # SpeedMonitor counts tokens through the DataSpec (our batches have no `input_ids`).
-        train_dataloader=DataSpec(
-            train_loader, get_num_tokens_in_batch=lambda batch: batch['tokens'].numel()
-        ),
-        eval_dataloader=evaluator,
-        eval_interval=cfg.eval_interval,
-        eval_subset_num_batches=cfg.eval_subset_num_batches,
-        max_duration=cfg.max_duration,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        algorithms=algorithms,
-        callbacks=callbacks,
-        loggers=loggers,
-        precision=precision,
-        device=cfg.device,
-        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device,
-        progress_bar=cfg.progress_bar,
-        log_to_console=cfg.log_to_console,
-        console_log_interval=cfg.console_log_interval,
-        save_folder=cfg.save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        load_weights_only=cfg.load_weights_only,
-        parallelism_config=cfg.parallelism_config,
-        compile_config=cfg.compile_config,
-        seed=cfg.seed,
-        dist_timeout=cfg.dist_timeout,
-    )
+    try:
+        return Trainer(
+            run_name=cfg.run_name,
+            model=model,
+            # SpeedMonitor counts tokens through the DataSpec (our batches have no `input_ids`).
+            train_dataloader=DataSpec(
+                train_loader, get_num_tokens_in_batch=lambda batch: batch['tokens'].numel()
+            ),
+            eval_dataloader=evaluator,
+            eval_interval=cfg.eval_interval,
+            eval_subset_num_batches=cfg.eval_subset_num_batches,
+            max_duration=cfg.max_duration,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            algorithms=algorithms,
+            callbacks=callbacks,
+            loggers=loggers,
+            precision=precision,
+            device=cfg.device,
+            device_train_microbatch_size=cfg.device_train_microbatch_size or per_device,
+            progress_bar=cfg.progress_bar,
+            log_to_console=cfg.log_to_console,
+            console_log_interval=cfg.console_log_interval,
+            save_folder=cfg.save_folder,
+            save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+            save_overwrite=cfg.save_overwrite,
+            autoresume=cfg.autoresume,
+            load_path=cfg.load_path,
+            load_weights_only=cfg.load_weights_only,
+            parallelism_config=cfg.parallelism_config,
+            compile_config=cfg.compile_config,
+            seed=cfg.seed,
+            dist_timeout=cfg.dist_timeout,
+        )
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        if not (cfg.autoresume or cfg.load_path):
+            raise
+        raise unloadable_checkpoint(cfg, e) from e
 
 
 def main(
@@ -205,7 +255,11 @@ def cli(argv: list[str]) -> None:
         meta = validate(cfg)
     except ValueError as e:
         sys.exit(f'config error: {e}')
-    run(cfg, meta)
+    try:
+        trainer = run(cfg, meta, do_train=False)
+    except ValueError as e:  # e.g. a damaged checkpoint to resume from
+        sys.exit(f'error: {e}')
+    trainer.fit()
 
 
 if __name__ == '__main__':

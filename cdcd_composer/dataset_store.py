@@ -86,6 +86,13 @@ class DatasetRoot:
             with open(local) as f:
                 return json.load(f)
 
+    def list_names(self) -> list[str]:
+        """Names of the files directly under the root ([] when it does not exist)."""
+        if self.store is None:
+            return sorted(os.listdir(self.uri)) if os.path.isdir(self.uri) else []
+        prefix = f'{self.prefix}/' if self.prefix else ''
+        return sorted({key[len(prefix) :].split('/')[0] for key in self.store.list_objects(prefix)})
+
     def exists(self, rel: str) -> bool:
         """Whether a file (or, locally, a directory) exists at `rel`."""
         if self.store is None:

@@ -186,3 +186,22 @@ def _flatten(tree, prefix: str = '') -> dict[str, torch.Tensor]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}/{key}').items()}
     return {}
+
+
+def test_damaged_or_unpointed_checkpoints_stop_with_a_way_out(tiny_config, tmp_path):
+    cfg = dict(resumable_config(tiny_config, tmp_path, 'damaged'), max_duration='8ba', eval_interval='8ba')
+    train.main(cfg)
+    folder = tmp_path / 'ckpt'
+    good, latest = folder / 'ep0-ba4-rank0.pt', folder / 'ep0-ba8-rank0.pt'
+    good_bytes = good.read_bytes()
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])  # A truncated upload.
+    longer = dict(cfg, max_duration='12ba')
+    with pytest.raises(
+        ValueError, match=rf'damaged: delete it .* or set load_path={folder}/ep0-ba4-rank0.pt'
+    ):
+        train.main(longer)
+    assert good.read_bytes() == good_bytes
+    (folder / 'latest-rank0.pt').unlink()  # Killed between the checkpoint and its pointer.
+    with pytest.raises(ValueError, match=rf'no latest-rank0.pt pointer.*load_path={folder}/ep0-ba8-rank0.pt'):
+        train.main(longer)
+    assert sorted(p.name for p in folder.iterdir()) == ['ep0-ba4-rank0.pt', 'ep0-ba8-rank0.pt']
