@@ -95,6 +95,21 @@ def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
     )
 
 
+def checkpoint_uploader(save_folder: str, attempts: int) -> RemoteUploaderDownloader:
+    """The uploader Composer would create for `save_folder`, made to outlast an outage.
+
+    Composer retries only errors its object store marks transient; boto3's own retries handle
+    S3 (3 attempts by default), so S3 gets `attempts` boto3 retries in 'standard' mode
+    (exponential backoff up to 20 s each: 8 attempts ride out about a minute).
+    """
+    backend, bucket, _ = parse_uri(save_folder)
+    kwargs = {}
+    if backend == 's3':
+        retries = {'mode': 'standard', 'max_attempts': attempts}
+        kwargs['backend_kwargs'] = {'bucket': bucket, 'client_config': {'retries': retries}}
+    return RemoteUploaderDownloader(f'{backend}://{bucket}', num_attempts=attempts, **kwargs)
+
+
 def check_object_stores(cfg: TrainConfig) -> None:
     """The checkpoint bucket and a remote load_path are reachable, before anything is built.
 
@@ -159,9 +174,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
     if cfg.save_folder is not None and is_remote(cfg.save_folder):
-        # Composer would create this uploader itself, with 3 attempts; an outage needs more.
-        backend, bucket, _ = parse_uri(cfg.save_folder)
-        loggers.append(RemoteUploaderDownloader(f'{backend}://{bucket}', num_attempts=cfg.upload_attempts))
+        loggers.append(checkpoint_uploader(cfg.save_folder, cfg.upload_attempts))
     tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
     self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
     metadata = {

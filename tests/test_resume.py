@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 import torch
 from composer.core import Callback
 from conftest import REPO, tiny_overrides
+from s3_server import free_port
 from safetensors.torch import load_file
 
 import train
@@ -205,3 +207,59 @@ def test_damaged_or_unpointed_checkpoints_stop_with_a_way_out(tiny_config, tmp_p
     with pytest.raises(ValueError, match=rf'no latest-rank0.pt pointer.*load_path={folder}/ep0-ba8-rank0.pt'):
         train.main(longer)
     assert sorted(p.name for p in folder.iterdir()) == ['ep0-ba4-rank0.pt', 'ep0-ba8-rank0.pt']
+
+
+def start_proxy(port: int, target: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'tcp_proxy.py'), str(port), str(target)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError('the TCP proxy did not start')
+
+
+def test_checkpoint_uploads_survive_a_ten_second_outage(tiny_dataset, tmp_path, s3_endpoint, s3_env):
+    bucket = s3_env()
+    port, target = free_port(), int(s3_endpoint.rsplit(':', 1)[1])
+    proxy = start_proxy(port, target)
+    losses = tmp_path / 'outage-0.txt'
+    driver = [
+        sys.executable,
+        str(REPO / 'tests' / 'loss_recording_driver.py'),
+        str(losses).replace('-0', '-{rank}'),
+    ]
+    cmd = s3_run_command(driver, tiny_dataset, tmp_path / 'outage', bucket, 'outage')
+    env = dict(
+        os.environ, OMP_NUM_THREADS='1', S3_ENDPOINT_URL=f'http://127.0.0.1:{port}', BATCH_SLEEP_SECONDS='0.5'
+    )
+    run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not losses.exists() or len(losses.read_text().splitlines()) < 4:
+            assert run.poll() is None, run.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proxy.kill()  # The store goes away while the checkpoints of batches 5, 10, ... are due.
+        proxy.wait()
+        time.sleep(10)
+        proxy = start_proxy(port, target)
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-2000:]
+    finally:
+        run.kill()
+        proxy.kill()
+    keys = {k.rsplit('/', 1)[-1] for k in s3_keys(bucket, 'runs/outage/checkpoints/')}
+    assert {f'ep0-ba{b}-rank0.pt' for b in range(5, 31, 5)} | {'latest-rank0.pt.symlink'} <= keys
+    checkpoint = get_checkpoint(bucket, 'outage', tmp_path)
+    assert checkpoint['state']['timestamp']['Timestamp']['batch'] == 30
+
+
+def test_unreachable_bucket_is_named_before_training(tiny_config, tmp_path, s3_env):
+    from cdcd_composer.config import parse_config
+
+    cfg = dict(tiny_config, save_folder='s3://no-such-bucket/runs/{run_name}/checkpoints')
+    with pytest.raises(
+        ValueError, match='cannot reach s3://no-such-bucket/runs/cdcd-tiny/checkpoints: NoSuchBucket'
+    ):
+        train.validate(parse_config(cfg))
