@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -216,13 +217,18 @@ class TimeWarpRefit(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Curve, buffer and counters; tensors have fixed shapes."""
         warp = self.warp.state_dict() if self.warp is not None else self._loaded_warp
+        if warp is None:
+            # Before FIT_START (e.g. while a sharded checkpoint is being loaded into this very
+            # structure) a uniform curve of the right shape stands in: every key is always there.
+            warp = TimeWarp(**self.warp_kwargs).state_dict()
         return {
             'warp': warp,
             'warp_kwargs': dict(self.warp_kwargs),
             'buffer': self.buffer.clone(),
             'n_seen': self.n_seen,
             'fit_count': self.fit_count,
-            'history': list(self.history),
+            # One JSON string, not a list: sharded (DCP) checkpoints need the same keys every time.
+            'history': json.dumps(self.history),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -235,7 +241,8 @@ class TimeWarpRefit(Callback):
         self.buffer = state['buffer'].double().clone()
         self.n_seen = int(state['n_seen'])
         self.fit_count = int(state['fit_count'])
-        self.history = list(state['history'])
+        history = state['history']
+        self.history = json.loads(history) if isinstance(history, str) else list(history)
         if state['warp'] is not None:
             if self.warp is not None:
                 self.warp.load_state_dict(state['warp'])

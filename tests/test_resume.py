@@ -137,7 +137,8 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
         launcher = [sys.executable, driver]
     else:
         env['FSDP_VERSION'] = '2'
-        launcher = [str(Path(sys.executable).parent / 'composer'), '-n', '2', driver]
+        composer = str(Path(sys.executable).parent / 'composer')
+        launcher = [composer, '-n', '2', '--stderr', str(tmp_path / 'err{rank}.txt'), driver]
 
     def command(name: str) -> list[str]:
         losses = str(tmp_path / f'{name}-{{rank}}.txt')
@@ -146,13 +147,18 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
             cmd += ['parallelism_config.fsdp.state_dict_type=sharded', 'global_train_batch_size=16']
         return cmd
 
-    subprocess.run(command('straight'), env=env, check=True, capture_output=True)
+    def run(name: str) -> None:
+        proc = subprocess.run(command(name), env=env, capture_output=True, text=True)
+        ranks = ''.join(p.read_text()[-1500:] for p in tmp_path.glob('err*.txt'))
+        assert proc.returncode == 0, proc.stderr[-1500:] + ranks
+
+    run('straight')
     slow = dict(env, BATCH_SLEEP_SECONDS='1', BATCH_SLEEP_AFTER='10')  # Time for the upload, then the kill.
     kill_after_upload(command('killed'), bucket, 'killed/checkpoints/latest-rank0.pt.symlink', slow)
     ranks = (0,) if strategy == 'single' else (0, 1)
     before = {r: read_losses(tmp_path / f'killed-{r}.txt') for r in ranks}
     assert all(0 < len(b) < 30 for b in before.values())
-    subprocess.run(command('killed'), env=env, check=True, capture_output=True)  # The same command again.
+    run('killed')  # The same command again.
 
     for rank in ranks:
         straight = dict(read_losses(tmp_path / f'straight-{rank}.txt'))

@@ -1,3 +1,4 @@
+import json
 import textwrap
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
     restored = refit_callback(resumed)
     assert same(restored.buffer, saved['buffer'])
     assert (restored.n_seen, restored.fit_count, restored.history) == (
-        saved['n_seen'], saved['fit_count'], saved['history'])  # fmt: skip
+        saved['n_seen'], saved['fit_count'], json.loads(saved['history']))  # fmt: skip
     capture = CaptureCurve()
     resumed.state.callbacks.append(capture)
     resumed.fit()
