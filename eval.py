@@ -104,7 +104,7 @@ def evaluate(
         'cross_entropy_vs_t': {str(t): ce for t, ce in curve.items()},
         'rows': [
             {'kind': 'data', **measure(real, trained, judge)},
-            {'kind': 'data (second half | first)', **measure(real, trained, judge, prompts)},
+            {'kind': 'data (2nd half given 1st)', **measure(real, trained, judge, prompts)},
         ],
     }
     for n_steps in steps:

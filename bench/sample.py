@@ -35,17 +35,23 @@ def build(config: str, vocab_size: int) -> CDCDTransformer:
     return CDCDTransformer(CDCDConfig(**model)).eval()
 
 
-def seconds(model: CDCDTransformer, steps: int, settings: SamplerSettings, batch: int, seq_len: int) -> float:
-    """Wall seconds of one prompted sampling call (after a 2-step warm-up)."""
+def seconds(
+    model: CDCDTransformer, steps: int, settings: SamplerSettings, batch: int, seq_len: int, timed: int
+) -> float:
+    """Wall seconds of one prompted sampling call of `steps` steps (after a 2-step warm-up).
+
+    Every step costs the same, so `timed` steps are timed and the time scaled to `steps`.
+    """
     mask = torch.ones(batch, seq_len, dtype=torch.bool)
     mask[:, : seq_len // 2] = False  # Half-length prompts (the tokens themselves do not matter).
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     kwargs = {'given_tokens': tokens, 'generate_mask': mask}
     timesteps = lambda n: torch.logspace(math.log10(300.0), 0.0, n + 1)  # noqa: E731
     sample(model, timesteps(2), batch, seq_len, settings, **kwargs)
+    timed = min(timed, steps)
     start = time.perf_counter()
-    sample(model, timesteps(steps), batch, seq_len, settings, **kwargs)
-    return time.perf_counter() - start
+    sample(model, timesteps(timed), batch, seq_len, settings, **kwargs)
+    return (time.perf_counter() - start) * steps / timed
 
 
 def main() -> None:
@@ -56,10 +62,12 @@ def main() -> None:
     p.add_argument('--seq_len', type=int, default=128)
     p.add_argument('--vocab_size', type=int, default=30522)
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--timed_steps', type=int, default=20, help='steps actually timed per row (then scaled)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     solvers = [('Euler', 200, False), ('Heun', 100, True)]
-    print(f'batch {args.batch} x {args.seq_len} tokens, vocabulary {args.vocab_size}, {args.threads} threads')
+    print(f'batch {args.batch} x {args.seq_len} tokens, vocabulary {args.vocab_size}, {args.threads} threads, '
+          f'{args.timed_steps} steps timed per row and scaled to the full count')  # fmt: skip
     print(f'{"model":<10}{"solver":<12}{"guidance":<22}{"seconds":>9}{"seq/s":>8}{"vs off":>8}')
     for config in args.configs:
         model = build(config, args.vocab_size)
@@ -69,7 +77,7 @@ def main() -> None:
             on = SamplerSettings(heun=heun, self_conditioning=True, guidance_scale=2.0)
             base = None
             for label, settings in (('off (g=1, prompted)', off), ('on (g=2, prompted)', on)):
-                s = seconds(model, steps, settings, args.batch, args.seq_len)
+                s = seconds(model, steps, settings, args.batch, args.seq_len, args.timed_steps)
                 base = base or s
                 row = f'{name:<10}{f"{solver} {steps}":<12}{label:<22}'
                 print(f'{row}{s:>9.2f}{args.batch / s:>8.2f}{s / base:>8.2f}')

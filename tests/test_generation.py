@@ -275,7 +275,7 @@ def test_eval_cli_reports_samples_next_to_the_data(
     assert eval_cli.main(argv) == 0
     report = json.loads(out.read_text())
     kinds = [(r['kind'], r.get('steps'), r.get('tau')) for r in report['rows']]
-    assert kinds[:2] == [('data', None, None), ('data (second half | first)', None, None)]
+    assert kinds[:2] == [('data', None, None), ('data (2nd half given 1st)', None, None)]
     assert len(kinds) == 2 + 2 * 2 * 2
     for row in report['rows']:
         if not math.isnan(row['judge_nll']):  # NaN only when a barely trained model wrote nothing.
