@@ -66,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     solvers = [('Euler', 200, False), ('Heun', 100, True)]
-    print(f'batch {args.batch} x {args.seq_len} tokens, vocabulary {args.vocab_size}, {args.threads} threads, '
+    print(f'batch {args.batch} x {args.seq_len}, vocabulary {args.vocab_size}, {args.threads} threads, '
           f'{args.timed_steps} steps timed per row and scaled to the full count')  # fmt: skip
     print(f'{"model":<10}{"solver":<12}{"guidance":<22}{"seconds":>9}{"seq/s":>8}{"vs off":>8}')
     for config in args.configs:
