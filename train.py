@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 from composer import DataSpec, Evaluator, Trainer
-from composer.loggers import RemoteUploaderDownloader
-from composer.utils import dist, get_device, parse_uri, reproducibility
+from composer.utils import dist, get_device, reproducibility
 
 from cdcd_composer import registry
 from cdcd_composer.callbacks import BatchNoiseSeed, RunMetadata
@@ -95,21 +94,6 @@ def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
     )
 
 
-def checkpoint_uploader(save_folder: str, attempts: int) -> RemoteUploaderDownloader:
-    """The uploader Composer would create for `save_folder`, made to outlast an outage.
-
-    Composer retries only errors its object store marks transient; boto3's own retries handle
-    S3 (3 attempts by default), so S3 gets `attempts` boto3 retries in 'standard' mode
-    (exponential backoff up to 20 s each: 8 attempts ride out about a minute).
-    """
-    backend, bucket, _ = parse_uri(save_folder)
-    kwargs = {}
-    if backend == 's3':
-        retries = {'mode': 'standard', 'max_attempts': attempts}
-        kwargs['backend_kwargs'] = {'bucket': bucket, 'client_config': {'retries': retries}}
-    return RemoteUploaderDownloader(f'{backend}://{bucket}', num_attempts=attempts, **kwargs)
-
-
 def check_object_stores(cfg: TrainConfig) -> None:
     """The checkpoint bucket and a remote load_path are reachable, before anything is built.
 
@@ -173,8 +157,6 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     )
     algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
-    if cfg.save_folder is not None and is_remote(cfg.save_folder):
-        loggers.append(checkpoint_uploader(cfg.save_folder, cfg.upload_attempts))
     tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
     self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
     metadata = {
@@ -245,8 +227,19 @@ def main(
     return trainer if return_trainer else None
 
 
+def configure_upload_retries(attempts: int) -> None:
+    """Lets object-store transfers (checkpoint uploads above all) outlast an outage.
+
+    Composer's uploaders retry only errors their object store marks transient, and the S3 store
+    leaves retrying to boto3 (3 attempts by default). boto3 reads its attempt count from
+    `AWS_MAX_ATTEMPTS`, which the upload processes inherit; a value the user set wins.
+    """
+    os.environ.setdefault('AWS_MAX_ATTEMPTS', str(attempts))
+
+
 def run(cfg: TrainConfig, meta: DatasetMetadata, do_train: bool = True) -> Trainer:
     """Builds the Trainer for a validated config and trains."""
+    configure_upload_retries(cfg.upload_attempts)
     reproducibility.seed_all(cfg.seed)
     if not dist.is_initialized():
         # Streaming needs the process group before the datasets are built.

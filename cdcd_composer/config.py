@@ -81,7 +81,7 @@ class TrainConfig:
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
     autoresume: bool = False
-    upload_attempts: int = 8  # Checkpoint uploads retry with exponential backoff (see train.py).
+    upload_attempts: int = 10  # boto3 attempts per transfer, exponential backoff (~1 min of outage).
     load_path: str | None = None
     load_weights_only: bool = False
     parallelism_config: dict[str, Any] | None = None
