@@ -25,6 +25,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, 'tests')]
 
 from s3_server import DUMMY_CREDENTIALS, free_port, start_moto_server  # noqa: E402
 
+from bench.time_warp import step_seconds  # noqa: E402
 from cdcd_composer.composer_model import CDCDComposerModel  # noqa: E402
 
 
@@ -43,17 +44,7 @@ def main() -> None:
     model = CDCDComposerModel(model_cfg, t_max=20.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = {'tokens': torch.randint(0, args.vocab_size, (args.batch, args.seq_len))}
-
-    def step() -> None:
-        model.loss(model(batch), batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    start = time.perf_counter()
-    for _ in range(3):
-        step()
-    step_s = (time.perf_counter() - start) / 3
+    step_s = step_seconds(model, batch, 3, optimizer)  # Also fills the AdamW state that is saved.
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'ep0-ba1-rank0.pt')
