@@ -101,7 +101,7 @@ def check_split(root: str, split: str) -> None:
         index = store.read_json(f'{split}/index.json')
         if index is None:
             raise ValueError(f'{where}/index.json not found: no {split!r} split under data.root; {fix}')
-        listed = {key.rsplit('/', 1)[-1] for key in store.store.list_objects(store._key(split))}
+        listed = set(store.list_names(split))
     else:
         where = os.path.join(root, split)
         path = os.path.join(where, 'index.json')

@@ -86,11 +86,13 @@ class DatasetRoot:
             with open(local) as f:
                 return json.load(f)
 
-    def list_names(self) -> list[str]:
-        """Names of the files directly under the root ([] when it does not exist)."""
+    def list_names(self, rel: str = '') -> list[str]:
+        """Names of the entries directly under `rel` ([] when it does not exist)."""
         if self.store is None:
-            return sorted(os.listdir(self.uri)) if os.path.isdir(self.uri) else []
-        prefix = f'{self.prefix}/' if self.prefix else ''
+            path = self.join(rel) if rel else self.uri
+            return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        prefix = self._key(rel).strip('/')
+        prefix = f'{prefix}/' if prefix else ''
         return sorted({key[len(prefix) :].split('/')[0] for key in self.store.list_objects(prefix)})
 
     def exists(self, rel: str) -> bool:

@@ -164,7 +164,7 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
         straight = dict(read_losses(tmp_path / f'straight-{rank}.txt'))
         after = read_losses(tmp_path / f'killed-{rank}.txt')[len(before[rank]) :]
         resumed_from = after[0][0] - 1
-        assert resumed_from in (10, 15, 20, 25) and [b for b, _ in after] == list(range(resumed_from + 1, 31))
+        assert resumed_from in range(5, 30, 5) and [b for b, _ in after] == list(range(resumed_from + 1, 31))
         assert all(loss == straight[b] for b, loss in after), rank  # Bit-for-bit (hex floats).
     exports = [
         load_file(str(tmp_path / name / 'export' / 'model.safetensors')) for name in ('straight', 'killed')
