@@ -39,6 +39,7 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
     check_object_stores(cfg)
     check_autoresume(cfg)
+    check_system(cfg)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != meta.vocab_size:
         raise ValueError(
             f'model.vocab_size={cfg.model.vocab_size} does not match the dataset vocabulary '
@@ -50,6 +51,37 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
             f'set data.seq_len={meta.seq_len} or convert the data again with --seq_len {cfg.data.seq_len}'
         )
     return meta
+
+
+def fsdp_version() -> str:
+    """The FSDP implementation Composer will use: '2' (our default, see `run`) unless FSDP_VERSION is '1'."""
+    return os.environ.get('FSDP_VERSION', '2')
+
+
+def check_system(cfg: TrainConfig) -> None:
+    """Precision, device, FSDP and microbatch combinations this Composer cannot run, named before any work.
+
+    Raises:
+        ValueError: one line naming the setting and the fix.
+    """
+    on_gpu = cfg.device == 'gpu' or (cfg.device is None and torch.cuda.is_available())
+    sharded = (cfg.parallelism_config or {}).get('fsdp') is not None
+    if not on_gpu and cfg.precision not in (None, 'fp32'):
+        raise ValueError(f'precision={cfg.precision} needs a GPU; on CPU set precision=fp32 (or null)')
+    if sharded and fsdp_version() == '1' and not on_gpu:
+        raise ValueError('FSDP_VERSION=1 (FSDP1) runs on GPUs only in Composer 0.32.1; unset it to use FSDP2')
+    microbatch = cfg.device_train_microbatch_size
+    if isinstance(microbatch, str) and microbatch != 'auto':
+        raise ValueError(f"device_train_microbatch_size={microbatch!r} must be an integer, 'auto' or null")
+    if microbatch == 'auto' and not on_gpu:
+        raise ValueError(
+            'device_train_microbatch_size=auto searches GPU memory; on CPU set an integer or null'
+        )
+    if microbatch == 'auto' and sharded and fsdp_version() == '2':
+        raise ValueError(
+            'device_train_microbatch_size=auto works with DDP or FSDP1 only in Composer 0.32.1; under FSDP2 '
+            'set an integer (e.g. device_train_microbatch_size=32), or run with FSDP_VERSION=1'
+        )
 
 
 CHECKPOINT_NAME = re.compile(r'ep(\d+)-ba(\d+)-rank0\.pt$|ep(\d+)-ba(\d+)$')
@@ -240,6 +272,8 @@ def configure_upload_retries(attempts: int) -> None:
 def run(cfg: TrainConfig, meta: DatasetMetadata, do_train: bool = True) -> Trainer:
     """Builds the Trainer for a validated config and trains."""
     configure_upload_retries(cfg.upload_attempts)
+    # FSDP2 (per-parameter DTensor sharding) is the tested path: it runs on CPU/gloo in CI as on GPUs.
+    os.environ.setdefault('FSDP_VERSION', fsdp_version())
     reproducibility.seed_all(cfg.seed)
     if not dist.is_initialized():
         # Streaming needs the process group before the datasets are built.

@@ -142,9 +142,10 @@ class TimeWarpRefit(Callback):
         outputs = state.outputs
         if not isinstance(outputs, dict) or 'ce_per_sequence' not in outputs:
             return
-        t = outputs['t'].detach().double().cpu()
+        # Stays on the device: copying to the host here would sync every step.
+        t = outputs['t'].detach().double()
         density = self.warp.density(t) if self.warp is not None else torch.ones_like(t)
-        self._pending.append(torch.stack([t, outputs['ce_per_sequence'].detach().double().cpu(), density]))
+        self._pending.append(torch.stack([t, outputs['ce_per_sequence'].detach().double(), density]))
 
     def batch_end(self, state: State, logger: Logger) -> None:
         """Gathers the batch's pairs from every rank into the buffer; refits when the interval says so."""
@@ -159,12 +160,15 @@ class TimeWarpRefit(Callback):
         if dist.get_world_size() == 1:
             return local
         device = state.device.tensor_to_device(local)  # gloo gathers CPU tensors, NCCL device tensors
-        return torch.cat([g.cpu() for g in dist.all_gather(device)], dim=1)
+        return torch.cat(dist.all_gather(device), dim=1)
 
     def _append(self, triples: torch.Tensor) -> None:
+        """Writes (3, n) triples into the ring buffer, which lives on their device between refits."""
+        if self.buffer.device != triples.device:
+            self.buffer = self.buffer.to(triples.device)
         capacity = self.buffer.shape[1]
         triples = triples[:, -capacity:]
-        index = (self.n_seen + torch.arange(triples.shape[1])) % capacity
+        index = (self.n_seen + torch.arange(triples.shape[1], device=triples.device)) % capacity
         self.buffer[:, index] = triples
         self.n_seen += triples.shape[1]
 
@@ -173,7 +177,7 @@ class TimeWarpRefit(Callback):
         assert self.warp is not None  # Set at FIT_START.
         batch = int(state.timestamp.batch)
         start = time.perf_counter()
-        filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])]
+        filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])].cpu()  # the one copy per refit
         report = self.warp.fit(filled[0], filled[1], density=filled[2], min_points=self.min_points)
         seconds = time.perf_counter() - start
         if not report.accepted:
@@ -224,7 +228,7 @@ class TimeWarpRefit(Callback):
         return {
             'warp': warp,
             'warp_kwargs': dict(self.warp_kwargs),
-            'buffer': self.buffer.clone(),
+            'buffer': self.buffer.cpu().clone(),
             'n_seen': self.n_seen,
             'fit_count': self.fit_count,
             # One JSON string, not a list: sharded (DCP) checkpoints need the same keys every time.

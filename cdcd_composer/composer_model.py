@@ -142,7 +142,10 @@ class CDCDComposerModel(ComposerModel):
     @staticmethod
     def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Per-token CE in nats, float32. logits (B, L, V), tokens (B, L) -> (B, L)."""
-        return F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction='none')
+        # Flattened to (B*L, V): the softmax runs over contiguous rows. The (B, V, L) layout that
+        # `cross_entropy` expects for sequences made it 2.7x slower on CPU (bench/train.py).
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction='none')
+        return ce.view(tokens.shape)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training forward pass.

@@ -77,8 +77,11 @@ def sample_generate_mask(
     inside = (position >= start[:, None]) & (position < (start + width)[:, None])
     span_given = in_story & ~inside
 
-    weights = torch.tensor([config.prefix, config.random, config.span], dtype=torch.float, device=device)
-    kind = torch.multinomial(weights.expand(batch, 3), 1, generator=generator)[:, 0]  # (B,)
+    # The kind by inverse CDF of the mixture weights (multinomial would check its input with a
+    # host sync). The weights are Python floats, so no tensor travels to the device.
+    total = config.prefix + config.random + config.span
+    u = uniform(batch) * total
+    kind = (u >= config.prefix).long() + (u >= config.prefix + config.random).long()  # (B,) 0, 1 or 2
     given = torch.stack([prefix_given, random_given, span_given], dim=1)[
         torch.arange(batch, device=device), kind
     ]

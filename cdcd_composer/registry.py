@@ -11,11 +11,13 @@ from torch import nn
 
 from cdcd_composer.callbacks import TimeWarpRefit
 from cdcd_composer.export import ExportWeights
+from cdcd_composer.optim import FusedDecoupledAdamW
 from cdcd_composer.sample_logging import TrainingSamples
 from cdcd_composer.self_conditioning import SelfConditioning
 
 OPTIMIZERS: dict[str, type] = {
     'decoupled_adamw': optim.DecoupledAdamW,
+    'fused_decoupled_adamw': FusedDecoupledAdamW,
     'adamw': torch.optim.AdamW,
     'decoupled_sgdw': optim.DecoupledSGDW,
 }

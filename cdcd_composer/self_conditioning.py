@@ -55,7 +55,8 @@ class SelfConditioning(Algorithm):
         tokens = batch['tokens']
         size = tokens.shape[0]
         chosen = torch.randperm(size, generator=self._generator(state), device='cpu')[: round(self.p * size)]
-        chosen = chosen.sort().values.to(tokens.device)  # batch order, so p=1 runs the batch as is
+        # Batch order, so p=1 runs the batch as is; copied without waiting for the device.
+        chosen = chosen.sort().values.to(tokens.device, non_blocking=True)
         self_cond = torch.zeros_like(batch['self_cond'])
         if len(chosen):
             with torch.no_grad(), get_precision_context(state.precision, state.precision_config):

@@ -86,6 +86,8 @@ class TimeWarp:
         self.n_bins, self.mu, self.temperature, self.shape = n_bins, mu, temperature, shape
         self.max_weight, self.min_explained = max_weight, min_explained
         self.masses = torch.full((n_bins,), 1.0 / n_bins, dtype=torch.float64)
+        # Copies of the curve on the devices it is evaluated on: (masses it was copied from, M, m).
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # The last accepted fit of the unnormalised curve: F~(t') = offset + sum_k h_k ramp_k(t').
         self.fit_offset = 0.0
         self.fit_heights = torch.zeros(n_bins, dtype=torch.float64)
@@ -117,29 +119,44 @@ class TimeWarp:
         cum[-1] = 1.0
         return cum
 
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, m) of `_cumulative` and `masses` on `device`, copied once per curve.
+
+        Evaluating the curve where t lives keeps the training step free of host syncs: nothing
+        is copied back to the CPU, and the tables travel to the device once after each refit.
+        """
+        cached = self._device_tables.get(device)
+        if cached is None or cached[0] is not self.masses:
+            copy = {'device': device, 'non_blocking': True}
+            cached = (self.masses, self._cumulative().to(**copy), self.masses.to(**copy))
+            self._device_tables[device] = cached
+        return cached[1], cached[2]
+
     def cdf(self, t: torch.Tensor) -> torch.Tensor:
-        """F(t) = M_k + m_k (N t' - k) for t' in bin k. Any shape; float64 in [0, 1]."""
-        unit = self._unit(t.detach().cpu())
+        """F(t) = M_k + m_k (N t' - k) for t' in bin k. Any shape; float64 in [0, 1] on t's device."""
+        cum, masses = self._tables(t.device)
+        unit = self._unit(t.detach())
         k = self._bin(unit)
-        out = self._cumulative()[k] + self.masses[k] * (unit * self.n_bins - k)
-        return torch.where(unit >= 1.0, 1.0, out).to(t.device)
+        out = cum[k] + masses[k] * (unit * self.n_bins - k)
+        return torch.where(unit >= 1.0, 1.0, out)
 
     def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
         """F^-1(u): t' = (k + (u - M_k) / m_k) / N for the bin k with M_k <= u < M_{k+1}.
 
         Any shape; returns float32 t on u's device.
         """
-        cum = self._cumulative()
-        u64 = u.detach().cpu().double().clamp(0.0, 1.0)
+        cum, masses = self._tables(u.device)
+        u64 = u.detach().double().clamp(0.0, 1.0)
         k = (torch.searchsorted(cum, u64, right=True) - 1).clamp(0, self.n_bins - 1)
-        frac = ((u64 - cum[k]) / self.masses[k].clamp_min(1e-300)).clamp(0.0, 1.0)
+        frac = ((u64 - cum[k]) / masses[k].clamp_min(1e-300)).clamp(0.0, 1.0)
         unit = (k + frac) / self.n_bins
-        return (self.t_min + unit * (self.t_max - self.t_min)).to(device=u.device, dtype=torch.float32)
+        return (self.t_min + unit * (self.t_max - self.t_min)).float()
 
     def density(self, t: torch.Tensor) -> torch.Tensor:
-        """F'(t) = m_k N / (t_max - t_min) for t in bin k, per unit of t. Any shape, float64."""
-        k = self._bin(self._unit(t.detach().cpu()))
-        return (self.masses[k] * self.n_bins / (self.t_max - self.t_min)).to(t.device)
+        """F'(t) = m_k N / (t_max - t_min) for t in bin k, per unit of t. Any shape, float64 on t's device."""
+        _, masses = self._tables(t.device)
+        k = self._bin(self._unit(t.detach()))
+        return masses[k] * self.n_bins / (self.t_max - self.t_min)
 
     def sample_t(
         self, n: int, device: torch.device | str = 'cpu', generator: torch.Generator | None = None

@@ -1,11 +1,9 @@
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from composer.core import Callback
-from conftest import REPO, launch_two_ranks, two_rank_overrides
 
 import train
 from cdcd_composer.callbacks import TimeWarpRefit
@@ -111,46 +109,3 @@ def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
     assert restored.n_seen == saved['n_seen'] + 4 * 8
     assert restored.fit_count >= saved['fit_count']
     assert resumed.state.model.time_distribution is restored.warp
-
-
-DRIVER = """
-import os, sys, torch
-sys.path.insert(0, {repo!r})
-import train
-from composer.core import Callback
-from composer.utils import dist
-from cdcd_composer.callbacks import TimeWarpRefit
-from cdcd_composer.composer_model import unwrap_model
-from cdcd_composer.config import load_config
-
-class DumpCurve(Callback):
-    def fit_end(self, state, logger):
-        cb = next(c for c in state.callbacks if isinstance(c, TimeWarpRefit))
-        torch.save({{'warp': cb.warp.state_dict(), 'buffer': cb.buffer, 'fit_count': cb.fit_count,
-                    'installed': unwrap_model(state.model).time_distribution is cb.warp}},
-                   os.path.join({out!r}, f'rank{{dist.get_global_rank()}}.pt'))
-
-cfg = load_config({yaml!r}, sys.argv[1:])
-trainer = train.main(cfg, return_trainer=True, do_train=False)
-trainer.state.callbacks.append(DumpCurve())
-trainer.fit()
-"""
-
-
-@pytest.mark.parametrize('strategy', ['fsdp2', 'ddp'])
-def test_two_ranks_hold_bit_identical_curves(tiny_dataset, tmp_path, strategy):
-    driver = tmp_path / 'driver.py'
-    yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
-    driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), out=str(tmp_path), yaml=yaml)))
-    overrides = [
-        *two_rank_overrides(tiny_dataset, tmp_path, steps=8),
-        *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
-    ]
-    launch_two_ranks(driver, overrides, tmp_path, strategy)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
-    assert ranks[0]['fit_count'] == ranks[1]['fit_count'] >= 1
-    assert ranks[0]['installed'] and ranks[1]['installed']
-    assert same(ranks[0]['buffer'], ranks[1]['buffer'])
-    assert not torch.isnan(ranks[0]['buffer']).any()  # 8 batches x 8 sequences from both ranks
-    for key in ranks[0]['warp']:
-        assert torch.equal(ranks[0]['warp'][key], ranks[1]['warp'][key]), key
