@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--tau', type=float, default=1.0, help='score temperature')
     p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
     p.add_argument('--initial_noise_scale', type=float, default=1.0)
+    p.add_argument(
+        '--time_shift', type=float, default=None, metavar='DELTA',
+        help='asymmetric time shift: evaluate the model at t_{i+1} + DELTA instead of t_i (Euler only)',
+    )  # fmt: skip
     p.add_argument('--seed', type=int, default=0)
     p.add_argument(
         '--self_conditioning', choices=('auto', 'on', 'off'), default='auto',
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             score_temperature=args.tau,
             initial_noise_scale=args.initial_noise_scale,
             guidance_scale=args.guidance,
+            time_shift=args.time_shift,
         )
         trained = load_trained_model(
             args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint

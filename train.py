@@ -152,6 +152,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         eval_noise_levels=tuple(cfg.diffusion.eval_noise_levels),
         masking=cfg.masking,
         pad_id=meta.pad_id,
+        mse_weight=cfg.loss.mse_weight,
     )
     log.info('model: %.2fM non-embedding parameters', model.model.non_embedding_parameters() / 1e6)
 

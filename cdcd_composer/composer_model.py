@@ -60,6 +60,8 @@ class CDCDComposerModel(ComposerModel):
         eval_seed: Seed of the evaluation noise, so every evaluation sees the same corruption.
         masking: Conditioning-mask mixture for training (None: every position generated).
         pad_id: Padding id of the dataset (padding is never given by a mask).
+        mse_weight: Weight of the auxiliary loss ||x0_hat - e||^2 / d_embed (mean over generated
+            tokens) added to the CE; 0 (the paper) skips it entirely.
     """
 
     def __init__(
@@ -71,8 +73,12 @@ class CDCDComposerModel(ComposerModel):
         eval_seed: int = 1234,
         masking: MaskingConfig | dict[str, float] | None = None,
         pad_id: int = 0,
+        mse_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if mse_weight < 0:
+            raise ValueError(f'loss.mse_weight={mse_weight} must be >= 0')
+        self.mse_weight = mse_weight
         self.masking = MaskingConfig(**masking) if isinstance(masking, dict) else masking
         self.pad_id = pad_id
         # Extra no-grad forward passes per training step, as a fraction of the batch; set by the
@@ -133,10 +139,15 @@ class CDCDComposerModel(ComposerModel):
             out['self_cond'] = torch.zeros(batch_size, length, self.config.d_embed, device=tokens.device)
         return out
 
-    def denoise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, L, V) for a corrupted batch (see `corrupt`)."""
+    def denoise(self, batch: dict[str, torch.Tensor], **kwargs: bool) -> Any:
+        """Logits (B, L, V) for a corrupted batch (see `corrupt`); kwargs go to the denoiser."""
         return self.model(
-            batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond'], noise=batch['noise']
+            batch['tokens'],
+            batch['t'],
+            batch['generate_mask'],
+            batch['self_cond'],
+            noise=batch['noise'],
+            **kwargs,
         )
 
     @staticmethod
@@ -153,15 +164,24 @@ class CDCDComposerModel(ComposerModel):
         Returns:
             `loss` (scalar, mean CE over generated tokens), `logits` (B, L, V),
             `ce_per_sequence` (B,) detached mean CE of each sequence's generated tokens, and
-            `t` (B,) the noise level it was measured at: the (t, CE) pairs time warping fits.
+            `t` (B,) the noise level it was measured at: the (t, CE) pairs time warping fits;
+            with `mse_weight` > 0 also `mse` (scalar, detached), the auxiliary term before weighting.
         """
         batch = self.corrupt(batch)
-        logits = self.denoise(batch)
+        if self.mse_weight:
+            logits, embedding_error = self.denoise(batch, return_embedding_error=True)
+        else:
+            logits = self.denoise(batch)
         ce = self.token_cross_entropy(logits, batch['tokens'])
         m = batch['generate_mask'].to(ce.dtype)  # Given tokens carry no loss.
         loss = (ce * m).sum() / m.sum().clamp_min(1.0)
         ce_per_sequence = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-        return {'loss': loss, 'logits': logits, 'ce_per_sequence': ce_per_sequence.detach(), 't': batch['t']}
+        out = {'logits': logits, 'ce_per_sequence': ce_per_sequence.detach(), 't': batch['t']}
+        if self.mse_weight:
+            mse = (embedding_error * m).sum() / m.sum().clamp_min(1.0)
+            loss = loss + self.mse_weight * mse
+            out['mse'] = mse.detach()
+        return {'loss': loss, **out}
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> torch.Tensor:
         """The loss computed in `forward`."""

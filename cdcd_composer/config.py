@@ -40,6 +40,13 @@ class DiffusionConfig:
 
 
 @dataclass
+class LossConfig:
+    """Terms of the training loss besides the cross-entropy (score interpolation, §3.1)."""
+
+    mse_weight: float = 0.0  # Weight of ||x0_hat - e||^2 / d_embed (Difformer); 0: CE only (paper).
+
+
+@dataclass
 class ModelConfig(CDCDConfig):
     """`CDCDConfig` whose vocab_size may be null: then it is read from the dataset."""
 
@@ -55,6 +62,7 @@ class TrainConfig:
     max_duration: str  # Composer time string: '4800ba', '2ep', '10000000tok'.
     global_train_batch_size: int
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     masking: MaskingConfig | None = None  # Conditioning masks in training; None: all generated.
     variables: dict[str, Any] = field(default_factory=dict)
     run_name: str | None = None

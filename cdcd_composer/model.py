@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PRECONDITIONINGS = ('cdcd', 'edm', 'tanh')
+EMBEDDING_NORMS = ('l2', 'layernorm')
+
 
 @dataclass
 class CDCDConfig:
@@ -25,8 +28,17 @@ class CDCDConfig:
     dropout: float = 0.0
     embed_init_std: float = 0.001  # Tab. 1: embeddings start tiny; normalisation sets their scale.
     tie_output_head: bool = False  # Logits from similarity to the normalised embeddings.
+    # How x0_hat is formed from F = softmax(logits) @ E: 'cdcd' x0_hat = F (the paper); 'edm'
+    # c_skip(t) x_t + c_out(t) F with EDM's sigma_data=1 coefficients; 'tanh' (1 - tanh t) x_t + tanh(t) F.
+    preconditioning: str = 'cdcd'
+    # 'l2': rows L2-normalised to norm sqrt(d_embed) (the paper); 'layernorm': a LayerNorm with
+    # learned gain and bias, as Difformer / simple-diffusion-lm normalise their embeddings.
+    embedding_norm: str = 'l2'
 
     def __post_init__(self) -> None:
+        for name, choices in (('preconditioning', PRECONDITIONINGS), ('embedding_norm', EMBEDDING_NORMS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of {", ".join(choices)}')
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f'model.d_model={self.d_model} must split into '
@@ -35,6 +47,19 @@ class CDCDConfig:
         for name in ('vocab_size', 'd_embed', 'd_model', 'n_layers', 'n_heads', 'n_fourier', 'd_time'):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f'model.{name}={getattr(self, name)} must be positive')
+
+
+def skip_and_out(preconditioning: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip(t), c_out(t)) of x0_hat = c_skip x_t + c_out F, each shaped like t.
+
+    'edm': c_skip = 1 / (t^2 + 1), c_out = t / sqrt(t^2 + 1) (EDM Tab. 1, sigma_data = 1);
+    'tanh': c_skip = 1 - tanh(t), c_out = tanh(t); 'cdcd': (0, 1), i.e. x0_hat = F.
+    """
+    if preconditioning == 'edm':
+        return 1.0 / (t.square() + 1.0), t * torch.rsqrt(t.square() + 1.0)
+    if preconditioning == 'tanh':
+        return 1.0 - torch.tanh(t), torch.tanh(t)
+    return torch.zeros_like(t), torch.ones_like(t)
 
 
 def c_in(t: torch.Tensor) -> torch.Tensor:
@@ -148,6 +173,9 @@ class CDCDTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_embed)
+        if config.embedding_norm == 'layernorm':
+            # eps far below the rows' variance at init (std embed_init_std = 0.001: variance 1e-6).
+            self.embedding_norm = nn.LayerNorm(config.d_embed, eps=1e-12)
         self.time_embedding = TimeEmbedding(config.n_fourier, config.d_time)
         self.input_projection = nn.Linear(3 * config.d_embed + 1, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -178,16 +206,22 @@ class CDCDTransformer(nn.Module):
         """Blocks are the activation-checkpointing units when the FSDP config enables it."""
         return isinstance(module, Block)
 
-    def embedding_matrix(self) -> torch.Tensor:
-        """Normalised embeddings E: (V, d_embed), each row of L2 norm sqrt(d_embed) (§2.1).
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw embedding rows (..., d_embed) -> normalised: L2 norm sqrt(d_embed) (§2.1), or LayerNorm.
 
         Gradients flow through the normalisation into the raw embedding table.
         """
-        return F.normalize(self.embedding.weight, dim=-1) * math.sqrt(self.config.d_embed)
+        if self.config.embedding_norm == 'layernorm':
+            return self.embedding_norm(raw)
+        return F.normalize(raw, dim=-1) * math.sqrt(self.config.d_embed)
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """Normalised embeddings E: (V, d_embed)."""
+        return self.normalise(self.embedding.weight)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, L) int -> normalised embeddings (B, L, d_embed)."""
-        return F.normalize(self.embedding(tokens), dim=-1) * math.sqrt(self.config.d_embed)
+        return self.normalise(self.embedding(tokens))
 
     def forward(
         self,
@@ -198,6 +232,7 @@ class CDCDTransformer(nn.Module):
         noise: torch.Tensor | None = None,
         x_t: torch.Tensor | None = None,
         return_expected_embedding: bool = False,
+        return_embedding_error: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits of the clean tokens given noisy embeddings.
 
@@ -211,10 +246,13 @@ class CDCDTransformer(nn.Module):
             self_cond: (B, L, d_embed) previous estimate of the expected embedding, or zeros.
             noise: (B, L, d_embed) standard normal eps (training); ignored when x_t is given.
             x_t: (B, L, d_embed) noisy embeddings (sampling), instead of tokens + noise.
-            return_expected_embedding: Also return x0_hat = softmax(logits) @ E, (B, L, d_embed).
+            return_expected_embedding: Also return x0_hat (B, L, d_embed): softmax(logits) @ E,
+                preconditioned as `config.preconditioning` says.
+            return_embedding_error: Instead, also return ||x0_hat - e||^2 / d_embed per token,
+                (B, L) float32: the auxiliary MSE loss of Difformer / simple-diffusion-lm.
 
         Returns:
-            (B, L, vocab_size) logits, and x0_hat when asked for.
+            (B, L, vocab_size) logits, and x0_hat or the embedding error when asked for.
         """
         clean = self.embed(tokens)  # (B, L, D)
         if x_t is None:
@@ -232,8 +270,18 @@ class CDCDTransformer(nn.Module):
         if self.config.tie_output_head:
             logits = logits @ self.embedding_matrix().t().to(logits.dtype)
         if return_expected_embedding:
-            return logits, self.expected_embedding(logits)
+            return logits, self.denoised(logits, x_t, t)
+        if return_embedding_error:
+            return logits, (self.denoised(logits, x_t, t) - clean.float()).square().mean(-1)
         return logits
+
+    def denoised(self, logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0_hat = c_skip(t) x_t + c_out(t) softmax(logits) @ E, float32 (B, L, d_embed); t: (B,)."""
+        expected = self.expected_embedding(logits)
+        if self.config.preconditioning == 'cdcd':
+            return expected
+        c_skip, c_out = skip_and_out(self.config.preconditioning, t.float())
+        return c_skip[:, None, None] * x_t.float() + c_out[:, None, None] * expected
 
     def expected_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """x0_hat = softmax(logits) @ E with the normalised E (Eq. 7). (B, L, V) -> (B, L, d_embed)."""

@@ -27,6 +27,9 @@ class SamplerSettings:
             x0_hat = x0_hat(unconditional) + g * (x0_hat(conditional) - x0_hat(unconditional)).
             At 1 (or with nothing given) the unconditional pass is never computed.
         self_conditioning: Feed the latest x0_hat back as the self-conditioning input.
+        time_shift: delta of the asymmetric time shift (char-diffusion; Analog Bits' asymmetric
+            time intervals): step i evaluates the model at t_{i+1} + delta instead of t_i, while
+            the step itself still runs from t_i to t_{i+1}. None (default) evaluates at t_i.
     """
 
     heun: bool = False
@@ -34,8 +37,11 @@ class SamplerSettings:
     initial_noise_scale: float = 1.0
     guidance_scale: float = 1.0
     self_conditioning: bool = False
+    time_shift: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_shift is not None and (self.time_shift < 0 or self.heun):
+            raise ValueError(f'time shift {self.time_shift} must be >= 0 and works with Euler steps only')
         if self.score_temperature <= 0:
             raise ValueError(f'score temperature (--tau) must be positive, got {self.score_temperature}')
         if self.initial_noise_scale <= 0:
@@ -91,7 +97,8 @@ def sample(
     last = len(timesteps) - 2
     for i in range(last + 1):
         t_i, t_next = timesteps[i], timesteps[i + 1]
-        direction = (x - denoiser(x, t_i)) / (t_i * tau)
+        t_model = t_i if settings.time_shift is None else t_next + settings.time_shift
+        direction = (x - denoiser(x, t_model)) / (t_i * tau)
         x_euler = x + (t_next - t_i) * direction
         if settings.heun and i < last:  # Trapezoidal correction; the last step stays Euler (EDM Alg. 1).
             direction_next = (x_euler - denoiser(x_euler, t_next)) / (t_next * tau)

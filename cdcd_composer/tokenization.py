@@ -1,4 +1,4 @@
-"""Tokenizers: load any Hugging Face tokenizer, or train an uncased WordPiece one offline."""
+"""Tokenizers: load any Hugging Face tokenizer, train an uncased WordPiece one offline, or bytes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,31 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
 
 
+BYTES = 'bytes'  # The name that selects `byte_tokenizer` wherever a tokenizer name is accepted.
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokens for UTF-8: the 5 BERT specials, then one token per byte (id 5 + byte).
+
+    Built with `tokenizers`' byte-level pieces (GPT-2's byte-to-character map) and a BPE model
+    without merges, so every byte is one token and decoding returns the exact text.
+    """
+    specials = list(BERT_SPECIAL_TOKENS.values())
+    byte_chars = bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({byte_chars[b]: len(specials) + b for b in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]',
+        pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', vocab['[CLS]']), ('[SEP]', vocab['[SEP]'])],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """Loads a fast tokenizer by hub name, local directory, or BERT `vocab.txt` file.
 
@@ -84,6 +110,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     Raises:
         ValueError: it cannot be loaded, or has no fast (Rust) implementation.
     """
+    if name_or_path == BYTES:
+        return byte_tokenizer()
     try:
         if os.path.isfile(name_or_path):
             tokenizer = BertTokenizerFast(vocab_file=name_or_path, do_lower_case=True)

@@ -367,7 +367,10 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     p.add_argument('--hub_val_split', default=d.hub_val_split)
     p.add_argument('--text_column', default=d.text_column, help='story field of JSON, Parquet and hub rows')
     p.add_argument('--val_fraction', type=float, default=None, help='carve validation out of train (seeded)')
-    p.add_argument('--tokenizer', default=None, help='hub name, local directory or BERT vocab.txt')
+    p.add_argument(
+        '--tokenizer', default=None,
+        help="hub name, local directory, BERT vocab.txt, or 'bytes' (one token per UTF-8 byte)",
+    )  # fmt: skip
     p.add_argument(
         '--train_tokenizer', type=int, default=None, metavar='VOCAB_SIZE', help='train WordPiece offline'
     )
