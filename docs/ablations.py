@@ -1,0 +1,124 @@
+"""Runs the parity-option ablations on the offline corpus and prints the table of docs/ablations.md.
+
+    python docs/ablations.py                 # every row: ~35 min on 2 CPU cores
+    python docs/ablations.py --rows baseline edm --steps 300   # a subset, shorter
+
+Every row trains cdcd-tiny (or cdcd-char) for the same number of steps with the same seed and
+data order, then reports the validation CE at fixed t (all validation stories, noise seeded) and
+the share of sampled sentences the synthetic corpus grammar derives exactly (64 samples, 200
+Euler steps, the model's own time warp). Sampling-only rows reuse the baseline's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from cdcd_composer.grammar import recognised_fraction  # noqa: E402
+
+DATA = {'words': 'data/synthetic', 'bytes': 'data/synthetic-char'}
+CONVERT = {
+    'words': 'python data_prep/convert_tinystories.py --source synthetic --out_root data/synthetic',
+    'bytes': 'python data_prep/convert_tinystories.py --source synthetic --tokenizer bytes --seq_len 512 '
+    '--out_root data/synthetic-char',
+}
+# name -> (YAML, training overrides or None to sample the baseline's model, sampling flags)
+ROWS = {
+    'baseline': ('cdcd-tiny', [], []),
+    'edm': ('cdcd-tiny', ['model.preconditioning=edm'], []),
+    'tanh': ('cdcd-tiny', ['model.preconditioning=tanh'], []),
+    'mse': ('cdcd-tiny', ['loss.mse_weight=1.0'], []),
+    'layernorm': ('cdcd-tiny', ['model.embedding_norm=layernorm'], []),
+    'shift-0.1': ('cdcd-tiny', None, ['--time_shift', '0.1']),
+    'shift-1': ('cdcd-tiny', None, ['--time_shift', '1.0']),
+    'char': ('cdcd-char', [], []),
+}
+EVAL_T = ('1', '3', '10', '20')
+
+
+def run(cmd: str) -> str:
+    """Runs a shell command from the repository root; its stdout, or exit with its stderr."""
+    print(f'$ {cmd}', file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, shell=True, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f'failed: {cmd}\n{proc.stderr[-2000:]}')
+    return proc.stdout
+
+
+def train_command(name: str, yaml: str, overrides: list[str], steps: int) -> str:
+    """The training command of a row (every run writes under runs/ablations/NAME)."""
+    out = f'runs/ablations/{name}'
+    common = [
+        f'run_name=abl-{name}', f'max_duration={steps}ba', f'eval_interval={steps}ba',
+        'eval_subset_num_batches=-1', 'save_folder=null', 'callbacks.training_samples=false',
+        f'callbacks.export_weights.folder={out}/export', f'callbacks.time_warp_refit.plot_folder={out}',
+        f'loggers.file.filename={out}/log.txt', 'progress_bar=false',
+    ]  # fmt: skip
+    return f'python train.py yamls/{yaml}.yaml {" ".join(common + overrides)}'
+
+
+def final_eval(log_file: str) -> dict[str, float]:
+    """The last logged validation CE at each fixed t, from the file logger's lines."""
+    found: dict[str, float] = {}
+    with open(os.path.join(REPO, log_file)) as f:
+        for line in f:
+            match = re.search(r'metrics/eval/CE_t(\w+): ([0-9.eE+-]+)', line)
+            if match:
+                found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def main() -> None:
+    """Trains and samples every requested row, then prints the markdown table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
+    p.add_argument('--steps', type=int, default=1000)
+    p.add_argument('--num_samples', type=int, default=64)
+    args = p.parse_args()
+    python = sys.executable
+    table = []
+    for name in args.rows:
+        yaml, overrides, sample_flags = ROWS[name]
+        data = 'bytes' if yaml == 'cdcd-char' else 'words'
+        if not os.path.exists(os.path.join(REPO, DATA[data], 'cdcd_dataset.json')):
+            run(CONVERT[data].replace('python', python, 1))
+        trained_by = name if overrides is not None else 'baseline'
+        commands = []
+        if overrides is not None:
+            commands.append(train_command(name, yaml, overrides, args.steps))
+            run(commands[-1].replace('python', python, 1))
+        samples = f'runs/ablations/{name}/samples.jsonl'
+        os.makedirs(os.path.join(REPO, os.path.dirname(samples)), exist_ok=True)
+        commands.append(
+            f'python generate.py runs/ablations/{trained_by}/export --num_samples {args.num_samples} '
+            f'--steps 200 {" ".join(sample_flags)} --out {samples}'.replace('  ', ' ')
+        )
+        run(commands[-1].replace('python', python, 1))
+        with open(os.path.join(REPO, samples)) as f:
+            texts = [json.loads(line)['text'] for line in f]
+        ce = final_eval(f'runs/ablations/{trained_by}/log.txt')
+        change = ' '.join((overrides or []) + sample_flags) or (
+            'bytes' if data == 'bytes' else 'paper defaults'
+        )
+        row = {'row': name, 'change': change, 'ce': [ce.get(t) for t in EVAL_T],
+               'recognised': recognised_fraction(texts), 'commands': commands}  # fmt: skip
+        table.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    print('| row | change | CE t=1 | t=3 | t=10 | t=20 | recognised |\n|---|---|---|---|---|---|---|')
+    for row in table:
+        ce = ' | '.join('' if v is None else f'{v:.3f}' for v in row['ce'])
+        print(f'| {row["row"]} | {row["change"]} | {ce} | {row["recognised"]:.1%} |')
+    print('\nCommands, per row:\n')
+    for row in table:
+        print(f'- {row["row"]}:\n  ```\n' + ''.join(f'  {c}\n' for c in row['commands']) + '  ```')
+
+
+if __name__ == '__main__':
+    main()
