@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.model import CDCDTransformer
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,6 @@ def cross_entropy_curve(
         for level in noise_levels:
             t = torch.full((len(tokens),), float(level), device=device)
             logits = model(tokens, t, mask, zeros, noise=noise)
-            sums[level] += float(F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction='sum'))
+            sums[level] += float(CDCDComposerModel.token_cross_entropy(logits, tokens).sum())
         count += tokens.numel()
     return {level: total / max(count, 1) for level, total in sums.items()}
