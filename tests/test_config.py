@@ -85,7 +85,8 @@ def test_cli_misspelt_key_fails_in_one_line_before_any_work(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         'config error: unknown key model.d_modle; valid keys: d_embed, d_model, d_time, dropout, '
-        'embed_init_std, mlp_ratio, n_fourier, n_heads, n_layers, tie_output_head, vocab_size'
+        'embed_init_std, embedding_norm, mlp_ratio, n_fourier, n_heads, n_layers, preconditioning, '
+        'tie_output_head, vocab_size'
     ]
     assert list(tmp_path.iterdir()) == []  # nothing written
 
