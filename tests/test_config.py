@@ -8,7 +8,7 @@ from cdcd_composer.config import load_config, parse_config
 from train import validate
 
 
-@pytest.mark.parametrize('name', ['cdcd-tiny', 'cdcd-5m', 'cdcd-140m'])
+@pytest.mark.parametrize('name', ['cdcd-tiny', 'cdcd-char', 'cdcd-5m', 'cdcd-140m'])
 def test_shipped_yamls_parse(name):
     cfg = parse_config(load_config(str(REPO / 'yamls' / f'{name}.yaml')))
     assert cfg.run_name == name
