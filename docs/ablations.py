@@ -6,7 +6,10 @@
 Every row trains cdcd-tiny (or cdcd-char) for the same number of steps with the same seed and
 data order, then reports the validation CE at fixed t (all validation stories, noise seeded) and
 the share of sampled sentences the synthetic corpus grammar derives exactly (64 samples, 200
-Euler steps, the model's own time warp). Sampling-only rows reuse the baseline's weights.
+Euler steps, the model's own time warp), with two collapse checks on the samples' words:
+distinct bigrams over all bigrams and the share of repeated 4-grams within a sample. Sampling-only
+rows reuse the baseline's weights. Rows whose outputs exist under runs/ablations/ are not rerun
+(delete the row's folder to redo it); `--seed 18` repeats rows with another seed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cdcd_composer.evaluation import distinct_n, repetition_rate  # noqa: E402
 from cdcd_composer.grammar import recognised_fraction  # noqa: E402
 
 DATA = {'words': 'data/synthetic', 'bytes': 'data/synthetic-char'}
@@ -35,6 +39,7 @@ ROWS = {
     'edm': ('cdcd-tiny', ['model.preconditioning=edm'], []),
     'tanh': ('cdcd-tiny', ['model.preconditioning=tanh'], []),
     'mse': ('cdcd-tiny', ['loss.mse_weight=1.0'], []),
+    'mse-0.1': ('cdcd-tiny', ['loss.mse_weight=0.1'], []),
     'layernorm': ('cdcd-tiny', ['model.embedding_norm=layernorm'], []),
     'shift-0.1': ('cdcd-tiny', None, ['--time_shift', '0.1']),
     'shift-1': ('cdcd-tiny', None, ['--time_shift', '1.0']),
@@ -81,40 +86,50 @@ def main() -> None:
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
     p.add_argument('--steps', type=int, default=1000)
     p.add_argument('--num_samples', type=int, default=64)
+    p.add_argument('--seed', type=int, default=None, help="another training seed (the YAML's: 17)")
     args = p.parse_args()
+    suffix = '' if args.seed is None else f'-seed{args.seed}'
     python = sys.executable
     table = []
     for name in args.rows:
         yaml, overrides, sample_flags = ROWS[name]
+        seed = [] if args.seed is None else [f'seed={args.seed}']
         data = 'bytes' if yaml == 'cdcd-char' else 'words'
         if not os.path.exists(os.path.join(REPO, DATA[data], 'cdcd_dataset.json')):
             run(CONVERT[data].replace('python', python, 1))
-        trained_by = name if overrides is not None else 'baseline'
+        trained_by = (name if overrides is not None else 'baseline') + suffix
         commands = []
         if overrides is not None:
-            commands.append(train_command(name, yaml, overrides, args.steps))
-            run(commands[-1].replace('python', python, 1))
-        samples = f'runs/ablations/{name}/samples.jsonl'
+            commands.append(train_command(name + suffix, yaml, overrides + seed, args.steps))
+            if not os.path.exists(os.path.join(REPO, 'runs/ablations', trained_by, 'export')):
+                run(commands[-1].replace('python', python, 1))
+        samples = f'runs/ablations/{name}{suffix}/samples.jsonl'
         os.makedirs(os.path.join(REPO, os.path.dirname(samples)), exist_ok=True)
         commands.append(
             f'python generate.py runs/ablations/{trained_by}/export --num_samples {args.num_samples} '
             f'--steps 200 {" ".join(sample_flags)} --out {samples}'.replace('  ', ' ')
         )
-        run(commands[-1].replace('python', python, 1))
+        if not os.path.exists(os.path.join(REPO, samples)):
+            run(commands[-1].replace('python', python, 1))
         with open(os.path.join(REPO, samples)) as f:
             texts = [json.loads(line)['text'] for line in f]
         ce = final_eval(f'runs/ablations/{trained_by}/log.txt')
         change = ' '.join((overrides or []) + sample_flags) or (
             'bytes' if data == 'bytes' else 'paper defaults'
         )
-        row = {'row': name, 'change': change, 'ce': [ce.get(t) for t in EVAL_T],
-               'recognised': recognised_fraction(texts), 'commands': commands}  # fmt: skip
+        words = [text.split() for text in texts]
+        row = {'row': name + suffix, 'change': change + (f' seed={args.seed}' if seed else ''),
+               'ce': [ce.get(t) for t in EVAL_T], 'recognised': recognised_fraction(texts),
+               'distinct2': distinct_n(words, 2), 'rep4': repetition_rate(words, 4),
+               'commands': commands}  # fmt: skip
         table.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    print('| row | change | CE t=1 | t=3 | t=10 | t=20 | recognised |\n|---|---|---|---|---|---|---|')
+    print('| row | change | CE t=1 | t=3 | t=10 | t=20 | recognised | distinct-2 | rep-4 |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for row in table:
         ce = ' | '.join('' if v is None else f'{v:.3f}' for v in row['ce'])
-        print(f'| {row["row"]} | {row["change"]} | {ce} | {row["recognised"]:.1%} |')
+        figures = f'{row["recognised"]:.1%} | {row["distinct2"]:.3f} | {row["rep4"]:.3f}'
+        print(f'| {row["row"]} | {row["change"]} | {ce} | {figures} |')
     print('\nCommands, per row:\n')
     for row in table:
         print(f'- {row["row"]}:\n  ```\n' + ''.join(f'  {c}\n' for c in row['commands']) + '  ```')
