@@ -41,6 +41,7 @@ ROWS = {
     'mse': ('cdcd-tiny', ['loss.mse_weight=1.0'], []),
     'mse-0.1': ('cdcd-tiny', ['loss.mse_weight=0.1'], []),
     'layernorm': ('cdcd-tiny', ['model.embedding_norm=layernorm'], []),
+    'resample': ('cdcd-tiny', None, ['--seed', '1']),  # the baseline's samples from other noise
     'shift-0.1': ('cdcd-tiny', None, ['--time_shift', '0.1']),
     'shift-1': ('cdcd-tiny', None, ['--time_shift', '1.0']),
     'char': ('cdcd-char', [], []),
