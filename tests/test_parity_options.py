@@ -46,7 +46,7 @@ def test_preconditioning_forms_x0_hat_from_the_expected_embedding(preconditionin
 
 
 def test_edm_coefficients_are_a_unit_variance_interpolation():
-    """sigma_data = 1: c_skip^2 (1 + t^2) + c_out^2 ... EDM's identities c_skip + c_out^2 = 1, c_out -> 1."""
+    """EDM, sigma_data = 1: c_skip + c_out^2 = 1, c_skip(0.5) = 0.8, c_out -> 1 at high t; cdcd: (0, 1)."""
     t = torch.tensor([0.5, 1.0, 10.0, 300.0])
     c_skip, c_out = skip_and_out('edm', t)
     torch.testing.assert_close(c_skip + c_out**2, torch.ones(4))
