@@ -79,8 +79,10 @@ class TimeWarpRefit(Callback):
         mu: Uniform mixture weight.
         temperature: Temperature of the fitted density.
         shape: 'piecewise' (paper) or 'cauchy' (earlier reproduction).
-        max_weight: Cap on importance weights, as a multiple of their mean.
-        min_explained: Smallest R^2 for a fit to be installed.
+        max_weight: Cap on importance weights, as a multiple of their mean ('cauchy' only).
+        min_evidence: Smallest chi-square of a fitted curve against the noise for it to be installed.
+        update_rate: Share of the way each accepted fit moves the bin masses (EMA over refits).
+        min_group_points: Neighbouring bins are pooled to at least this many points before a fit.
         min_points: Fewest pairs for a fit (default: 2 per bin).
         plot_folder: Folder for `time_warp.png` (formatted with `{run_name}`); None disables it.
         history: Number of earlier fits drawn (fainter) in the figure.
@@ -95,7 +97,9 @@ class TimeWarpRefit(Callback):
         temperature: float = 1.0,
         shape: str = 'piecewise',
         max_weight: float = 10.0,
-        min_explained: float = 0.1,
+        min_evidence: float = 30.0,
+        update_rate: float = 0.5,
+        min_group_points: int = 32,
         min_points: int | None = None,
         plot_folder: str | None = '{run_name}',
         history: int = 5,
@@ -112,7 +116,9 @@ class TimeWarpRefit(Callback):
             'temperature': temperature,
             'shape': shape,
             'max_weight': max_weight,
-            'min_explained': min_explained,
+            'min_evidence': min_evidence,
+            'update_rate': update_rate,
+            'min_group_points': min_group_points,
         }
         TimeWarp(**self.warp_kwargs)  # Fail on bad arguments now, not at the first refit.
         self.min_points = min_points
@@ -122,6 +128,7 @@ class TimeWarpRefit(Callback):
         self.buffer = torch.full((3, buffer_size), float('nan'), dtype=torch.float64)  # rows: t, CE, F'(t)
         self.n_seen = 0  # Pairs ever appended; the write position is n_seen % buffer_size.
         self.fit_count = 0
+        self.rejected_count = 0
         self.history: list[dict[str, Any]] = []
         self._pending: list[torch.Tensor] = []
         self._loaded_warp: dict[str, torch.Tensor] | None = None
@@ -173,7 +180,11 @@ class TimeWarpRefit(Callback):
         self.n_seen += triples.shape[1]
 
     def refit(self, state: State, logger: Logger) -> None:
-        """Fits the curve to the buffer, installs it and logs its summary (and the figure)."""
+        """Fits the curve to the buffer, installs it and logs its summary (and the figure).
+
+        A rejected fit is logged as a warning with its reason and counted in
+        `time_warp/rejected_count`; the previous curve stays.
+        """
         assert self.warp is not None  # Set at FIT_START.
         batch = int(state.timestamp.batch)
         start = time.perf_counter()
@@ -181,26 +192,46 @@ class TimeWarpRefit(Callback):
         report = self.warp.fit(filled[0], filled[1], density=filled[2], min_points=self.min_points)
         seconds = time.perf_counter() - start
         if not report.accepted:
-            log.info(
-                'time warp refit skipped at batch %d: %s; keeping the previous curve',
+            self.rejected_count += 1
+            log.warning(
+                'time warp refit rejected at batch %d (%d of %d refits): %s; keeping the previous curve',
                 batch,
+                self.rejected_count,
+                self.rejected_count + self.fit_count,
                 report.reason,
             )
-            logger.log_metrics({'time_warp/refit_skipped': 1.0})
+            logger.log_metrics(
+                {
+                    'time_warp/accepted': 0.0,
+                    'time_warp/rejected_count': float(self.rejected_count),
+                    'time_warp/evidence': report.evidence,
+                }
+            )
             return
         self.fit_count += 1
         self.history = (
-            self.history + [{'offset': self.warp.fit_offset, 'heights': self.warp.fit_heights.tolist()}]
+            self.history
+            + [
+                {
+                    'batch': batch,
+                    'offset': self.warp.fit_offset,
+                    'heights': self.warp.fit_heights.tolist(),
+                    'masses': self.warp.masses.tolist(),
+                }
+            ]
         )[-self.history_size :]
         summary = {
+            'time_warp/accepted': 1.0,
+            'time_warp/fit_count': float(self.fit_count),
+            'time_warp/rejected_count': float(self.rejected_count),
             'time_warp/median_t': self.warp.quantile(0.5),
             'time_warp/t10': self.warp.quantile(0.1),
             'time_warp/t90': self.warp.quantile(0.9),
             'time_warp/residual': report.residual,
             'time_warp/explained': report.explained,
-            'time_warp/fit_count': float(self.fit_count),
+            'time_warp/evidence': report.evidence,
+            'time_warp/change': report.change,
             'time_warp/refit_seconds': seconds,
-            'time_warp/refit_skipped': 0.0,
         }
         logger.log_metrics(summary)
         log.info('time warp refit %d on %d pairs: %s', self.fit_count, report.n_points, summary)
@@ -231,6 +262,7 @@ class TimeWarpRefit(Callback):
             'buffer': self.buffer.cpu().clone(),
             'n_seen': self.n_seen,
             'fit_count': self.fit_count,
+            'rejected_count': self.rejected_count,
             # One JSON string, not a list: sharded (DCP) checkpoints need the same keys every time.
             'history': json.dumps(self.history),
         }
@@ -245,6 +277,7 @@ class TimeWarpRefit(Callback):
         self.buffer = state['buffer'].double().clone()
         self.n_seen = int(state['n_seen'])
         self.fit_count = int(state['fit_count'])
+        self.rejected_count = int(state.get('rejected_count', 0))
         history = state['history']
         self.history = json.loads(history) if isinstance(history, str) else list(history)
         if state['warp'] is not None:

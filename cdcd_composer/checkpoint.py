@@ -82,7 +82,7 @@ def build_trained_model(
     time_distribution = TimeWarp(diffusion['t_min'], diffusion['t_max'])
     fitted = warp and warp_config is not None and warp_state is not None
     if fitted:
-        time_distribution = TimeWarp(**warp_config)
+        time_distribution = TimeWarp.from_config(warp_config)
         time_distribution.load_state_dict(warp_state)
     return TrainedModel(model, tokenizer, time_distribution, metadata, fitted)
 

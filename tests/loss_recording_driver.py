@@ -1,7 +1,12 @@
 """`python loss_recording_driver.py LOSS_FILE YAML [key=value ...]`: train.py plus a record of each
 batch's exact training loss (one `batch hex-float` line per batch and rank, flushed at once, so
-a killed run keeps what it did). `BATCH_SLEEP_SECONDS` slows each batch after batch
-`BATCH_SLEEP_AFTER` down (not its numbers), so a test can kill the run while it still trains.
+a killed run keeps what it did). `BATCH_SLEEP_SECONDS` slows each batch down (not its numbers),
+so that an outage test overlaps the checkpoint uploads.
+
+To be killed at a known point, whatever the machine's load: with `PAUSE_AT_BATCH=B`,
+`PAUSE_POINTER=s3://bucket/key` and `PAUSE_MARKER=path-{rank}`, every rank stops at the end of
+batch B, keeps Composer's checkpoint uploads going until the pointer object names the checkpoint
+of `PAUSE_POINTER_NAMES` (e.g. `ba10`), then writes its marker and blocks until it is killed.
 """
 
 import os
@@ -10,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from composer.callbacks import CheckpointSaver  # noqa: E402
 from composer.core import Callback  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
@@ -22,13 +28,53 @@ class LossFile(Callback):
         self.path = path
 
     def batch_end(self, state, logger) -> None:
-        if int(state.timestamp.batch) > int(os.environ.get('BATCH_SLEEP_AFTER', '0')):
-            time.sleep(float(os.environ.get('BATCH_SLEEP_SECONDS', '0')))
+        time.sleep(float(os.environ.get('BATCH_SLEEP_SECONDS', '0')))
         with open(self.path.format(rank=dist.get_global_rank()), 'a') as f:
             f.write(f'{int(state.timestamp.batch)} {float(state.loss).hex()}\n')
+
+
+def pointer_names(uri: str, name: str) -> bool:
+    """Whether the object at `uri` exists and its text contains `name`."""
+    import boto3
+
+    bucket, key = uri.removeprefix('s3://').split('/', 1)
+    s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT_URL'])
+    try:
+        return name in s3.get_object(Bucket=bucket, Key=key)['Body'].read().decode()
+    except s3.exceptions.NoSuchKey:
+        return False
+
+
+class PauseForKill(Callback):
+    """Holds the run at the end of batch `batch` once the pointer names a checkpoint, then signals."""
+
+    def __init__(self, batch: int, pointer: str, names: str, marker: str) -> None:
+        self.batch, self.pointer, self.names, self.marker = batch, pointer, names, marker
+
+    def batch_end(self, state, logger) -> None:
+        if int(state.timestamp.batch) != self.batch:
+            return
+        savers = [c for c in state.callbacks if isinstance(c, CheckpointSaver)]
+        while not pointer_names(self.pointer, self.names):
+            for saver in savers:  # Its batch_end starts the pointer upload once the checkpoint is up.
+                saver.batch_end(state, logger)
+            time.sleep(0.05)
+        with open(self.marker.format(rank=dist.get_global_rank()), 'w') as f:
+            f.write('paused\n')
+        while True:
+            time.sleep(1.0)
 
 
 if __name__ == '__main__':
     trainer = train.main(load_config(sys.argv[2], sys.argv[3:]), return_trainer=True, do_train=False)
     trainer.state.callbacks.append(LossFile(sys.argv[1]))
+    if 'PAUSE_AT_BATCH' in os.environ:
+        trainer.state.callbacks.append(
+            PauseForKill(
+                int(os.environ['PAUSE_AT_BATCH']),
+                os.environ['PAUSE_POINTER'],
+                os.environ['PAUSE_POINTER_NAMES'],
+                os.environ['PAUSE_MARKER'],
+            )
+        )
     trainer.fit()

@@ -52,14 +52,15 @@ trainer.state.callbacks.append(Record())
 trainer.fit()
 """
 
-# Refits every 4 batches on a buffer that fills in 4; min_explained=0 installs every fit, so the
+# Refits every 4 batches on a buffer that fills in 4; min_evidence=0 installs every fit, so the
 # curves compared across ranks are non-trivial.
 REFIT = {
     'interval': '4ba',
     'buffer_size': 64,
     'n_bins': 8,
     'min_points': 16,
-    'min_explained': 0.0,
+    'min_evidence': 0.0,
+    'min_group_points': 1,
     'mu': 0.05,
 }
 

@@ -24,7 +24,14 @@ from cdcd_composer.callbacks import TimeWarpRefit
 pytestmark = pytest.mark.slow
 
 MASKING = {'prefix': 0.5, 'random': 0.3, 'span': 0.2, 'drop': 0.1}
-REFIT = {'interval': '2ba', 'buffer_size': 64, 'n_bins': 8, 'min_points': 16, 'min_explained': 0.0}
+REFIT = {
+    'interval': '2ba',
+    'buffer_size': 64,
+    'n_bins': 8,
+    'min_points': 16,
+    'min_evidence': 0.0,
+    'min_group_points': 1,
+}
 
 
 class Preempted(Exception):
@@ -112,17 +119,19 @@ def s3_keys(bucket: str, prefix: str) -> list[str]:
     return [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get('Contents', [])]
 
 
-def kill_after_upload(cmd: list[str], bucket: str, marker: str, env: dict) -> None:
-    """Starts `cmd` in its own process group and SIGKILLs the group once `marker` is in the bucket."""
+def kill_when_paused(cmd: list[str], markers: list[Path], env: dict) -> None:
+    """Starts `cmd` in its own process group and SIGKILLs the group once every rank wrote its marker.
+
+    The driver pauses each rank at a fixed batch after the checkpoint pointer reached the bucket,
+    so where the run dies depends on events, not on how busy the machine is.
+    """
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 300
-    while not any(marker in k for k in s3_keys(bucket, 'runs/')):
-        assert proc.poll() is None, (
-            f'the run ended before its checkpoint appeared: {proc.stderr.read()[-2000:]}'
-        )
-        assert time.monotonic() < deadline
+    deadline = time.monotonic() + 900  # only a hang gets here
+    while not all(m.exists() for m in markers):
+        assert proc.poll() is None, f'the run ended before it paused: {proc.stderr.read()[-2000:]}'
+        assert time.monotonic() < deadline, 'the run never paused'
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -153,18 +162,21 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
         assert proc.returncode == 0, proc.stderr[-1500:] + ranks
 
     run('straight')
-    slow = dict(env, BATCH_SLEEP_SECONDS='1', BATCH_SLEEP_AFTER='10')  # Time for the upload, then the kill.
-    kill_after_upload(command('killed'), bucket, 'killed/checkpoints/latest-rank0.pt.symlink', slow)
     ranks = (0,) if strategy == 'single' else (0, 1)
+    # Killed after batch 11, once the pointer to the checkpoint of batch 10 is in the bucket.
+    pause = dict(
+        env, PAUSE_AT_BATCH='11', PAUSE_POINTER_NAMES='ba10', PAUSE_MARKER=str(tmp_path / 'paused-{rank}'),
+        PAUSE_POINTER=f's3://{bucket}/runs/killed/checkpoints/latest-rank0.pt.symlink',
+    )  # fmt: skip
+    kill_when_paused(command('killed'), [tmp_path / f'paused-{r}' for r in ranks], pause)
     before = {r: read_losses(tmp_path / f'killed-{r}.txt') for r in ranks}
-    assert all(0 < len(b) < 30 for b in before.values())
+    assert all([b for b, _ in before[r]] == list(range(1, 12)) for r in ranks)
     run('killed')  # The same command again.
 
     for rank in ranks:
         straight = dict(read_losses(tmp_path / f'straight-{rank}.txt'))
         after = read_losses(tmp_path / f'killed-{rank}.txt')[len(before[rank]) :]
-        resumed_from = after[0][0] - 1
-        assert resumed_from in range(5, 30, 5) and [b for b, _ in after] == list(range(resumed_from + 1, 31))
+        assert [b for b, _ in after] == list(range(11, 31))  # resumed from the checkpoint of batch 10
         assert all(loss == straight[b] for b, loss in after), rank  # Bit-for-bit (hex floats).
     exports = [
         load_file(str(tmp_path / name / 'export' / 'model.safetensors')) for name in ('straight', 'killed')

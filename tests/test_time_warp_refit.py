@@ -11,11 +11,11 @@ from cdcd_composer.checkpoint import load_trained_model
 
 pytestmark = pytest.mark.slow
 
-# Small enough to fit after two batches of 8 sequences; min_explained=0 installs every fit, so
+# Small enough to fit after two batches of 8 sequences; min_evidence=0 installs every fit, so
 # the curves below are non-trivial (and so are their differences, if any).
 REFIT = {
-    'interval': '2ba', 'buffer_size': 64, 'n_bins': 8, 'min_points': 16, 'min_explained': 0.0,
-    'mu': 0.05,
+    'interval': '2ba', 'buffer_size': 64, 'n_bins': 8, 'min_points': 16, 'min_evidence': 0.0,
+    'min_group_points': 1, 'mu': 0.05,
 }  # fmt: skip
 
 
