@@ -20,6 +20,8 @@ from cdcd_composer.time_warping import TimeWarp
 
 log = logging.getLogger(__name__)
 
+BUFFER_ROWS = 4  # t, per-sequence CE, F'(t) under the curve t was drawn from, share of given tokens
+
 
 class RunMetadata(Callback):
     """Carries what a checkpoint needs to be sampled from on its own: configs and the tokenizer.
@@ -67,7 +69,8 @@ class BatchNoiseSeed(Callback):
 class TimeWarpRefit(Callback):
     """Fits the time warp to (t, per-sequence CE) pairs from training and installs it (paper §3.3).
 
-    Every batch the pairs of all ranks are all-gathered into a fixed-size ring buffer (so every
+    Every batch the pairs of all ranks (with F'(t) and the share of given tokens, the fit's
+    control variate) are all-gathered into a fixed-size ring buffer (so every
     rank holds the same buffer); every `interval` the curve is refitted from that buffer. The
     fit is deterministic given its data, so all ranks install bit-identical curves. The curve,
     the buffer and the fit count are checkpointed as fixed-shape tensors and restored on resume.
@@ -125,7 +128,8 @@ class TimeWarpRefit(Callback):
         self.plot_folder = plot_folder
         self.history_size = history
         self.warp: TimeWarp | None = None
-        self.buffer = torch.full((3, buffer_size), float('nan'), dtype=torch.float64)  # rows: t, CE, F'(t)
+        # rows: t, CE, F'(t), share of given tokens
+        self.buffer = torch.full((BUFFER_ROWS, buffer_size), float('nan'), dtype=torch.float64)
         self.n_seen = 0  # Pairs ever appended; the write position is n_seen % buffer_size.
         self.fit_count = 0
         self.rejected_count = 0
@@ -145,14 +149,15 @@ class TimeWarpRefit(Callback):
         model.time_distribution = self.warp
 
     def after_forward(self, state: State, logger: Logger) -> None:
-        """Keeps this microbatch's (t, CE, F'(t)) triples until the batch ends."""
+        """Keeps this microbatch's (t, CE, F'(t), given share) columns until the batch ends."""
         outputs = state.outputs
         if not isinstance(outputs, dict) or 'ce_per_sequence' not in outputs:
             return
         # Stays on the device: copying to the host here would sync every step.
         t = outputs['t'].detach().double()
         density = self.warp.density(t) if self.warp is not None else torch.ones_like(t)
-        self._pending.append(torch.stack([t, outputs['ce_per_sequence'].detach().double(), density]))
+        share = outputs.get('given_share', torch.zeros_like(t)).detach().double()
+        self._pending.append(torch.stack([t, outputs['ce_per_sequence'].detach().double(), density, share]))
 
     def batch_end(self, state: State, logger: Logger) -> None:
         """Gathers the batch's pairs from every rank into the buffer; refits when the interval says so."""
@@ -170,7 +175,7 @@ class TimeWarpRefit(Callback):
         return torch.cat(dist.all_gather(device), dim=1)
 
     def _append(self, triples: torch.Tensor) -> None:
-        """Writes (3, n) triples into the ring buffer, which lives on their device between refits."""
+        """Writes (4, n) columns into the ring buffer, which lives on their device between refits."""
         if self.buffer.device != triples.device:
             self.buffer = self.buffer.to(triples.device)
         capacity = self.buffer.shape[1]
@@ -189,7 +194,9 @@ class TimeWarpRefit(Callback):
         batch = int(state.timestamp.batch)
         start = time.perf_counter()
         filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])].cpu()  # the one copy per refit
-        report = self.warp.fit(filled[0], filled[1], density=filled[2], min_points=self.min_points)
+        report = self.warp.fit(
+            filled[0], filled[1], density=filled[2], min_points=self.min_points, covariate=filled[3]
+        )
         seconds = time.perf_counter() - start
         if not report.accepted:
             self.rejected_count += 1
@@ -231,6 +238,7 @@ class TimeWarpRefit(Callback):
             'time_warp/explained': report.explained,
             'time_warp/evidence': report.evidence,
             'time_warp/change': report.change,
+            'time_warp/covariate_slope': report.covariate_slope,
             'time_warp/refit_seconds': seconds,
         }
         logger.log_metrics(summary)
@@ -269,6 +277,8 @@ class TimeWarpRefit(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores everything; the curve is installed into the model at FIT_START."""
+        if state['buffer'].shape[0] == BUFFER_ROWS - 1:  # before the covariate row: none recorded
+            state = {**state, 'buffer': torch.cat([state['buffer'], torch.zeros_like(state['buffer'][:1])])}
         if state['buffer'].shape != self.buffer.shape:
             raise ValueError(
                 f'checkpointed time warp buffer has {state["buffer"].shape[1]} slots, config has '

@@ -165,6 +165,8 @@ class CDCDComposerModel(ComposerModel):
             `loss` (scalar, mean CE over generated tokens), `logits` (B, L, V),
             `ce_per_sequence` (B,) detached mean CE of each sequence's generated tokens, and
             `t` (B,) the noise level it was measured at: the (t, CE) pairs time warping fits;
+            `given_share` (B,) the share of each sequence's positions given by the mask (a
+            control variate for that fit);
             with `mse_weight` > 0 also `mse` (scalar, detached), the auxiliary term before weighting.
         """
         batch = self.corrupt(batch)
@@ -176,7 +178,12 @@ class CDCDComposerModel(ComposerModel):
         m = batch['generate_mask'].to(ce.dtype)  # Given tokens carry no loss.
         loss = (ce * m).sum() / m.sum().clamp_min(1.0)
         ce_per_sequence = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-        out = {'logits': logits, 'ce_per_sequence': ce_per_sequence.detach(), 't': batch['t']}
+        out = {
+            'logits': logits,
+            'ce_per_sequence': ce_per_sequence.detach(),
+            't': batch['t'],
+            'given_share': 1.0 - m.mean(-1),
+        }
         if self.mse_weight:
             mse = (embedding_error * m).sum() / m.sum().clamp_min(1.0)
             loss = loss + self.mse_weight * mse

@@ -7,7 +7,9 @@ described by the probability mass of each bin; before the first fit it is unifor
 
 The fit works from the per-bin means of the loss: within a bin every curve drawn from so far has
 constant density, so a bin's mean is unbiased whatever curve drew its points, and the per-example
-noise (masks, self-conditioning, the data) averages out as 1/sqrt(count). A monotone (isotonic)
+noise (masks, self-conditioning, the data) averages out as 1/sqrt(count); the part of it that a
+known per-sequence covariate explains (the share of given tokens under conditioning masks) is
+subtracted first, a control variate that leaves every bin mean unbiased. A monotone (isotonic)
 regression of those means is F~; whether it is a curve or noise is decided by a chi-square
 statistic against the within-bin noise, not by R^2 (which the per-example noise keeps near zero
 even when the curve is certain); each accepted fit moves the bin masses part of the way (an EMA).
@@ -41,6 +43,19 @@ def low_discrepancy_uniform(
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     """Total-variation distance between two bin-mass vectors (N,): half the L1 distance, in [0, 1]."""
     return 0.5 * float((p - q).abs().sum())
+
+
+def within_bin_slope(bins: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
+    """Least-squares slope of y on x after removing each bin's mean from both: (n,) inputs.
+
+    Removing the bin means takes out the effect of t, so the slope is that of x alone. 0 when x
+    does not vary within bins.
+    """
+    counts = torch.bincount(bins, minlength=n_bins).double().clamp_min(1.0)
+    x_dev = x - (torch.bincount(bins, weights=x, minlength=n_bins) / counts)[bins]
+    y_dev = y - (torch.bincount(bins, weights=y, minlength=n_bins) / counts)[bins]
+    spread = float((x_dev**2).sum())
+    return float((x_dev * y_dev).sum()) / spread if spread > 1e-12 else 0.0
 
 
 @dataclass
@@ -98,6 +113,7 @@ class FitReport:
     explained: float = float('nan')  # R^2 of the fit against a constant, over the points (informative only).
     evidence: float = float('nan')  # Chi-square of the fitted curve against the within-bin noise.
     change: float = float('nan')  # Total-variation distance between the previous and the installed masses.
+    covariate_slope: float = 0.0  # Nats of loss per unit of the covariate, subtracted before the fit.
     n_points: int = 0
 
 
@@ -284,6 +300,7 @@ class TimeWarp:
         loss: torch.Tensor,
         density: torch.Tensor | None = None,
         min_points: int | None = None,
+        covariate: torch.Tensor | None = None,
     ) -> FitReport:
         """Refits the curve to (t_i, L_i) pairs and installs it, or keeps the old one and says why.
 
@@ -305,11 +322,15 @@ class TimeWarp:
             density: (n,) F'(t_i) of the curve each t_i was drawn from (default: the current
                 one); used by the 'cauchy' shape only.
             min_points: Fewest points to fit (default: 2 per bin).
+            covariate: (n,) a per-sequence quantity drawn independently of t that also moves the
+                loss (the share of given tokens): its within-bin linear effect is subtracted
+                before the fit (a control variate: less noise, the same bin means in expectation).
         """
         t64, y = t.detach().cpu().double().flatten(), loss.detach().cpu().double().flatten()
         f_prime = self.density(t64) if density is None else density.detach().cpu().double().flatten()
-        keep = torch.isfinite(t64) & torch.isfinite(y) & (f_prime > 0)
-        t64, y, f_prime = t64[keep], y[keep], f_prime[keep]
+        c = torch.zeros_like(y) if covariate is None else covariate.detach().cpu().double().flatten()
+        keep = torch.isfinite(t64) & torch.isfinite(y) & (f_prime > 0) & torch.isfinite(c)
+        t64, y, f_prime, c = t64[keep], y[keep], f_prime[keep], c[keep]
         n_points = int(t64.numel())
         needed = 2 * self.n_bins if min_points is None else min_points
         if n_points < needed:
@@ -317,6 +338,8 @@ class TimeWarp:
         if float(y.max() - y.min()) <= 1e-9:
             return FitReport(False, 'flat data: every loss is equal', n_points=n_points)
         unit = self._unit(t64)
+        slope = within_bin_slope(self._bin(unit), c, y, self.n_bins)
+        y = y - slope * (c - c.mean())
         bins = BinnedLoss.of(self._bin(unit), y, self.n_bins)
         if self.shape == 'piecewise':
             offset, heights = self._fit_piecewise(bins)
@@ -329,7 +352,8 @@ class TimeWarp:
         residual = float(((offset + self._ramps(unit) @ heights - y) ** 2).mean())
         explained = 1.0 - residual / float(y.var(correction=0))
         evidence = bins.chi_square(self._bin_means(offset, heights))
-        report = FitReport(True, 'ok', math.sqrt(residual), explained, evidence, n_points=n_points)
+        report = FitReport(True, 'ok', math.sqrt(residual), explained, evidence, covariate_slope=slope)
+        report.n_points = n_points
         if not evidence >= self.min_evidence:
             report.accepted = False
             report.reason = (
