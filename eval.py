@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         '--trust_checkpoint', action='store_true', help='unpickle a .pt even from an untrusted place'
     )
     args = p.parse_args(argv)
+    for name in ('num_samples', 'batch_size'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if min(args.steps) < 1:
+        p.error(f'--steps must all be at least 1, got {args.steps}')
     try:
         trained = load_trained_model(args.model, args.device, trust=args.trust_checkpoint)
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)

@@ -5,6 +5,7 @@ Euler or Heun steps; prompts, infilling, classifier-free guidance and self-condi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,12 +41,22 @@ class SamplerSettings:
     time_shift: float | None = None
 
     def __post_init__(self) -> None:
-        if self.time_shift is not None and (self.time_shift < 0 or self.heun):
-            raise ValueError(f'time shift {self.time_shift} must be >= 0 and works with Euler steps only')
-        if self.score_temperature <= 0:
-            raise ValueError(f'score temperature (--tau) must be positive, got {self.score_temperature}')
-        if self.initial_noise_scale <= 0:
-            raise ValueError(f'initial noise scale must be positive, got {self.initial_noise_scale}')
+        # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
+        if self.time_shift is not None and (not self.time_shift >= 0 or self.heun):
+            raise ValueError(
+                f'time shift (--time_shift) {self.time_shift} must be a number >= 0 and works with Euler '
+                'steps only'
+            )
+        if not 0 < self.score_temperature < math.inf:
+            raise ValueError(
+                f'score temperature (--tau) must be a positive number, got {self.score_temperature}'
+            )
+        if not 0 < self.initial_noise_scale < math.inf:
+            raise ValueError(f'initial noise scale must be a positive number, got {self.initial_noise_scale}')
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(
+                f'guidance scale (--guidance) must be a finite number (1: none), got {self.guidance_scale}'
+            )
 
 
 @torch.no_grad()

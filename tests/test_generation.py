@@ -119,8 +119,17 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
                                    given_tokens=tokens[None], generate_mask=mask[None],
                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.equal(run(0.0, given)[:, mask], run(0.0, other)[:, mask])
-    with pytest.raises(ValueError, match='score temperature'):
-        SamplerSettings(score_temperature=0.0)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('score_temperature', 0.0, 'score temperature'), ('score_temperature', math.nan, 'score temperature'),
+    ('initial_noise_scale', math.nan, 'initial noise scale'), ('initial_noise_scale', -1.0, 'initial noise'),
+    ('guidance_scale', math.nan, 'guidance'), ('guidance_scale', math.inf, 'guidance'),
+    ('time_shift', math.nan, 'time shift'),
+])  # fmt: skip
+def test_bad_sampler_settings_fail_by_name_nan_included(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplerSettings(**{field: value})
 
 
 @pytest.fixture(scope='module')
@@ -285,6 +294,18 @@ def test_eval_cli_reports_samples_next_to_the_data(
     assert report['rows'][0]['recognised'] > 0.9  # Real synthetic stories parse (bar tokenizer UNKs).
     assert set(report['cross_entropy_vs_t']) == {'1.0', '3.0', '10.0', '20.0'}
     assert '| data |' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--steps', '0'], '--steps must all be at least 1'), (['--num_samples', '0'], '--num_samples must be'),
+    (['--batch_size', '0'], '--batch_size must be'),
+])  # fmt: skip
+def test_eval_cli_refuses_empty_runs_in_one_line(trained_run, tiny_dataset, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(
+            [str(trained_run / 'export'), '--data_root', str(tiny_dataset), '--judge', 'none', *flags]
+        )
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_export_and_generate_through_s3(trained_run, s3_env, tmp_path, capsys):
