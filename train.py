@@ -50,6 +50,13 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
             f'data.seq_len={cfg.data.seq_len} but {cfg.data.root} holds {meta.seq_len}-token examples; '
             f'set data.seq_len={meta.seq_len} or convert the data again with --seq_len {cfg.data.seq_len}'
         )
+    examples = meta.num_examples.get(cfg.data.train_split)
+    if examples is not None and examples < cfg.global_train_batch_size:
+        # With drop_last, no batch could ever be formed and the trainer would wait forever.
+        raise ValueError(
+            f'global_train_batch_size={cfg.global_train_batch_size} is larger than the '
+            f'{examples} training examples in {cfg.data.root}; set global_train_batch_size<={examples}'
+        )
     return meta
 
 

@@ -47,6 +47,7 @@ def test_config_errors_name_the_key(tiny_config, override, message):
         ('precision=amp_bf16', 'precision=amp_bf16 needs a GPU; on CPU set precision=fp32'),
         ('device_train_microbatch_size=auto', 'device_train_microbatch_size=auto searches GPU memory'),
         ('device_train_microbatch_size=half', "device_train_microbatch_size='half' must be an integer"),
+        ('global_train_batch_size=300', 'larger than the 256 training examples'),  # would hang
         # What only a GPU would reach, checked all the same (device=gpu is not probed here):
         (['device=gpu', 'device_train_microbatch_size=auto', 'parallelism_config={fsdp: {}}'],
          'auto works with DDP or FSDP1 only in Composer 0.32.1; under FSDP2 set an integer'),
