@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -85,10 +86,36 @@ def check_kwargs(kind: str, name: str, kwargs: dict[str, Any], skip: tuple[str, 
     for key in kwargs:
         if key not in valid and not accepts_any:
             raise ValueError(f'unknown key {kind}.{name}.{key}; valid keys: {", ".join(sorted(valid))}')
+    by_name = {p.name: p for p in params}
+    for key, value in kwargs.items():
+        if key in by_name:
+            check_value(f'{kind}.{name}.{key}', value, by_name[key].default)
     bound = {p.name for p in params if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
     missing = sorted(bound - set(kwargs) - {p.name for p in params if p.kind is p.VAR_POSITIONAL})
     if missing:
         raise ValueError(f'{kind}.{name} needs key {missing[0]!r}')
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_value(key: str, value: Any, default: Any) -> None:
+    """Fails by key name when a value's type cannot be what the parameter's default is.
+
+    The constructors check names, not types: `optimizer.lr=fast` or `nan` would otherwise reach
+    the first optimizer step. Numbers must be finite numbers, switches booleans, and sequences
+    of numbers (e.g. `betas`) finite numbers throughout.
+    """
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f'{key}={value!r} must be true or false')
+    elif _is_number(default):
+        if not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f'{key}={value!r} must be a finite number (default {default})')
+    elif isinstance(default, (tuple, list)) and default and all(_is_number(v) for v in default):
+        if not isinstance(value, (tuple, list)) or not all(_is_number(v) and math.isfinite(v) for v in value):
+            raise ValueError(f'{key}={value!r} must be a list of finite numbers like {list(default)}')
 
 
 def build(kind: str, name: str, kwargs: dict[str, Any] | None) -> Any:

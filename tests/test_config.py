@@ -48,6 +48,10 @@ def test_config_errors_name_the_key(tiny_config, override, message):
         ('device_train_microbatch_size=auto', 'device_train_microbatch_size=auto searches GPU memory'),
         ('device_train_microbatch_size=half', "device_train_microbatch_size='half' must be an integer"),
         ('global_train_batch_size=300', 'larger than the 256 training examples'),  # would hang
+        ('optimizer.lr=fast', "optimizer.fused_decoupled_adamw.lr='fast' must be a finite number"),
+        ('optimizer.lr=.nan', 'optimizer.fused_decoupled_adamw.lr=nan must be a finite number'),
+        ('optimizer.betas=[0.9,x]', 'betas=[0.9, \'x\'] must be a list of finite numbers'),
+        ('callbacks.time_warp_refit.mu=high', "time_warp_refit.mu='high' must be a finite number"),
         # What only a GPU would reach, checked all the same (device=gpu is not probed here):
         (['device=gpu', 'device_train_microbatch_size=auto', 'parallelism_config={fsdp: {}}'],
          'auto works with DDP or FSDP1 only in Composer 0.32.1; under FSDP2 set an integer'),
