@@ -8,6 +8,7 @@ or when the caller says it trusts it (`--trust_checkpoint`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -87,11 +88,58 @@ def build_trained_model(
     return TrainedModel(model, tokenizer, time_distribution, metadata, fitted)
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_export_config(local: str, where: str) -> dict[str, Any]:
+    """The export's JSON config, checked for its keys and for the weights' checksum.
+
+    Raises:
+        ValueError: one line naming the file and what is wrong with it.
+    """
+    config_path = os.path.join(local, EXPORT_CONFIG)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f'{where}/{EXPORT_CONFIG} is unreadable ({e}); export the checkpoint again'
+        ) from None
+    expected = {'format', 'metadata', 'time_warp', 'weights_sha256'}
+    keys = set(config) if isinstance(config, dict) else set()
+    if not isinstance(config, dict) or not {'format', 'metadata'} <= keys or keys - expected:
+        raise ValueError(
+            f'{where}/{EXPORT_CONFIG} is not an export config (keys {sorted(keys)}, expected '
+            f'{sorted(expected)}); export the checkpoint again with python -m cdcd_composer.export'
+        )
+    for name in ('model', 'diffusion', 'dataset', 'tokenizer'):
+        if not isinstance(config['metadata'], dict) or name not in config['metadata']:
+            raise ValueError(f'{where}/{EXPORT_CONFIG} lacks metadata.{name}; export the checkpoint again')
+    weights = os.path.join(local, EXPORT_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f'{where}/{EXPORT_WEIGHTS} is missing; the export is incomplete: export it again')
+    if 'weights_sha256' in config and file_sha256(weights) != config['weights_sha256']:
+        raise ValueError(
+            f'{where}/{EXPORT_WEIGHTS} does not match the checksum in {EXPORT_CONFIG}: the file is '
+            'damaged or was replaced; export the checkpoint again'
+        )
+    return config
+
+
 def load_export(path: str, device: str = 'cpu', warp: bool = True) -> TrainedModel:
     """Loads a weights-only export (local directory or object-store prefix); unpickles nothing.
 
+    The weights are checked against the SHA-256 in the config (exports written before the
+    checksum existed load without the check).
+
     Raises:
-        ValueError: `path` holds no export.
+        ValueError: `path` holds no export, or a damaged or inconsistent one.
     """
     from safetensors.torch import load_file
 
@@ -103,8 +151,7 @@ def load_export(path: str, device: str = 'cpu', warp: bool = True) -> TrainedMod
         )
     with tempfile.TemporaryDirectory() as tmp:
         local = root.fetch_directory('', tmp) if is_remote(path) else path
-        with open(os.path.join(local, EXPORT_CONFIG)) as f:
-            config = json.load(f)
+        config = read_export_config(local, path.rstrip('/'))
         tensors = load_file(os.path.join(local, EXPORT_WEIGHTS))
         tokenizer = load_tokenizer(os.path.join(local, EXPORT_TOKENIZER))
     weights = {k: v for k, v in tensors.items() if not k.startswith(WARP_PREFIX)}

@@ -28,6 +28,7 @@ from cdcd_composer.checkpoint import (
     EXPORT_WEIGHTS,
     WARP_PREFIX,
     TrainedModel,
+    file_sha256,
     load_trained_model,
 )
 from cdcd_composer.dataset_store import DatasetRoot
@@ -64,6 +65,8 @@ def write_export(
     root = DatasetRoot(parent)
     with root.staged_directory(name) as staging:
         save_file(tensors, os.path.join(staging, EXPORT_WEIGHTS))
+        # Verified on load: a damaged weights file would otherwise load and sample garbage.
+        config['weights_sha256'] = file_sha256(os.path.join(staging, EXPORT_WEIGHTS))
         tokenizer.save_pretrained(os.path.join(staging, EXPORT_TOKENIZER))
         with open(os.path.join(staging, EXPORT_CONFIG), 'w') as f:
             json.dump(config, f, indent=2)

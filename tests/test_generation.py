@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,41 @@ def test_export_round_trip_and_generate_from_it(trained_run, tmp_path, capsys):
     )
     assert generate.main([str(export), '--template', 'no blank', '--steps', '2']) == 2
     assert 'has no ___ blank' in capsys.readouterr().err
+
+
+def damage_flip_a_weight_byte(export: Path) -> None:
+    data = bytearray((export / 'model.safetensors').read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor: still a valid safetensors file
+    (export / 'model.safetensors').write_bytes(bytes(data))
+
+
+def damage_extra_key(export: Path) -> None:
+    config = json.loads((export / 'cdcd_config.json').read_text())
+    (export / 'cdcd_config.json').write_text(json.dumps({**config, 'surprise': 1}))
+
+
+def damage_no_metadata_model(export: Path) -> None:
+    config = json.loads((export / 'cdcd_config.json').read_text())
+    del config['metadata']['model']
+    (export / 'cdcd_config.json').write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize('damage, message', [
+    (damage_flip_a_weight_byte, 'model.safetensors does not match the checksum'),
+    (damage_extra_key, 'cdcd_config.json is not an export config'),
+    (damage_no_metadata_model, 'cdcd_config.json lacks metadata.model'),
+    (lambda e: (e / 'cdcd_config.json').write_text('{"format": 1,'), 'cdcd_config.json is unreadable'),
+    (lambda e: (e / 'model.safetensors').unlink(), 'model.safetensors is missing'),
+    (lambda e: (e / 'cdcd_config.json').unlink(), 'neither a .pt checkpoint nor an export directory'),
+])  # fmt: skip
+def test_damaged_exports_fail_in_one_line(trained_run, tmp_path, damage, message, capsys):
+    export = tmp_path / 'export'
+    shutil.copytree(trained_run / 'export', export)
+    assert 'weights_sha256' in json.loads((export / 'cdcd_config.json').read_text())
+    damage(export)
+    assert generate.main([str(export), '--num_samples', '1', '--steps', '2']) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_untrusted_pickles_are_refused(trained_run, capsys):
