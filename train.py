@@ -16,6 +16,7 @@ from composer.utils import dist, get_device, reproducibility
 
 from cdcd_composer import registry
 from cdcd_composer.callbacks import BatchNoiseSeed, RunMetadata
+from cdcd_composer.checkpoint import refusal, untrusted_reason
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import TrainConfig, load_config, parse_config
 from cdcd_composer.data import (
@@ -38,6 +39,7 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     check_split(cfg.data.root, cfg.data.eval_split)
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
     check_object_stores(cfg)
+    check_load_path(cfg)
     check_autoresume(cfg)
     check_system(cfg)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != meta.vocab_size:
@@ -117,20 +119,47 @@ def check_autoresume(cfg: TrainConfig) -> None:
     if found and not any(n.startswith('latest-rank0.pt') for n in names):
         raise ValueError(
             f'{folder} holds checkpoints (newest {found[-1]}) but no latest-rank0.pt pointer, so autoresume '
-            f'would start from scratch: set load_path={folder}/{found[-1]} to resume from it'
+            f'would start from scratch: set load_path={folder}/{found[-1]}{trust_flag(folder)} to resume '
+            'from it'
         )
+
+
+def trust_flag(folder: str) -> str:
+    """' trust_checkpoint=true' for an object-store folder (its pickles need it as a load_path)."""
+    return ' trust_checkpoint=true' if is_remote(folder) else ''
 
 
 def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
     """The one-line error for a checkpoint that cannot be loaded, naming the way out."""
     folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
     older = checkpoints_in(folder)[:-1] if folder else []
-    way_out = f'set load_path={folder}/{older[-1]} to resume from the one before' if older else 'start afresh'
+    way_out = (
+        f'set load_path={folder}/{older[-1]}{trust_flag(folder)} to resume from the one before'
+        if older
+        else 'start afresh'
+    )
     return ValueError(
         f'cannot load the checkpoint to resume from ({type(error).__name__}: '
         f'{str(error).splitlines()[0][:120] if str(error) else ""}); it is damaged: delete it and its '
         f'latest-rank0.pt pointer, or {way_out}'
     )
+
+
+def check_load_path(cfg: TrainConfig) -> None:
+    """A load_path exists and, being a pickle, is trusted (see `untrusted_reason`).
+
+    Raises:
+        ValueError: one line naming the path and the fix.
+    """
+    if cfg.load_path is None:
+        return
+    if not is_remote(cfg.load_path) and not os.path.exists(cfg.load_path):
+        raise ValueError(f'load_path {cfg.load_path} not found: pass a checkpoint written by train.py')
+    reason = (
+        untrusted_reason(cfg.load_path) if is_remote(cfg.load_path) or os.path.isfile(cfg.load_path) else None
+    )
+    if reason and not cfg.trust_checkpoint:
+        raise refusal(cfg.load_path, reason, flag='trust_checkpoint=true')
 
 
 def check_object_stores(cfg: TrainConfig) -> None:
