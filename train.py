@@ -26,7 +26,7 @@ from cdcd_composer.data import (
     clean_shared_memory,
     fetch_dataset_files,
 )
-from cdcd_composer.dataset_store import DatasetRoot, is_remote
+from cdcd_composer.dataset_store import DatasetRoot, check_writable, is_remote
 from cdcd_composer.tokenization import load_tokenizer, tokenizer_to_json
 
 log = logging.getLogger('train')
@@ -39,6 +39,8 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     check_split(cfg.data.root, cfg.data.eval_split)
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
     check_object_stores(cfg)
+    if cfg.save_folder is not None:
+        check_writable(cfg.save_folder.format(run_name=cfg.run_name or 'run'), 'save_folder')
     check_load_path(cfg)
     check_autoresume(cfg)
     check_system(cfg)

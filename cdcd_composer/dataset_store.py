@@ -5,10 +5,16 @@ is written after the shards and `index.json`), the dataset when `cdcd_dataset.js
 (written after everything else). Locally a split is written to a hidden temporary sibling and
 renamed into place; in an object store the split's old markers are deleted before its shards
 are uploaded, so at every moment a reader sees either a complete split or none.
+
+Nothing this package did not write is ever deleted: every directory it writes carries an owner
+marker (`.cdcd-owned`), and replacing a directory without one (or without the files earlier
+versions wrote) is refused with one line naming it. A local root is locked while a conversion
+writes it (`lock`), so a second one fails fast instead of sweeping the first one's staging.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -24,6 +30,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = 'manifest.json'
 TEMP_PREFIX = '.tmp-'
+OWNER_MARKER = '.cdcd-owned'  # in every directory this package writes: it may replace them
+# What directories written before the marker existed hold: a split's or the tokenizer's
+# manifest, an export's config.
+LEGACY_OWNER_FILES = (MANIFEST_FILE, 'cdcd_config.json')
+LOCK_FILE = '.cdcd-lock'
 
 
 class StoreError(ValueError):
@@ -33,6 +44,33 @@ class StoreError(ValueError):
 def is_remote(uri: str) -> bool:
     """Whether `uri` names an object store (`s3://`, `gs://`, `oci://`, ...) rather than a path."""
     return '://' in uri
+
+
+def mark_owned(directory: str) -> None:
+    """Writes the owner marker into a local directory this package is writing."""
+    with open(os.path.join(directory, OWNER_MARKER), 'w') as f:
+        json.dump({'writer': 'cdcd-composer', 'pid': os.getpid()}, f)
+
+
+def check_writable(path: str, what: str) -> None:
+    """Fails now, not at the first write hours later, when a local folder cannot be created or written.
+
+    Args:
+        path: Local folder (created later if missing); object-store URIs are not checked here.
+        what: The setting that names it, for the message (e.g. 'save_folder').
+
+    Raises:
+        StoreError: one line naming the folder.
+    """
+    if is_remote(path):
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise StoreError(f'{what} {path}: {existing} is a file, not a folder; choose another {what}')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f'{what} {path}: {existing} is not writable; choose a folder you can write to')
 
 
 class DatasetRoot:
@@ -142,18 +180,47 @@ class DatasetRoot:
                 client.delete_object(Bucket=self.store.bucket, Key=key)
 
     def new_staging(self, rel: str) -> str:
-        """A new local directory whose files `commit_directory` will turn into `rel`."""
+        """A new local directory whose files `commit_directory` will turn into `rel` (see `mark_owned`)."""
         if self.store is None:
             os.makedirs(self.uri, exist_ok=True)
-            return tempfile.mkdtemp(prefix=f'{TEMP_PREFIX}{os.path.basename(rel)}-', dir=self.uri)
-        return tempfile.mkdtemp(prefix='cdcd-upload-')
+            staging = tempfile.mkdtemp(prefix=f'{TEMP_PREFIX}{os.path.basename(rel)}-', dir=self.uri)
+        else:
+            staging = tempfile.mkdtemp(prefix='cdcd-upload-')
+        return staging
+
+    def owns(self, rel: str) -> bool:
+        """Whether `rel` may be replaced: absent, an empty directory, or a directory we wrote."""
+        if self.store is None:
+            path = self.join(rel)
+            if not os.path.lexists(path):
+                return True
+            if not os.path.isdir(path) or os.path.islink(path):
+                return False
+            names = os.listdir(path)
+            return not names or any(n in names for n in (OWNER_MARKER, *LEGACY_OWNER_FILES))
+        prefix = self._key(rel).strip('/') + '/'
+        names = {key[len(prefix) :] for key in self.store.list_objects(prefix) if key.startswith(prefix)}
+        return not names or any(n in names for n in (OWNER_MARKER, *LEGACY_OWNER_FILES))
+
+    def check_replaceable(self, rel: str) -> None:
+        """Raises when replacing `rel` would delete something this package did not write.
+
+        Raises:
+            StoreError: one line naming the path and the fix.
+        """
+        if not self.owns(rel):
+            raise StoreError(
+                f'{self.join(rel)} holds files cdcd-composer did not write (no {OWNER_MARKER} marker) and '
+                'would be deleted: move them away or choose another folder'
+            )
 
     def commit_directory(self, staging: str, rel: str) -> None:
-        """Replaces `rel` by the files of `staging`.
+        """Replaces `rel` by the files of `staging`, if `rel` is absent or ours (`check_replaceable`).
 
         Locally `staging` is renamed over `rel`; remotely `rel`'s old objects are deleted and the
         files uploaded, `manifest.json` last.
         """
+        self.check_replaceable(rel)
         if self.store is None:
             os.chmod(staging, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared.
             self.remove(rel)
@@ -190,6 +257,7 @@ class DatasetRoot:
     def staged_directory(self, rel: str) -> Iterator[str]:
         """A local directory whose files become `rel` when the block ends without error."""
         staging = self.new_staging(rel)
+        mark_owned(staging)
         try:
             yield staging
             self.commit_directory(staging, rel)
@@ -197,11 +265,52 @@ class DatasetRoot:
             shutil.rmtree(staging, ignore_errors=True)
 
     def remove_stale_staging(self) -> None:
-        """Deletes temporary directories left by interrupted local writes."""
+        """Deletes our temporary directories left by interrupted local writes.
+
+        Only directories that carry our marker go, and only a holder of `lock` should call
+        this: another writer's live staging is never swept.
+        """
         if self.store is None and os.path.isdir(self.uri):
             for name in os.listdir(self.uri):
-                if name.startswith(TEMP_PREFIX):
-                    shutil.rmtree(os.path.join(self.uri, name), ignore_errors=True)
+                path = os.path.join(self.uri, name)
+                if name.startswith(TEMP_PREFIX) and os.path.isfile(os.path.join(path, OWNER_MARKER)):
+                    shutil.rmtree(path, ignore_errors=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds an exclusive lock on a local root (`.cdcd-lock`, naming the holder's pid).
+
+        The operating system releases it when the holder exits, even on SIGKILL. Object-store
+        roots are not locked.
+
+        Raises:
+            StoreError: another process holds the lock.
+        """
+        if self.store is not None:
+            yield
+            return
+        if os.path.exists(self.uri) and not os.path.isdir(self.uri):
+            raise StoreError(f'{self.uri} is a file, not a directory: choose another folder')
+        os.makedirs(self.uri, exist_ok=True)
+        path = os.path.join(self.uri, LOCK_FILE)
+        with open(path, 'a+') as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or 'unknown'
+                raise StoreError(
+                    f'{self.uri} is being written by another process (pid {holder}, lock {path}): wait for '
+                    'it to finish or choose another folder'
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class SplitWriter:
@@ -227,16 +336,21 @@ class SplitWriter:
 
     def __enter__(self) -> SplitWriter:
         root = self.root
-        root.remove_stale_staging()
+        root.check_replaceable(self.split)
         columns = {'tokens': f'ndarray:{self.dtype}:{self.seq_len}'}
         kwargs = dict(columns=columns, compression='zstd', hashes=['xxh64'], size_limit=self.size_limit)
         self.staging = root.new_staging(self.split)
         if root.store is None:
-            self.writer = MDSWriter(out=self.staging, **kwargs)
+            self.writer = MDSWriter(out=self.staging, **kwargs)  # it wants an empty directory
+            mark_owned(self.staging)
         else:
             # Old objects go first: from here on the split is visibly incomplete until commit.
             root.remove(self.split)
             self.writer = MDSWriter(out=(self.staging, root.join(self.split)), **kwargs)
+            marker = os.path.join(tempfile.mkdtemp(prefix='cdcd-marker-'), OWNER_MARKER)
+            mark_owned(os.path.dirname(marker))
+            root.upload(marker, f'{self.split}/{OWNER_MARKER}')
+            shutil.rmtree(os.path.dirname(marker))
         return self
 
     def write_examples(self, examples: np.ndarray) -> None:

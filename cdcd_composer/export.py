@@ -31,11 +31,17 @@ from cdcd_composer.checkpoint import (
     file_sha256,
     load_trained_model,
 )
-from cdcd_composer.dataset_store import DatasetRoot
+from cdcd_composer.dataset_store import DatasetRoot, check_writable
 from cdcd_composer.time_warping import TimeWarp
 from cdcd_composer.tokenization import tokenizer_from_json
 
 EXPORT_FORMAT = 1
+
+
+def split_folder(out: str) -> tuple[str, str]:
+    """('runs/x', 'export') for 'runs/x/export'; ('.', 'export') for a bare name."""
+    out = out.rstrip('/')
+    return tuple(out.rsplit('/', 1)) if '/' in out else ('.', out)  # type: ignore[return-value]
 
 
 def write_export(
@@ -61,7 +67,7 @@ def write_export(
     if warp is not None:
         config['time_warp'] = warp.config()
         tensors |= {WARP_PREFIX + k: v.contiguous() for k, v in warp.state_dict().items()}
-    parent, name = (out.rstrip('/').rsplit('/', 1) + [''])[:2] if '/' in out.rstrip('/') else ('.', out)
+    parent, name = split_folder(out)
     root = DatasetRoot(parent)
     with root.staged_directory(name) as staging:
         save_file(tensors, os.path.join(staging, EXPORT_WEIGHTS))
@@ -89,6 +95,14 @@ class ExportWeights(Callback):
 
     def __init__(self, folder: str = 'runs/{run_name}/export') -> None:
         self.folder = folder
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Checks the destination before training, not after it: writable, and ours to replace."""
+        if dist.get_global_rank() == 0:
+            out = self.folder.format(run_name=state.run_name)
+            check_writable(out, 'callbacks.export_weights.folder')
+            parent, name = split_folder(out)
+            DatasetRoot(parent).check_replaceable(name)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         """Gathers the weights and writes the export."""

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from cdcd_composer.data import METADATA_FILE, SPLITS, TOKENIZER_DIR, DatasetMetadata
-from cdcd_composer.dataset_store import MANIFEST_FILE, DatasetRoot, SplitWriter
+from cdcd_composer.dataset_store import MANIFEST_FILE, OWNER_MARKER, DatasetRoot, SplitWriter
 from cdcd_composer.grammar import StoryGrammar
 from cdcd_composer.split_stats import SplitStats
 from cdcd_composer.story_encoding import LAYOUTS, OVERFLOWS, CanvasSpec, clean_story, encode_all
@@ -290,6 +290,13 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
     opt = options or ConvertOptions(**kwargs)
     check_options(opt)
     root = DatasetRoot(opt.out_root)
+    with root.lock():  # One conversion per local root at a time.
+        root.remove_stale_staging()
+        return _convert(opt, root)
+
+
+def _convert(opt: ConvertOptions, root: DatasetRoot) -> DatasetMetadata:
+    """`convert` while holding the root's lock."""
     settings = opt.settings()
     existing = root.read_json(METADATA_FILE)
     if existing is not None:
@@ -303,7 +310,7 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
             )
         root.remove(METADATA_FILE)  # From here on the old dataset no longer looks complete.
     for part in (*SPLITS, TOKENIZER_DIR):
-        _refuse_foreign(root, part, opt)
+        _refuse_foreign(root, part)
 
     tokenizer, name = tokenizer_in_root(root, opt)
     manifests = {}
@@ -334,21 +341,17 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
     return meta
 
 
-def _refuse_foreign(root: DatasetRoot, part: str, opt: ConvertOptions) -> None:
-    """Without --overwrite, refuses to replace a split or tokenizer this converter did not write.
+def _refuse_foreign(root: DatasetRoot, part: str) -> None:
+    """Refuses to replace a split or tokenizer directory this converter did not write.
 
-    Called only when the root holds no complete dataset: whatever has a manifest is the leftover
-    of an interrupted run and is kept (same settings) or redone; shards or a tokenizer without
-    one belong to something else.
+    Called only when the root holds no complete dataset. What carries our marker (or, from
+    earlier versions, a manifest) is the leftover of an interrupted run and is kept (same
+    settings) or redone; anything else is the user's, and --overwrite does not change that.
     """
-    if opt.overwrite or root.read_json(f'{part}/{MANIFEST_FILE}') is not None:
-        return
-    if root.exists(f'{part}/index.json' if part in SPLITS else f'{part}/tokenizer.json'):
-        if part in SPLITS and root.exists(f'{TOKENIZER_DIR}/{MANIFEST_FILE}'):
-            return  # Shards whose manifest upload was interrupted, after our tokenizer was written.
+    if not root.owns(part):
         raise ValueError(
-            f'{root.join(part)} already exists and was not written by this converter: pass --overwrite to '
-            'replace it, or choose another --out_root'
+            f'{root.join(part)} already exists and was not written by this converter (no '
+            f'{OWNER_MARKER} marker): move it away or choose another --out_root'
         )
 
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO
 
 from cdcd_composer.data import DatasetMetadata, StoryDataset, build_dataloader, check_split
+from cdcd_composer.dataset_store import DatasetRoot, StoreError
 from cdcd_composer.grammar import StoryGrammar
 from cdcd_composer.story_sources import is_carved
 from cdcd_composer.tokenization import StoryTokens, load_tokenizer
@@ -244,19 +245,20 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'all.txt', STORIES)
     out = tmp_path / 'ds'
     convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
-    before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
+    data = lambda: {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.name != '.cdcd-lock'}  # noqa: E731
+    before = data()
     convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))  # Same settings: nothing to do.
-    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
+    assert data() == before
     with pytest.raises(
         ValueError, match='already holds a dataset made with other settings: pass --overwrite'
     ):
         convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), seq_len=32)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
+    assert data() == before
     meta = convert_files(
         out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), seq_len=32, overwrite=True
     )
     assert meta.seq_len == 32 and read_split(out, 'train').shape[1] == 32
-    assert not [p for p in out.iterdir() if p.name.startswith('.')]
+    assert [p.name for p in out.iterdir() if p.name.startswith('.')] == ['.cdcd-lock']  # no staging left
 
 
 def test_foreign_shards_are_not_replaced(tmp_path, tokenizer_dir):
@@ -284,7 +286,11 @@ def test_ctrl_c_keeps_completed_splits_and_a_rerun_finishes(tmp_path, tokenizer_
         convert_files(
             out, [src], val_files=[str(src)], tokenizer=str(tokenizer_dir), num_workers=0, batch_stories=2
         )
-    assert sorted(p.name for p in out.iterdir()) == ['tokenizer', 'train']  # No val, no staging, no metadata.
+    assert sorted(p.name for p in out.iterdir()) == [
+        '.cdcd-lock',
+        'tokenizer',
+        'train',
+    ]  # No val, no staging, no metadata.
     with pytest.raises(ValueError, match='not a complete dataset'):
         DatasetMetadata.load(str(out))
     train_mtime = (out / 'train' / 'manifest.json').stat().st_mtime_ns
@@ -381,3 +387,45 @@ def test_unreachable_bucket_is_one_line_error(tmp_path, s3_env, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: cannot reach s3://no-such-bucket/x: NoSuchBucket') and '\n' not in err
+
+
+# -- never delete what the converter did not write (issue 19) --
+@pytest.mark.parametrize('part', ['train', 'val', 'tokenizer'])
+@pytest.mark.parametrize('overwrite', [False, True])
+def test_the_converter_never_replaces_a_users_folder(tmp_path, tokenizer_dir, part, overwrite):
+    src = write_text(tmp_path / 'all.txt', STORIES)
+    out = tmp_path / 'ds'
+    (out / part).mkdir(parents=True)
+    (out / part / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match=rf'ds/{part} already exists and was not written by this converter'):
+        convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), overwrite=overwrite)
+    assert (out / part / 'notes.txt').read_text() == 'mine'
+
+
+def test_a_users_temporary_folder_survives_a_conversion(tmp_path, tokenizer_dir):
+    src = write_text(tmp_path / 'all.txt', STORIES)
+    out = tmp_path / 'ds'
+    (out / '.tmp-drafts').mkdir(parents=True)
+    (out / '.tmp-drafts' / 'notes.txt').write_text('mine')
+    convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
+    assert (out / '.tmp-drafts' / 'notes.txt').read_text() == 'mine'
+    # A rerun with --overwrite replaces what the converter wrote, and still nothing else.
+    convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), seq_len=32, overwrite=True)
+    assert (out / '.tmp-drafts' / 'notes.txt').read_text() == 'mine'
+
+
+def test_a_second_conversion_into_the_same_root_fails_fast_naming_the_holder(tmp_path, tokenizer_dir):
+    src = write_text(tmp_path / 'all.txt', STORIES)
+    out = tmp_path / 'ds'
+    with DatasetRoot(str(out)).lock():  # as if another conversion were writing it
+        with pytest.raises(StoreError, match=r'ds is being written by another process \(pid \d+, lock'):
+            convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
+    convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))  # the lock is released
+
+
+def test_an_out_root_that_is_a_file_is_refused_before_any_work(tmp_path, tokenizer_dir):
+    src = write_text(tmp_path / 'all.txt', STORIES)
+    (tmp_path / 'ds').write_text('a file')
+    with pytest.raises(ValueError, match='ds is a file, not a directory'):
+        convert_files(tmp_path / 'ds', [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
+    assert (tmp_path / 'ds').read_text() == 'a file'

@@ -59,7 +59,7 @@ def test_refits_install_the_curve_plot_it_and_checkpoint_it(tiny_config, tmp_pat
     assert (tmp_path / 'run' / 'time_warp.png').stat().st_size > 1000
     # State has fixed shapes whatever the fill level (sharded checkpoints need that).
     state = callback.state_dict()
-    assert state["buffer"].shape == (4, 64) and state['warp']['masses'].shape == (8,)
+    assert state['buffer'].shape == (4, 64) and state['warp']['masses'].shape == (8,)
     # generate.py samples with the checkpoint's curve, or uniform on request.
     loaded = load_trained_model(str(tmp_path / 'checkpoints' / 'latest-rank0.pt'))
     assert torch.equal(loaded.time_distribution.masses, callback.warp.masses)

@@ -1,0 +1,45 @@
+"""Nothing the program did not write is deleted: a run's folder survives exports pointed at it.
+
+The converter's side of the rule is tested in test_convert.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO, tiny_overrides
+
+import train
+from cdcd_composer.config import load_config, parse_config
+from cdcd_composer.dataset_store import StoreError
+from cdcd_composer.export import main as export_main
+
+
+@pytest.mark.slow
+def test_an_export_into_the_run_folder_is_refused_before_training(tiny_dataset, tmp_path):
+    out = tmp_path / 'run'
+    overrides = [*tiny_overrides(tiny_dataset, out), f'callbacks.export_weights.folder={out}']
+    cfg = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides)
+    trainer = train.main(cfg, return_trainer=True, do_train=False)  # the file logger has written logs.txt
+    with pytest.raises(StoreError, match=r'run holds files cdcd-composer did not write'):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0  # refused at FIT_START, before any step
+    assert (out / 'logs.txt').exists()
+
+
+@pytest.mark.slow
+def test_the_export_cli_never_replaces_the_run_folder(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / 'run'
+    train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), tiny_overrides(tiny_dataset, out)))
+    checkpoint = out / 'checkpoints' / 'latest-rank0.pt'
+    assert export_main([str(checkpoint), str(out)]) == 2
+    assert 'holds files cdcd-composer did not write' in capsys.readouterr().err
+    assert checkpoint.exists() and (out / 'logs.txt').exists() and (out / 'export').exists()
+    # Its own earlier export, though, is replaced in place.
+    assert export_main([str(checkpoint), str(out / 'export')]) == 0
+
+
+def test_a_save_folder_under_a_file_is_named_before_training(tiny_config, tmp_path):
+    (tmp_path / 'runs').write_text('a file where a folder should be')
+    cfg = dict(tiny_config, save_folder=str(tmp_path / 'runs' / 'checkpoints'))
+    with pytest.raises(ValueError, match=r'save_folder .*: .*runs is a file, not a folder'):
+        train.validate(parse_config(cfg))
