@@ -122,17 +122,21 @@ def check_split(root: str, split: str) -> None:
 
 
 def _check_local_shard(where: str, files: list[dict], fix: str) -> None:
-    """The compressed or raw form of a shard exists with the recorded size and xxh64 hash."""
+    """A shard exists, and each of its forms present has the recorded size and xxh64 hash.
+
+    Both forms count: Streaming reads the decompressed `.mds` beside the `.zstd` once it has
+    made it, and never checks it again.
+    """
     present = [info for info in files if os.path.isfile(os.path.join(where, info['basename']))]
     if not present:
         raise ValueError(f'shard {os.path.join(where, files[0]["basename"])} is missing; {fix}')
-    info = present[0]
-    path = os.path.join(where, info['basename'])
-    with open(path, 'rb') as f:
-        data = f.read()
-    expected = info.get('hashes', {}).get('xxh64')
-    if len(data) != info['bytes'] or (expected and get_hash('xxh64', data) != expected):
-        raise ValueError(f'shard {path} is corrupt (size or xxh64 hash differs from index.json); {fix}')
+    for info in present:
+        path = os.path.join(where, info['basename'])
+        with open(path, 'rb') as f:
+            data = f.read()
+        expected = info.get('hashes', {}).get('xxh64')
+        if len(data) != info['bytes'] or (expected and get_hash('xxh64', data) != expected):
+            raise ValueError(f'shard {path} is corrupt (size or xxh64 hash differs from index.json); {fix}')
 
 
 def build_dataloader(

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO
 
 from cdcd_composer.data import DatasetMetadata, StoryDataset, build_dataloader, check_split
@@ -338,6 +339,22 @@ def test_corrupt_or_missing_shards_are_named_before_training(tmp_path, tokenizer
         check_split(str(out), 'train')
     shards[1].unlink()
     with pytest.raises(ValueError, match=rf'shard {shards[1]} is missing'):
+        check_split(str(out), 'train')
+
+
+def test_a_corrupt_decompressed_shard_is_named_before_training(tmp_path, tokenizer_dir):
+    out = tmp_path / 'ds'
+    convert_files(
+        out, [write_text(tmp_path / 'all.txt', STORIES)], val_fraction=0.2, tokenizer=str(tokenizer_dir)
+    )
+    loader = build_dataloader(str(out), 'train', 8, shuffle=False, seed=0, drop_last=False)
+    tokens = torch.cat([batch['tokens'] for batch in loader])  # every shard read once
+    raw = sorted((out / 'train').glob('shard.*.mds'))  # Streaming decompressed it to read it
+    assert raw and tokens.numel() > 0
+    data = bytearray(raw[0].read_bytes())
+    data[-5] = (data[-5] + 1) % 100  # another token id in range: nothing downstream would notice
+    raw[0].write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf'shard {raw[0]} is corrupt'):
         check_split(str(out), 'train')
 
 
