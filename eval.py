@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from cdcd_composer.checkpoint import TrainedModel, load_trained_model
-from cdcd_composer.data import DatasetMetadata, build_dataloader, check_split, fetch_dataset_files
+from cdcd_composer.data import (
+    DatasetMetadata,
+    build_dataloader,
+    check_split,
+    check_tokenizer,
+    fetch_dataset_files,
+)
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity
 from cdcd_composer.grammar import recognised_fraction
 from cdcd_composer.sampler import SamplerSettings, decode_samples, sample
@@ -42,6 +48,7 @@ def validation_tokens(
             f'{data_root} has vocabulary {meta.vocab_size} and {meta.seq_len}-token examples; the model '
             f'expects {trained.model.config.vocab_size} and {trained.seq_len}: use the data it was trained on'
         )
+    check_tokenizer(meta, trained.tokenizer, "the model's tokenizer", data_root)
     loader = build_dataloader(
         data_root, 'val', 64, shuffle=False, seed=0, local_cache=local_cache, drop_last=False
     )

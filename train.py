@@ -23,6 +23,7 @@ from cdcd_composer.data import (
     DatasetMetadata,
     build_dataloader,
     check_split,
+    check_tokenizer,
     clean_shared_memory,
     fetch_dataset_files,
 )
@@ -49,6 +50,8 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
             f'model.vocab_size={cfg.model.vocab_size} does not match the dataset vocabulary '
             f'({meta.vocab_size}); set model.vocab_size=null to take it from the data'
         )
+    local = fetch_dataset_files(cfg.data.root, cfg.data.local_cache)
+    check_tokenizer(meta, load_tokenizer(os.path.join(local, 'tokenizer')), 'tokenizer/', cfg.data.root)
     if cfg.data.seq_len is not None and cfg.data.seq_len != meta.seq_len:
         raise ValueError(
             f'data.seq_len={cfg.data.seq_len} but {cfg.data.root} holds {meta.seq_len}-token examples; '

@@ -13,8 +13,10 @@ from streaming import StreamingDataset
 from streaming.base.hashing import get_hash
 from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer.dataset_store import DatasetRoot, is_remote
+from cdcd_composer.tokenization import tokenizer_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class DatasetMetadata:
     overflow: str = 'truncate'  # Over-long stories: 'truncate' or 'split' across examples.
     token_dtype: str = 'int32'
     settings: dict = field(default_factory=dict)  # Every converter option that shaped the data.
+    tokenizer_sha256: str | None = None  # `tokenizer_sha256` of `tokenizer/` (None: older datasets).
 
     def to_json(self) -> dict:
         """A JSON-safe dict (the file's content)."""
@@ -70,6 +73,20 @@ class DatasetMetadata:
             )
         with open(path) as f:
             return cls.from_json(json.load(f))
+
+
+def check_tokenizer(meta: DatasetMetadata, tokenizer: PreTrainedTokenizerBase, whose: str, root: str) -> None:
+    """The tokenizer is the one the shards were written with (by hash, when the dataset records one).
+
+    Raises:
+        ValueError: one line naming both and the fix.
+    """
+    if meta.tokenizer_sha256 is not None and tokenizer_sha256(tokenizer) != meta.tokenizer_sha256:
+        raise ValueError(
+            f'{whose} is not the tokenizer the shards in {root} were written with (its SHA-256 differs '
+            'from cdcd_dataset.json): token ids would not match; use the data it was trained on, or rebuild '
+            f'the dataset with `python data_prep/convert_tinystories.py --out_root {root} --overwrite`'
+        )
 
 
 class StoryDataset(StreamingDataset):

@@ -45,7 +45,7 @@ from cdcd_composer.grammar import StoryGrammar
 from cdcd_composer.split_stats import SplitStats
 from cdcd_composer.story_encoding import LAYOUTS, OVERFLOWS, CanvasSpec, clean_story, encode_all
 from cdcd_composer.story_sources import Record, carve, concat_files, expand_files, hub_stories
-from cdcd_composer.tokenization import StoryTokens, load_tokenizer, train_wordpiece
+from cdcd_composer.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256, train_wordpiece
 
 log = logging.getLogger('convert_tinystories')
 
@@ -243,6 +243,7 @@ def write_split(
             'source': source_description(opt, split),
             'tokenizer': {
                 'name': name,
+                'sha256': tokenizer_sha256(tokenizer),
                 'vocab_size': len(tokenizer),
                 'bos_id': ids.bos,
                 'eos_id': ids.eos,
@@ -313,10 +314,13 @@ def _convert(opt: ConvertOptions, root: DatasetRoot) -> DatasetMetadata:
         _refuse_foreign(root, part)
 
     tokenizer, name = tokenizer_in_root(root, opt)
+    digest = tokenizer_sha256(tokenizer)
     manifests = {}
     for split in SPLITS:
         manifest = root.read_json(f'{split}/{MANIFEST_FILE}')
-        if manifest is not None and manifest.get('settings') == settings and not opt.overwrite:
+        # Equal settings are not enough: a retrained WordPiece may number its tokens differently.
+        same_ids = manifest is not None and manifest.get('tokenizer', {}).get('sha256') == digest
+        if manifest is not None and manifest.get('settings') == settings and same_ids and not opt.overwrite:
             log.info('%s: kept, completed by an earlier run with the same settings', split)
             manifests[split] = manifest
         else:
@@ -336,6 +340,7 @@ def _convert(opt: ConvertOptions, root: DatasetRoot) -> DatasetMetadata:
         overflow=opt.overflow,
         token_dtype=manifests['train']['token_dtype'],
         settings=settings,
+        tokenizer_sha256=digest,
     )
     root.write_json(METADATA_FILE, meta.to_json())  # Written last: marks the dataset complete.
     return meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +18,16 @@ import pytest
 import torch
 from conftest import REPO
 
+from cdcd_composer.config import parse_config
 from cdcd_composer.data import DatasetMetadata, StoryDataset, build_dataloader, check_split
 from cdcd_composer.dataset_store import DatasetRoot, StoreError
 from cdcd_composer.grammar import StoryGrammar
 from cdcd_composer.story_sources import is_carved
-from cdcd_composer.tokenization import StoryTokens, load_tokenizer
+from cdcd_composer.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256
 from data_prep import convert_tinystories
 from data_prep.convert_tinystories import convert, main
 from train import main as train_main
+from train import validate as train_validate
 
 STORIES = list(StoryGrammar(seed=3).stories(60))
 SEQ_LEN = 48
@@ -446,3 +449,35 @@ def test_an_out_root_that_is_a_file_is_refused_before_any_work(tmp_path, tokeniz
     with pytest.raises(ValueError, match='ds is a file, not a directory'):
         convert_files(tmp_path / 'ds', [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
     assert (tmp_path / 'ds').read_text() == 'a file'
+
+
+# -- the tokenizer's hash stands in for reproducible WordPiece training (issue 19) --
+def test_datasets_record_their_tokenizer_and_readers_check_it(tmp_path, tokenizer_dir, tiny_config):
+    out = tmp_path / 'ds'
+    meta = convert_files(
+        out, [write_text(tmp_path / 'all.txt', STORIES)], val_fraction=0.2, train_tokenizer=300
+    )
+    digest = tokenizer_sha256(load_tokenizer(str(out / 'tokenizer')))
+    assert meta.tokenizer_sha256 == digest
+    assert json.loads((out / 'train' / 'manifest.json').read_text())['tokenizer']['sha256'] == digest
+    # Another tokenizer dropped into the dataset: training stops before building anything.
+    shutil.rmtree(out / 'tokenizer')
+    shutil.copytree(tokenizer_dir, out / 'tokenizer')
+    cfg = dict(tiny_config, data=dict(tiny_config['data'], root=str(out)), model=dict(tiny_config['model']))
+    cfg['model']['vocab_size'] = None
+    with pytest.raises(
+        ValueError, match='tokenizer/ is not the tokenizer the shards in .* were written with'
+    ):
+        train_validate(parse_config(cfg))
+
+
+def test_a_retrained_tokenizer_makes_a_rerun_redo_the_splits(tmp_path):
+    out, src = tmp_path / 'ds', write_text(tmp_path / 'all.txt', STORIES)
+    convert_files(out, [src], val_fraction=0.2, train_tokenizer=300)
+    (out / 'cdcd_dataset.json').unlink()  # an interrupted run: splits complete, no metadata,
+    shutil.rmtree(out / 'tokenizer')  # and the tokenizer lost, so the rerun trains a new one
+    meta = convert_files(out, [src], val_fraction=0.2, train_tokenizer=300)
+    digest = tokenizer_sha256(load_tokenizer(str(out / 'tokenizer')))
+    assert meta.tokenizer_sha256 == digest
+    for split in ('train', 'val'):  # rewritten with the new ids, not kept
+        assert json.loads((out / split / 'manifest.json').read_text())['tokenizer']['sha256'] == digest
