@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
@@ -60,10 +61,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_output_file(path: str) -> None:
+    """`--out` can be written, checked before any sampling (not after it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(
+            f'--out {path} is a directory; give a file name such as {path.rstrip("/")}/samples.jsonl'
+        )
+    if not os.path.isdir(folder):
+        raise ValueError(f'--out {path}: folder {folder} does not exist; create it first')
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f'--out {path} is not writable; choose another path')
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; failures are one line on stderr."""
     args = parse_args(argv)
     try:
+        if args.out:
+            check_output_file(args.out)
         settings = SamplerSettings(
             heun=args.heun,
             score_temperature=args.tau,

@@ -150,6 +150,13 @@ def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
     )
 
 
+def looks_like_a_checkpoint(path: str) -> bool:
+    """A torch.save file: a zip archive (the default format) or a bare pickle (protocol >= 2)."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'
+
+
 def check_load_path(cfg: TrainConfig) -> None:
     """A load_path exists and, being a pickle, is trusted (see `untrusted_reason`).
 
@@ -160,6 +167,11 @@ def check_load_path(cfg: TrainConfig) -> None:
         return
     if not is_remote(cfg.load_path) and not os.path.exists(cfg.load_path):
         raise ValueError(f'load_path {cfg.load_path} not found: pass a checkpoint written by train.py')
+    if os.path.isfile(cfg.load_path) and not looks_like_a_checkpoint(cfg.load_path):
+        raise ValueError(
+            f'load_path {cfg.load_path} is not a PyTorch checkpoint: pass a .pt file (or sharded checkpoint '
+            'folder) written by train.py'
+        )
     reason = (
         untrusted_reason(cfg.load_path) if is_remote(cfg.load_path) or os.path.isfile(cfg.load_path) else None
     )

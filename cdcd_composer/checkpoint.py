@@ -286,6 +286,18 @@ def load_composer_checkpoint(
     return build_trained_model(metadata, weights, tokenizer, warp_config, refit.get('warp'), device, warp)
 
 
+def check_device(device: str) -> None:
+    """Fails in one line, before anything loads, on a device this machine does not have."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f'--device {device!r} is not a device name; use cpu or cuda') from None
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {device} but no CUDA GPU is visible here; use --device cpu')
+    if kind not in ('cpu', 'cuda'):
+        raise ValueError(f'--device {device!r} is not supported; use cpu or cuda')
+
+
 def load_trained_model(
     path: str, device: str = 'cpu', warp: bool = True, trust: bool = False
 ) -> TrainedModel:
@@ -297,6 +309,7 @@ def load_trained_model(
         warp: Use the fitted time warp (False: uniform t, for comparison).
         trust: Unpickle a `.pt` checkpoint even from an untrusted location.
     """
+    check_device(device)
     if path.endswith('.pt') or (not is_remote(path) and os.path.isfile(path)):
         return load_composer_checkpoint(path, device, warp, trust)
     return load_export(path, device, warp)

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from composer.core import Time
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -196,6 +197,11 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str,
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ValueError(f'{yaml_path}: {str(e).splitlines()[0]}') from None
+    except yaml.YAMLError as e:  # a syntax error in the file
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ValueError(f'{yaml_path} is not valid YAML{where}: {problem}') from None
     if not isinstance(resolved, dict):
         raise ValueError(f'{yaml_path} must hold a mapping of keys to values at the top level')
     return resolved

@@ -107,6 +107,20 @@ def test_missing_yaml_is_a_clear_error():
         load_config('yamls/nope.yaml')
 
 
+def test_invalid_yaml_syntax_is_one_line_with_its_position(tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('model:\n  d_model: 64\n   n_layers: 2\n')
+    with pytest.raises(ValueError, match=r'bad.yaml is not valid YAML at line 3, column \d+: '):
+        load_config(str(bad))
+
+
+def test_a_load_path_that_is_not_a_checkpoint_is_named(tiny_config, tmp_path):
+    notes = tmp_path / 'notes.pt'
+    notes.write_text('not a checkpoint')
+    with pytest.raises(ValueError, match='load_path .*notes.pt is not a PyTorch checkpoint: pass a .pt'):
+        validate(parse_config(dict(tiny_config, load_path=str(notes))))
+
+
 def test_false_switches_off_a_yaml_entry(tiny_config):
     from cdcd_composer.registry import enabled
 

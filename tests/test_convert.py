@@ -481,3 +481,13 @@ def test_a_retrained_tokenizer_makes_a_rerun_redo_the_splits(tmp_path):
     assert meta.tokenizer_sha256 == digest
     for split in ('train', 'val'):  # rewritten with the new ids, not kept
         assert json.loads((out / split / 'manifest.json').read_text())['tokenizer']['sha256'] == digest
+
+
+def test_stories_all_too_long_say_so_and_name_the_option(tmp_path, tokenizer_dir):
+    src = write_text(tmp_path / 'long.txt', ['word ' * 400])
+    with pytest.raises(
+        ValueError, match=r"split 'train' has no stories .*1 too_long.*raise --max_story_chars"
+    ):
+        convert_files(
+            tmp_path / 'ds', [src], val_files=[str(src)], tokenizer=str(tokenizer_dir), max_story_chars=100
+        )

@@ -344,6 +344,21 @@ def test_eval_cli_refuses_empty_runs_in_one_line(trained_run, tiny_dataset, flag
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--device', 'cuda'], '--device cuda but no CUDA GPU is visible here; use --device cpu'),
+    (['--device', 'tpu9'], "--device 'tpu9' is not"),
+    (['--out', '{tmp}'], 'is a directory; give a file name'),
+    (['--out', '{tmp}/missing/samples.jsonl'], 'does not exist; create it first'),
+])  # fmt: skip
+def test_generate_checks_device_and_output_before_sampling(trained_run, tmp_path, flags, message, capsys):
+    if torch.cuda.is_available() and 'cuda' in flags:
+        pytest.skip('this machine has a GPU')
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert generate.main([str(trained_run / 'export'), '--num_samples', '1', '--steps', '1', *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_export_and_generate_through_s3(trained_run, s3_env, tmp_path, capsys):
     from cdcd_composer.export import main as export_main
 
