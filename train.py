@@ -8,6 +8,8 @@ import os
 import pickle
 import re
 import sys
+import tempfile
+import zipfile
 from typing import Any
 
 import torch
@@ -34,7 +36,11 @@ log = logging.getLogger('train')
 
 
 def validate(cfg: TrainConfig) -> DatasetMetadata:
-    """Every check that needs no model and no shards: registry names, keys, data paths, sizes."""
+    """Every check that needs no model and no shards: registry names, keys, data paths, sizes.
+
+    It also points an autoresumed run whose latest checkpoint lacks its pointer at that
+    checkpoint (`resolve_autoresume` sets `cfg.load_path`).
+    """
     registry.check_sections(cfg)
     check_split(cfg.data.root, cfg.data.train_split)
     check_split(cfg.data.root, cfg.data.eval_split)
@@ -43,7 +49,7 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     if cfg.save_folder is not None:
         check_writable(cfg.save_folder.format(run_name=cfg.run_name or 'run'), 'save_folder')
     check_load_path(cfg)
-    check_autoresume(cfg)
+    resolve_autoresume(cfg)
     check_system(cfg)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != meta.vocab_size:
         raise ValueError(
@@ -107,26 +113,56 @@ def checkpoints_in(folder: str) -> list[str]:
     return sorted(names, key=lambda n: int(re.search(r'ba(\d+)', n).group(1)))
 
 
-def check_autoresume(cfg: TrainConfig) -> None:
-    """Refuses to start afresh over existing checkpoints that autoresume cannot find.
+def checkpoint_is_complete(folder: str, name: str) -> bool:
+    """Whether a checkpoint in `folder` is whole, without unpickling it.
 
-    Composer resumes from the `latest-rank0.pt` pointer; a run killed between uploading a
-    checkpoint and its pointer leaves checkpoints without one, and would silently start again.
+    A `.pt` is a zip archive (torch.save): every member's CRC must check out. A sharded checkpoint
+    is a folder that is complete once its `.metadata` exists (written after the shards).
+    """
+    root = DatasetRoot(folder)
+    if not name.endswith('.pt'):
+        return root.exists(f'{name}/.metadata')
+    with tempfile.TemporaryDirectory() as tmp:
+        local = (
+            root.fetch_file(name, os.path.join(tmp, name))
+            if is_remote(folder)
+            else os.path.join(folder, name)
+        )
+        try:
+            with zipfile.ZipFile(local) as archive:
+                return archive.testzip() is None
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return False
+
+
+def resolve_autoresume(cfg: TrainConfig) -> None:
+    """Makes autoresume find checkpoints that lack their `latest-rank0.pt` pointer.
+
+    Composer resumes from that pointer only; a run killed between uploading a checkpoint and
+    its pointer would start again from scratch. Then the newest complete checkpoint (older ones
+    when the newest is damaged) becomes `load_path`, which Composer uses when no pointer exists.
 
     Raises:
-        ValueError: one line naming the newest checkpoint and how to resume from it.
+        ValueError: checkpoints exist but none is complete.
     """
     if not cfg.autoresume or cfg.save_folder is None:
         return
     folder = cfg.save_folder.format(run_name=cfg.run_name)
     names = DatasetRoot(folder).list_names()
     found = checkpoints_in(folder)
-    if found and not any(n.startswith('latest-rank0.pt') for n in names):
-        raise ValueError(
-            f'{folder} holds checkpoints (newest {found[-1]}) but no latest-rank0.pt pointer, so autoresume '
-            f'would start from scratch: set load_path={folder}/{found[-1]}{trust_flag(folder)} to resume '
-            'from it'
-        )
+    if not found or any(n.startswith('latest-rank0.pt') for n in names):
+        return
+    for name in reversed(found):
+        if checkpoint_is_complete(folder, name):
+            log.warning('%s has no latest-rank0.pt pointer; resuming from %s, its newest complete checkpoint',
+                        folder, name)  # fmt: skip
+            cfg.load_path = f'{folder}/{name}'
+            return
+        log.warning('skipping %s/%s: the checkpoint is incomplete or damaged', folder, name)
+    raise ValueError(
+        f'{folder} holds checkpoints ({", ".join(found)}) but none is complete: move them away to start '
+        'afresh'
+    )
 
 
 def trust_flag(folder: str) -> str:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import train
 from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.config import parse_config
 
 pytestmark = pytest.mark.slow
 
@@ -221,10 +222,29 @@ def test_damaged_or_unpointed_checkpoints_stop_with_a_way_out(tiny_config, tmp_p
     ):
         train.main(longer)
     assert good.read_bytes() == good_bytes
-    (folder / 'latest-rank0.pt').unlink()  # Killed between the checkpoint and its pointer.
-    with pytest.raises(ValueError, match=rf'no latest-rank0.pt pointer.*load_path={folder}/ep0-ba8-rank0.pt'):
-        train.main(longer)
-    assert sorted(p.name for p in folder.iterdir()) == ['ep0-ba4-rank0.pt', 'ep0-ba8-rank0.pt']
+
+
+def test_checkpoints_without_their_pointer_resume_from_the_newest_complete_one(tiny_config, tmp_path):
+    straight = Recorder()
+    fit(dict(resumable_config(tiny_config, tmp_path / 'a', 'straight'), max_duration='12ba'), straight)
+    cfg = dict(resumable_config(tiny_config, tmp_path / 'b', 'unpointed'), max_duration='12ba')
+    with pytest.raises(Preempted):
+        fit(cfg, Recorder(crash_at=9))
+    folder = tmp_path / 'b' / 'ckpt'
+    # Killed while the checkpoint of batch 8 was being written, before its pointer: no pointer at
+    # all, and the newest checkpoint cut short.
+    (folder / 'latest-rank0.pt').unlink()
+    latest = folder / 'ep0-ba8-rank0.pt'
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    resumed = Recorder()
+    fit(cfg, resumed)  # The same command resumes:
+    assert sorted(resumed.losses) == list(range(5, 13))  # from batch 4, the newest complete one,
+    assert all(torch.equal(loss, straight.losses[b]) for b, loss in resumed.losses.items())  # exactly.
+    for checkpoint in folder.glob('ep*-rank0.pt'):  # batches 4, 8 and 12
+        checkpoint.write_bytes(b'')
+    (folder / 'latest-rank0.pt').unlink()
+    with pytest.raises(ValueError, match='holds checkpoints .* but none is complete'):
+        train.validate(parse_config(cfg))
 
 
 def start_proxy(port: int, target: int) -> subprocess.Popen:
@@ -281,3 +301,21 @@ def test_unreachable_bucket_is_named_before_training(tiny_config, tmp_path, s3_e
         ValueError, match='cannot reach s3://no-such-bucket/runs/cdcd-tiny/checkpoints: NoSuchBucket'
     ):
         train.validate(parse_config(cfg))
+
+
+def test_an_unpointed_run_in_a_bucket_resumes_from_its_newest_complete_checkpoint(
+    tiny_config, s3_env, tmp_path
+):
+    import boto3
+
+    bucket = s3_env()
+    s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT_URL'])
+    torch.save({'state': {}}, tmp_path / 'whole.pt')
+    whole = (tmp_path / 'whole.pt').read_bytes()
+    # Killed while ep0-ba8 was uploading (a part of it is there) and before any pointer reached the bucket.
+    for name, data in (('ep0-ba4-rank0.pt', whole), ('ep0-ba8-rank0.pt', whole[: len(whole) // 2])):
+        s3.put_object(Bucket=bucket, Key=f'runs/cut/checkpoints/{name}', Body=data)
+    cfg = parse_config(dict(tiny_config, run_name='cut', autoresume=True,
+                            save_folder=f's3://{bucket}/runs/{{run_name}}/checkpoints'))  # fmt: skip
+    train.resolve_autoresume(cfg)
+    assert cfg.load_path == f's3://{bucket}/runs/cut/checkpoints/ep0-ba4-rank0.pt'
