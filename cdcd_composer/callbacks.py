@@ -214,6 +214,8 @@ class TimeWarpRefit(Callback):
                     'time_warp/evidence': report.evidence,
                 }
             )
+            if dist.get_global_rank() == 0:  # The figure shows the data the fit found no curve in.
+                self._plot(state, logger, filled, f'rejected: chi-square {report.evidence:.1f}')
             return
         self.fit_count += 1
         self.history = (
@@ -246,10 +248,9 @@ class TimeWarpRefit(Callback):
         if dist.get_global_rank() == 0:
             self._plot(state, logger, filled)
 
-    def _plot(self, state: State, logger: Logger, filled: torch.Tensor) -> None:
-        image = plot_time_warp(
-            self.warp, filled[0], filled[1], self.history, title=f'batch {int(state.timestamp.batch)}'
-        )
+    def _plot(self, state: State, logger: Logger, filled: torch.Tensor, note: str = '') -> None:
+        title = f'batch {int(state.timestamp.batch)}' + (f', {note}' if note else '')
+        image = plot_time_warp(self.warp, filled[0], filled[1], self.history, title=title)
         logger.log_images(image, name='time_warp', channels_last=True)
         if self.plot_folder is not None:
             folder = self.plot_folder.format(run_name=state.run_name)
