@@ -113,6 +113,25 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
 
 
+def check_vocab_file(path: str) -> None:
+    """A file given as a tokenizer is a BERT `vocab.txt`: UTF-8 text, one token per line, the specials.
+
+    Raises:
+        ValueError: one line naming the file and what it lacks.
+    """
+    try:
+        with open(path, encoding='utf-8') as f:
+            tokens = {line.rstrip('\n') for line in f}
+    except UnicodeDecodeError:
+        raise ValueError(f'--tokenizer {path} is not a vocab.txt (not UTF-8 text)') from None
+    missing = [t for t in BERT_SPECIAL_TOKENS.values() if t not in tokens]
+    if missing:
+        raise ValueError(
+            f'--tokenizer {path} is not a BERT vocab.txt (no {", ".join(missing)} lines); give a vocab.txt, '
+            'a tokenizer directory or a hub name'
+        )
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """Loads a fast tokenizer by hub name, local directory, or BERT `vocab.txt` file.
 
@@ -124,6 +143,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """
     if name_or_path == BYTES:
         return byte_tokenizer()
+    if os.path.isfile(name_or_path):
+        check_vocab_file(name_or_path)
     try:
         if os.path.isfile(name_or_path):
             tokenizer = BertTokenizerFast(vocab_file=name_or_path, do_lower_case=True)

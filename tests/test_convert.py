@@ -491,3 +491,14 @@ def test_stories_all_too_long_say_so_and_name_the_option(tmp_path, tokenizer_dir
         convert_files(
             tmp_path / 'ds', [src], val_files=[str(src)], tokenizer=str(tokenizer_dir), max_story_chars=100
         )
+
+
+@pytest.mark.parametrize('content', [b'\x00\x01\xff binary', b'just some prose, not a vocabulary\n'])
+def test_a_tokenizer_file_that_is_not_a_vocabulary_is_one_line(tmp_path, content, capsys):
+    bad = tmp_path / 'vocab.txt'
+    bad.write_bytes(content)
+    argv = ['--source', 'synthetic', '--num_train', '20', '--num_val', '5',
+            '--out_root', str(tmp_path / 'ds'), '--tokenizer', str(bad)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f'--tokenizer {bad} is not a' in err and len(err.strip().splitlines()) == 1, err
