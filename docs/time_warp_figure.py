@@ -35,9 +35,8 @@ def main() -> None:
         history.append({'batch': 200 * refit, 'offset': warp.fit_offset, 'heights': warp.fit_heights.tolist(),
                         'masses': warp.masses.tolist()})  # fmt: skip
         below = float(warp.cdf(torch.tensor([30.0]))[0])
-        print(
-            f'refit {refit}: accepted={report.accepted} chi-square={report.evidence:.0f} mass below t=30: {below:.3f}'
-        )
+        print(f'refit {refit}: accepted={report.accepted} chi-square={report.evidence:.0f}', end=' ')
+        print(f'mass below t=30: {below:.3f}')
     image = plot_time_warp(warp, t, loss, history[::2], title='synthetic masked losses, t_max = 300')
     out = os.path.join(REPO, 'docs', 'figures', 'time_warp_t300_masked.png')
     Image.fromarray(image).save(out)
