@@ -37,7 +37,8 @@ CPU_5M = [
     'variables.data_root=data/synthetic', 'global_train_batch_size=32', 'scheduler.t_warmup=100ba',
     'data.num_workers=0', 'callbacks.time_warp_refit.interval=50ba',
 ]  # fmt: skip
-# name -> (YAML, training overrides or None to sample the baseline's model, sampling flags)
+# name -> (YAML, training overrides, or None / a row's name to sample the baseline's / that row's
+# model, sampling flags)
 ROWS = {
     'baseline': ('cdcd-tiny', [], []),
     'edm': ('cdcd-tiny', ['model.preconditioning=edm'], []),
@@ -53,7 +54,9 @@ ROWS = {
     # shortened for 2 CPU cores: batch 32, warm-up 100 steps, refits every 50 steps (the YAML's
     # buffer of 16,384 pairs).
     'warp-5m': ('cdcd-5m', CPU_5M, []),
-    'uniform-5m': ('cdcd-5m', [*CPU_5M, 'callbacks.time_warp_refit=false'], []),
+    # In 800 CPU steps the warp row accepts no refit before the last batch, so its training draws
+    # are exactly the uniform run's (checked: bit-equal losses); uniform sampling steps on its weights.
+    'uniform-5m': ('cdcd-5m', 'warp-5m', ['--warp', 'none']),
 }
 EVAL_T = ('1', '3', '10', '20', '30')
 
@@ -114,9 +117,13 @@ def main() -> None:
         data = 'bytes' if yaml == 'cdcd-char' else 'words'
         if not os.path.exists(os.path.join(REPO, DATA[data], 'cdcd_dataset.json')):
             run(CONVERT[data].replace('python', python, 1))
-        trained_by = (name if overrides is not None else 'baseline') + suffix
+        sampled_only = overrides is None or isinstance(overrides, str)
+        trained_by = (
+            overrides if isinstance(overrides, str) else name if overrides is not None else 'baseline'
+        )
+        trained_by += suffix
         commands = []
-        if overrides is not None:
+        if not sampled_only:
             commands.append(train_command(name + suffix, yaml, overrides + seed, args.steps))
             if not os.path.exists(os.path.join(REPO, 'runs/ablations', trained_by, 'export')):
                 run(commands[-1].replace('python', python, 1))
@@ -131,13 +138,13 @@ def main() -> None:
         with open(os.path.join(REPO, samples)) as f:
             texts = [json.loads(line)['text'] for line in f]
         ce = final_eval(f'runs/ablations/{trained_by}/log.txt')
-        change = ' '.join((overrides or []) + sample_flags) or (
+        change = ' '.join(([] if sampled_only else overrides) + sample_flags) or (
             'bytes' if data == 'bytes' else 'paper defaults'
         )
         words = [text.split() for text in texts]
         row = {'row': name + suffix, 'change': change + (f' seed={args.seed}' if seed else ''),
                'ce': [ce.get(t) for t in EVAL_T], 'recognised': recognised_fraction(texts),
-               'refits': refits(f'runs/ablations/{trained_by}/log.txt') if overrides is not None else '',
+               'refits': '' if sampled_only else refits(f'runs/ablations/{trained_by}/log.txt'),
                'distinct2': distinct_n(words, 2), 'rep4': repetition_rate(words, 4),
                'commands': commands}  # fmt: skip
         table.append(row)

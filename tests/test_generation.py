@@ -148,7 +148,7 @@ def trained_run(tmp_path_factory, tiny_dataset) -> Path:
 
 def test_export_round_trip_and_generate_from_it(trained_run, tmp_path, capsys):
     checkpoint, export = trained_run / 'checkpoints' / 'latest-rank0.pt', trained_run / 'export'
-    assert sorted(os.listdir(export)) == ['cdcd_config.json', 'model.safetensors', 'tokenizer']
+    assert sorted(os.listdir(export)) == ['.cdcd-owned', 'cdcd_config.json', 'model.safetensors', 'tokenizer']
     from_pickle, from_export = load_trained_model(str(checkpoint)), load_trained_model(str(export))
     for name, value in from_pickle.model.state_dict().items():
         assert torch.equal(value, from_export.model.state_dict()[name]), name
