@@ -109,3 +109,12 @@ def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
     assert restored.n_seen == saved['n_seen'] + 4 * 8
     assert restored.fit_count >= saved['fit_count']
     assert resumed.state.model.time_distribution is restored.warp
+
+
+def test_checkpointed_buffers_from_before_the_share_row_still_load():
+    callback = TimeWarpRefit(buffer_size=200, n_bins=10)
+    state = callback.state_dict()
+    state['buffer'] = torch.arange(600, dtype=torch.float64).view(3, 200)  # t, CE, F'(t): no share row
+    callback.load_state_dict(state)
+    assert callback.buffer.shape == (4, 200)
+    assert torch.equal(callback.buffer[:3], state['buffer']) and not callback.buffer[3].any()
