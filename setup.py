@@ -16,7 +16,7 @@ install_requires = [
     'pyyaml>=6.0',
     'omegaconf>=2.3,<2.4',
     'safetensors>=0.4',
-    'scipy>=1.11',
+    'scipy>=1.12',  # optimize.isotonic_regression (time warping)
     'matplotlib>=3.7',
 ]
 
