@@ -10,6 +10,7 @@ of `PAUSE_POINTER_NAMES` (e.g. `ba10`), then writes its marker and blocks until 
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -61,8 +62,7 @@ class PauseForKill(Callback):
             time.sleep(0.05)
         with open(self.marker.format(rank=dist.get_global_rank()), 'w') as f:
             f.write('paused\n')
-        while True:
-            time.sleep(1.0)
+        signal.pause()  # until the test's SIGKILL
 
 
 if __name__ == '__main__':
