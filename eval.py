@@ -22,33 +22,28 @@ from typing import Any
 
 import torch
 
-from cdcd_composer.checkpoint import TrainedModel, load_trained_model
-from cdcd_composer.data import (
-    DatasetMetadata,
-    build_dataloader,
-    check_split,
-    check_tokenizer,
-    fetch_dataset_files,
-)
+from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
+from cdcd_composer.data.grammar import recognised_fraction
+from cdcd_composer.data.loaders import build_dataloader, check_split, fetch_dataset_files
+from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity
-from cdcd_composer.grammar import recognised_fraction
-from cdcd_composer.sampler import SamplerSettings, decode_samples, sample
-
-PAPER_NOISE_LEVELS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+from cdcd_composer.sampler import SamplerSettings, decode_samples
 
 
 def validation_tokens(
-    trained: TrainedModel, data_root: str, local_cache: str | None, limit: int
+    model: CDCDComposerModel, data_root: str, local_cache: str | None, limit: int
 ) -> torch.Tensor:
     """Up to `limit` validation examples (n, L), in order; checks the data matches the model."""
     check_split(data_root, 'val')
     meta = DatasetMetadata.load(fetch_dataset_files(data_root, local_cache))
-    if meta.vocab_size != trained.model.config.vocab_size or meta.seq_len != trained.seq_len:
+    seq_len = model.spec.data.seq_len
+    if meta.vocab_size != model.config.vocab_size or meta.seq_len != seq_len:
         raise ValueError(
             f'{data_root} has vocabulary {meta.vocab_size} and {meta.seq_len}-token examples; the model '
-            f'expects {trained.model.config.vocab_size} and {trained.seq_len}: use the data it was trained on'
+            f'expects {model.config.vocab_size} and {seq_len}: use the data it was trained on'
         )
-    check_tokenizer(meta, trained.tokenizer, "the model's tokenizer", data_root)
+    check_tokenizer(meta, model.spec.text_tokenizer, "the model's tokenizer", data_root)
     loader = build_dataloader(
         data_root, 'val', 64, shuffle=False, seed=0, local_cache=local_cache, drop_last=False
     )
@@ -71,22 +66,22 @@ def prompt_canvases(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
 
 
 def measure(
-    texts: list[str], trained: TrainedModel, judge: Judge | None, prefixes: list[str] | None = None
+    texts: list[str], model: CDCDComposerModel, judge: Judge | None, prefixes: list[str] | None = None
 ) -> dict[str, Any]:
     """Every sample metric for a list of texts (prefixes: judge scores only what follows them)."""
-    sequences = [trained.tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts]
+    sequences = [model.spec.text_tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts]
     row: dict[str, Any] = {'n': len(texts), 'tokens_per_text': sum(map(len, sequences)) / max(len(texts), 1)}
     if judge is not None:
         score = judge.score(texts, prefixes)
         row |= {'judge_nll': score.nll, 'judge_ppl': score.perplexity}
     row |= diversity(sequences)
-    if trained.source == 'synthetic':
+    if model.spec.data.source == 'synthetic':
         row['recognised'] = recognised_fraction(texts)
     return row
 
 
 def evaluate(
-    trained: TrainedModel,
+    model: CDCDComposerModel,
     data_root: str,
     *,
     local_cache: str | None = None,
@@ -99,51 +94,34 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The full report: CE curve, data figures, and one row per (kind, steps, tau)."""
-    val = validation_tokens(trained, data_root, local_cache, max(num_samples, 4 * batch_size))
-    t_min, t_max = trained.time_distribution.t_min, trained.time_distribution.t_max
-    levels = sorted({*(t for t in PAPER_NOISE_LEVELS if t_min <= t <= t_max), t_min, t_max})
-    curve = cross_entropy_curve(trained.model, val.split(batch_size), levels)
-    eos = trained.eos_id
-    real = decode_samples(val[:num_samples], trained.tokenizer, eos)
+    val = validation_tokens(model, data_root, local_cache, max(num_samples, 4 * batch_size))
+    t_min, t_max = model.spec.t_min, model.spec.t_max
+    levels = sorted({*(t for t in EVAL_NOISE_LEVELS if t_min <= t <= t_max), t_min, t_max})
+    curve = cross_entropy_curve(model, val.split(batch_size), levels)
+    tokenizer, eos = model.spec.text_tokenizer, model.spec.data.eos_id
+    real = decode_samples(val[:num_samples], tokenizer, eos)
     given, mask = prompt_canvases(val[:num_samples], eos)
-    prompts = decode_samples(torch.where(mask, torch.full_like(given, eos), given), trained.tokenizer, eos)
+    prompts = decode_samples(torch.where(mask, torch.full_like(given, eos), given), tokenizer, eos)
     report: dict[str, Any] = {
         'cross_entropy_vs_t': {str(t): ce for t, ce in curve.items()},
         'rows': [
-            {'kind': 'data', **measure(real, trained, judge)},
-            {'kind': 'data (2nd half given 1st)', **measure(real, trained, judge, prompts)},
+            {'kind': 'data', **measure(real, model, judge)},
+            {'kind': 'data (2nd half given 1st)', **measure(real, model, judge, prompts)},
         ],
     }
     for n_steps in steps:
         for tau in taus:
             settings = SamplerSettings(
-                heun=heun, score_temperature=tau, self_conditioning=trained.self_conditioned
+                heun=heun, score_temperature=tau, self_conditioning=model.spec.self_conditioned
             )
-            timesteps = trained.time_distribution.sampling_timesteps(n_steps)
             for kind in ('unconditional', 'prompted'):
                 start = time.perf_counter()
-                texts = []
-                for i in range(0, num_samples, batch_size):
-                    count = min(batch_size, num_samples - i)
-                    conditioning = {}
-                    if kind == 'prompted':
-                        conditioning = {
-                            'given_tokens': given[i : i + count],
-                            'generate_mask': mask[i : i + count],
-                        }
-                    generator = torch.Generator().manual_seed(seed + i)
-                    out = sample(
-                        trained.model,
-                        timesteps,
-                        count,
-                        trained.seq_len,
-                        settings,
-                        generator=generator,
-                        **conditioning,
-                    )
-                    texts += decode_samples(out, trained.tokenizer, eos)
+                texts = model.generate(
+                    num_samples, n_steps, settings, given=(given, mask) if kind == 'prompted' else None,
+                    seed=seed, batch_size=batch_size,
+                )  # fmt: skip
                 row = {'kind': kind, 'steps': n_steps, 'tau': tau, 'seconds': time.perf_counter() - start}
-                row |= measure(texts, trained, judge, prompts if kind == 'prompted' else None)
+                row |= measure(texts, model, judge, prompts if kind == 'prompted' else None)
                 row['examples'] = texts[:3]
                 report['rows'].append(row)
     return report
@@ -210,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps) < 1:
         p.error(f'--steps must all be at least 1, got {args.steps}')
     try:
-        trained = load_trained_model(args.model, args.device, trust=args.trust_checkpoint)
+        model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint)
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)
         report = evaluate(
-            trained, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
+            model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
             steps=tuple(args.steps), taus=tuple(args.tau), heun=args.heun, batch_size=args.batch_size,
             seed=args.seed,
         )  # fmt: skip

@@ -6,13 +6,14 @@
     python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --trust_checkpoint --heun --steps 100
 
 MODEL is a weights-only export (directory or object-store prefix; written at the end of
-training, or by `python -m cdcd_composer.export`) or a Composer `.pt` checkpoint (a pickle:
+training, or by `python export.py`) or a Composer `.pt` checkpoint (a pickle:
 refused from untrusted locations unless --trust_checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,8 +21,8 @@ import sys
 from tqdm import tqdm
 
 from cdcd_composer.checkpoint import load_trained_model
-from cdcd_composer.generation import Request, generate_texts
-from cdcd_composer.grammar import recognised_fraction
+from cdcd_composer.data.grammar import recognised_fraction
+from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import SamplerSettings
 
 
@@ -87,26 +88,28 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale=args.guidance,
             time_shift=args.time_shift,
         )
-        trained = load_trained_model(
+        model = load_trained_model(
             args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint
         )
-        self_cond = {'auto': trained.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
-        settings = SamplerSettings(**{**settings.__dict__, 'self_conditioning': self_cond})
+        self_cond = {'auto': model.spec.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
+        settings = dataclasses.replace(settings, self_conditioning=self_cond)
         request = Request(args.prompt, args.template, args.blank_length)
         bar = tqdm(total=args.steps, desc='sampling', unit='step')
-        texts = generate_texts(
-            trained.model, trained.tokenizer, trained.time_distribution, trained.seq_len, trained.eos_id,
-            num_samples=args.num_samples, steps=args.steps, settings=settings, request=request,
-            padded=trained.dataset.get('layout', 'padded') == 'padded', seed=args.seed,
+        texts = model.generate(
+            args.num_samples,
+            args.steps,
+            settings,
+            request=request,
+            seed=args.seed,
             on_step=lambda _: bar.update(),
-        )  # fmt: skip
+        )
         bar.close()
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
-    if trained.source == 'synthetic':
+    if model.spec.data.source == 'synthetic':
         print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
     if args.out:
         record = {

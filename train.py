@@ -6,10 +6,7 @@ import dataclasses
 import logging
 import os
 import pickle
-import re
 import sys
-import tempfile
-import zipfile
 from typing import Any
 
 import torch
@@ -17,20 +14,15 @@ from composer import DataSpec, Evaluator, Trainer
 from composer.utils import dist, get_device, reproducibility
 
 from cdcd_composer import registry
-from cdcd_composer.callbacks import BatchNoiseSeed, RunMetadata
-from cdcd_composer.checkpoint import refusal, untrusted_reason
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import TrainConfig, load_config, parse_config
-from cdcd_composer.data import (
-    DatasetMetadata,
-    build_dataloader,
-    check_split,
-    check_tokenizer,
-    clean_shared_memory,
-    fetch_dataset_files,
-)
-from cdcd_composer.dataset_store import DatasetRoot, check_writable, is_remote
-from cdcd_composer.tokenization import load_tokenizer, tokenizer_to_json
+from cdcd_composer.data.loaders import build_dataloader, check_split, clean_shared_memory, fetch_dataset_files
+from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
+from cdcd_composer.data.store import check_writable
+from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
+from cdcd_composer.noise_seeding import BatchNoiseSeed
+from cdcd_composer.preflight import check_object_stores, check_system, fsdp_version
+from cdcd_composer.resume import check_load_path, resolve_autoresume, unloadable_checkpoint
 
 log = logging.getLogger('train')
 
@@ -73,175 +65,24 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     return meta
 
 
-def fsdp_version() -> str:
-    """The FSDP implementation Composer will use: '2' (our default, see `run`) unless FSDP_VERSION is '1'."""
-    return os.environ.get('FSDP_VERSION', '2')
-
-
-def check_system(cfg: TrainConfig) -> None:
-    """Precision, device, FSDP and microbatch combinations this Composer cannot run, named before any work.
-
-    Raises:
-        ValueError: one line naming the setting and the fix.
-    """
-    on_gpu = cfg.device == 'gpu' or (cfg.device is None and torch.cuda.is_available())
-    sharded = (cfg.parallelism_config or {}).get('fsdp') is not None
-    if not on_gpu and cfg.precision not in (None, 'fp32'):
-        raise ValueError(f'precision={cfg.precision} needs a GPU; on CPU set precision=fp32 (or null)')
-    if sharded and fsdp_version() == '1' and not on_gpu:
-        raise ValueError('FSDP_VERSION=1 (FSDP1) runs on GPUs only in Composer 0.32.1; unset it to use FSDP2')
-    microbatch = cfg.device_train_microbatch_size
-    if isinstance(microbatch, str) and microbatch != 'auto':
-        raise ValueError(f"device_train_microbatch_size={microbatch!r} must be an integer, 'auto' or null")
-    if microbatch == 'auto' and not on_gpu:
-        raise ValueError(
-            'device_train_microbatch_size=auto searches GPU memory; on CPU set an integer or null'
-        )
-    if microbatch == 'auto' and sharded and fsdp_version() == '2':
-        raise ValueError(
-            'device_train_microbatch_size=auto works with DDP or FSDP1 only in Composer 0.32.1; under FSDP2 '
-            'set an integer (e.g. device_train_microbatch_size=32), or run with FSDP_VERSION=1'
-        )
-
-
-CHECKPOINT_NAME = re.compile(r'ep(\d+)-ba(\d+)-rank0\.pt$|ep(\d+)-ba(\d+)$')
-
-
-def checkpoints_in(folder: str) -> list[str]:
-    """Checkpoint names in a save folder (local or remote), oldest first by batch."""
-    names = [n for n in DatasetRoot(folder).list_names() if CHECKPOINT_NAME.match(n)]
-    return sorted(names, key=lambda n: int(re.search(r'ba(\d+)', n).group(1)))
-
-
-def checkpoint_is_complete(folder: str, name: str) -> bool:
-    """Whether a checkpoint in `folder` is whole, without unpickling it.
-
-    A `.pt` is a zip archive (torch.save): every member's CRC must check out. A sharded checkpoint
-    is a folder that is complete once its `.metadata` exists (written after the shards).
-    """
-    root = DatasetRoot(folder)
-    if not name.endswith('.pt'):
-        return root.exists(f'{name}/.metadata')
-    with tempfile.TemporaryDirectory() as tmp:
-        local = (
-            root.fetch_file(name, os.path.join(tmp, name))
-            if is_remote(folder)
-            else os.path.join(folder, name)
-        )
-        try:
-            with zipfile.ZipFile(local) as archive:
-                return archive.testzip() is None
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return False
-
-
-def resolve_autoresume(cfg: TrainConfig) -> None:
-    """Makes autoresume find checkpoints that lack their `latest-rank0.pt` pointer.
-
-    Composer resumes from that pointer only; a run killed between uploading a checkpoint and
-    its pointer would start again from scratch. Then the newest complete checkpoint (older ones
-    when the newest is damaged) becomes `load_path`, which Composer uses when no pointer exists.
-
-    Raises:
-        ValueError: checkpoints exist but none is complete.
-    """
-    if not cfg.autoresume or cfg.save_folder is None:
-        return
-    folder = cfg.save_folder.format(run_name=cfg.run_name)
-    names = DatasetRoot(folder).list_names()
-    found = checkpoints_in(folder)
-    if not found or any(n.startswith('latest-rank0.pt') for n in names):
-        return
-    for name in reversed(found):
-        if checkpoint_is_complete(folder, name):
-            log.warning('%s has no latest-rank0.pt pointer; resuming from %s, its newest complete checkpoint',
-                        folder, name)  # fmt: skip
-            cfg.load_path = f'{folder}/{name}'
-            return
-        log.warning('skipping %s/%s: the checkpoint is incomplete or damaged', folder, name)
-    raise ValueError(
-        f'{folder} holds checkpoints ({", ".join(found)}) but none is complete: move them away to start '
-        'afresh'
-    )
-
-
-def trust_flag(folder: str) -> str:
-    """' trust_checkpoint=true' for an object-store folder (its pickles need it as a load_path)."""
-    return ' trust_checkpoint=true' if is_remote(folder) else ''
-
-
-def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
-    """The one-line error for a checkpoint that cannot be loaded, naming the way out."""
-    folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
-    older = checkpoints_in(folder)[:-1] if folder else []
-    way_out = (
-        f'set load_path={folder}/{older[-1]}{trust_flag(folder)} to resume from the one before'
-        if older
-        else 'start afresh'
-    )
-    return ValueError(
-        f'cannot load the checkpoint to resume from ({type(error).__name__}: '
-        f'{str(error).splitlines()[0][:120] if str(error) else ""}); it is damaged: delete it and its '
-        f'latest-rank0.pt pointer, or {way_out}'
-    )
-
-
-def looks_like_a_checkpoint(path: str) -> bool:
-    """A torch.save file: a zip archive (the default format) or a bare pickle (protocol >= 2)."""
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    return head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'
-
-
-def check_load_path(cfg: TrainConfig) -> None:
-    """A load_path exists and, being a pickle, is trusted (see `untrusted_reason`).
-
-    Raises:
-        ValueError: one line naming the path and the fix.
-    """
-    if cfg.load_path is None:
-        return
-    if not is_remote(cfg.load_path) and not os.path.exists(cfg.load_path):
-        raise ValueError(f'load_path {cfg.load_path} not found: pass a checkpoint written by train.py')
-    if os.path.isfile(cfg.load_path) and not looks_like_a_checkpoint(cfg.load_path):
-        raise ValueError(
-            f'load_path {cfg.load_path} is not a PyTorch checkpoint: pass a .pt file (or sharded checkpoint '
-            'folder) written by train.py'
-        )
-    reason = (
-        untrusted_reason(cfg.load_path) if is_remote(cfg.load_path) or os.path.isfile(cfg.load_path) else None
-    )
-    if reason and not cfg.trust_checkpoint:
-        raise refusal(cfg.load_path, reason, flag='trust_checkpoint=true')
-
-
-def check_object_stores(cfg: TrainConfig) -> None:
-    """The checkpoint bucket and a remote load_path are reachable, before anything is built.
-
-    Raises:
-        ValueError: one line naming the URI.
-    """
-    if cfg.save_folder is not None and is_remote(cfg.save_folder):
-        folder = cfg.save_folder.format(run_name=cfg.run_name or 'run')
-        DatasetRoot(folder.split('{')[0])  # Raises StoreError naming the URI when unreachable.
-    if cfg.load_path is not None and is_remote(cfg.load_path):
-        if not DatasetRoot(cfg.load_path.rsplit('/', 1)[0]).exists(cfg.load_path.rsplit('/', 1)[1]):
-            raise ValueError(f'load_path {cfg.load_path} not found: check the URI')
-
-
 def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     """Builds the model, data, optimisation and system pieces into a Composer Trainer."""
-    model_kwargs = dataclasses.asdict(cfg.model)
-    if model_kwargs['vocab_size'] is None:
-        model_kwargs['vocab_size'] = meta.vocab_size
+    model_config = dataclasses.asdict(cfg.model) | {'vocab_size': cfg.model.vocab_size or meta.vocab_size}
+    tokenizer = load_tokenizer(
+        os.path.join(fetch_dataset_files(cfg.data.root, cfg.data.local_cache), 'tokenizer')
+    )
+    self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
     model = CDCDComposerModel(
-        model=model_kwargs,
+        model=model_config,
         t_min=cfg.diffusion.t_min,
         t_max=cfg.diffusion.t_max,
         eval_noise_levels=tuple(cfg.diffusion.eval_noise_levels),
         masking=cfg.masking,
-        pad_id=meta.pad_id,
         mse_weight=cfg.loss.mse_weight,
+        dataset=meta,
+        tokenizer=tokenizer_to_json(tokenizer),
+        # generate.py feeds x0_hat back by default when the model was trained with it.
+        self_conditioning=None if self_conditioning is None else self_conditioning.get('p', 0.5),
     )
     log.info('model: %.2fM non-embedding parameters', model.model.non_embedding_parameters() / 1e6)
 
@@ -279,18 +120,8 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     )
     algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
-    tokenizer = load_tokenizer(os.path.join(fetch_dataset_files(data_root, cache), 'tokenizer'))
-    self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
-    metadata = {
-        'model': model_kwargs,
-        # generate.py feeds x0_hat back by default when the model was trained with it.
-        'self_conditioning': None if self_conditioning is None else self_conditioning.get('p', 0.5),
-        'diffusion': dataclasses.asdict(cfg.diffusion),
-        'dataset': dataclasses.asdict(meta),
-        'tokenizer': tokenizer_to_json(tokenizer),
-    }
     callbacks = [registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()]
-    callbacks += [RunMetadata(metadata), BatchNoiseSeed()]
+    callbacks.append(BatchNoiseSeed())
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
     try:

@@ -1,8 +1,14 @@
-"""The Composer wrapper: noising, the score-interpolation loss, evaluation metrics and FLOP counts."""
+"""The ComposerModel: the forward process and loss, evaluation, FLOP counts, and generation.
+
+It owns everything a trained run is: the denoiser's weights, the time warp (plain tensors in
+its state dict) and the run spec (its extra state). A checkpoint or an export is this model's
+state and nothing else.
+"""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,34 +16,26 @@ import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
+from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.masking import MaskingConfig, sample_generate_mask
-from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, TimeEmbedding
+from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, DenoiserOutput, TimeEmbedding
+from cdcd_composer.prompting import Request
+from cdcd_composer.run_spec import RunSpec
+from cdcd_composer.sampler import SamplerSettings, decode_samples, sample
 from cdcd_composer.time_warping import TimeWarp
 
+# The paper's noise levels for validation CE (Fig. 2); those outside [t_min, t_max] are skipped.
 EVAL_NOISE_LEVELS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+WARP_PREFIX = 'time_warp.'  # State-dict keys of the warp's tensors: time_warp.masses, ...
 
 
-class MaskedMean(Metric):
-    """Mean of a per-token quantity over generated positions, summed across ranks."""
-
-    full_state_update = False
-
-    def __init__(self, key: str) -> None:
-        super().__init__()
-        self.key = key  # The `eval_forward` output it averages (metrics are deep-copied by Composer).
-        self.add_state('total', default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx='sum')
-        self.add_state('count', default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx='sum')
-
-    def update(self, total: torch.Tensor, count: torch.Tensor) -> None:  # type: ignore[override]
-        """Adds a sum over tokens and the number of tokens it covers."""
-        self.total += total.double()
-        self.count += count.double()
-
-    def compute(self) -> torch.Tensor:
-        """The mean (NaN before any update)."""
-        return self.total / self.count
+def token_mean(key: str) -> MeanMetric:
+    """A float64 mean of per-token values weighted by a mask, summed across ranks; `key` names it."""
+    metric = MeanMetric(nan_strategy='error').set_dtype(torch.float64)
+    metric.key = key  # The `eval_forward` output it averages (Composer deep-copies metrics).
+    return metric
 
 
 def _level_name(t: float) -> str:
@@ -59,9 +57,14 @@ class CDCDComposerModel(ComposerModel):
         eval_noise_levels: Noise stds at which validation CE and accuracy are reported.
         eval_seed: Seed of the evaluation noise, so every evaluation sees the same corruption.
         masking: Conditioning-mask mixture for training (None: every position generated).
-        pad_id: Padding id of the dataset (padding is never given by a mask).
+        pad_id: Padding id of the dataset (padding is never given by a mask); taken from
+            `dataset` when that is given.
         mse_weight: Weight of the auxiliary loss ||x0_hat - e||^2 / d_embed (mean over generated
             tokens) added to the CE; 0 (the paper) skips it entirely.
+        dataset: The training data's description; with `tokenizer`, what `generate` needs.
+        tokenizer: The training tokenizer, as `tokenizer_to_json` writes it.
+        self_conditioning: Training probability of self-conditioning, recorded so that sampling
+            feeds x0_hat back by default (None: trained without it).
     """
 
     def __init__(
@@ -74,13 +77,16 @@ class CDCDComposerModel(ComposerModel):
         masking: MaskingConfig | dict[str, float] | None = None,
         pad_id: int = 0,
         mse_weight: float = 0.0,
+        dataset: DatasetMetadata | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        self_conditioning: float | None = None,
     ) -> None:
         super().__init__()
         if mse_weight < 0:
             raise ValueError(f'loss.mse_weight={mse_weight} must be >= 0')
         self.mse_weight = mse_weight
         self.masking = MaskingConfig(**masking) if isinstance(masking, dict) else masking
-        self.pad_id = pad_id
+        self.pad_id = dataset.pad_id if dataset is not None else pad_id
         # Extra no-grad forward passes per training step, as a fraction of the batch; set by the
         # SelfConditioning algorithm so `flops_per_batch` counts them.
         self.extra_forward_fraction = 0.0
@@ -89,17 +95,52 @@ class CDCDComposerModel(ComposerModel):
         self.noise_seed: str | None = None
         self._draws = 0
         self.config = model if isinstance(model, CDCDConfig) else CDCDConfig(**model)
+        self.spec = RunSpec(self.config, float(t_min), float(t_max), dataset, tokenizer, self_conditioning)
         self.model = CDCDTransformer(self.config)
-        # Replaced by a fitted time warp when that callback is enabled; same interface.
-        self.time_distribution = TimeWarp(t_min, t_max)
+        # A plain object, not a child module (FSDP wraps child modules): its tensors enter the
+        # state dict through the hooks below. `TimeWarpRefit` replaces it with fitted curves.
+        self.time_warp = TimeWarp(t_min, t_max)
+        self.register_state_dict_post_hook(_save_time_warp)
+        self.register_load_state_dict_pre_hook(_load_time_warp)
         self.eval_noise_levels = tuple(float(t) for t in eval_noise_levels)
         self.eval_seed = eval_seed
         # A plain dict, not a ModuleDict: FSDP wraps every child module of a ComposerModel.
-        self.eval_metrics: dict[str, MaskedMean] = {}
+        self.eval_metrics: dict[str, MeanMetric] = {}
         for t in self.eval_noise_levels:
             for kind in ('CE', 'Accuracy'):
                 key = f'{kind}_t{_level_name(t)}'
-                self.eval_metrics[key] = MaskedMean(key)
+                self.eval_metrics[key] = token_mean(key)
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, n_bins: int | None = None) -> CDCDComposerModel:
+        """The model a run spec describes, with a uniform warp of `n_bins` bins (default 100)."""
+        model = cls(
+            spec.model, spec.t_min, spec.t_max, dataset=spec.dataset, tokenizer=spec.tokenizer,
+            self_conditioning=spec.self_conditioning,
+        )  # fmt: skip
+        if n_bins is not None:
+            model.time_warp = TimeWarp(spec.t_min, spec.t_max, n_bins)
+        return model
+
+    # -- state: the run spec rides along as extra state ---------------------------------------
+    def get_extra_state(self) -> str:
+        """The run spec as one JSON string."""
+        return self.spec.to_json()
+
+    def set_extra_state(self, state: Any) -> None:
+        """Checks a checkpoint's spec against this run's, which stays.
+
+        A resumed run must not inherit another architecture or tokenizer silently.
+
+        Raises:
+            ValueError: the checkpoint was trained with another model config.
+        """
+        loaded = RunSpec.from_json(state)
+        if loaded.model != self.config:
+            raise ValueError(
+                'the checkpoint was trained with a different model config; '
+                'use the YAML it was trained with or set load_weights_only=true'
+            )
 
     # -- the forward process and loss --------------------------------------------------------
     def begin_batch(self, noise_seed: str) -> None:
@@ -126,7 +167,7 @@ class CDCDComposerModel(ComposerModel):
         draws = 't' not in out or 'noise' not in out or 'generate_mask' not in out
         generator = self._generator(tokens.device) if draws else None
         if 't' not in out:
-            out['t'] = self.time_distribution.sample_t(batch_size, tokens.device, generator)
+            out['t'] = self.time_warp.sample_t(batch_size, tokens.device, generator)
         if 'noise' not in out:
             shape = (batch_size, length, self.config.d_embed)
             out['noise'] = torch.randn(*shape, device=tokens.device, generator=generator)
@@ -139,15 +180,15 @@ class CDCDComposerModel(ComposerModel):
             out['self_cond'] = torch.zeros(batch_size, length, self.config.d_embed, device=tokens.device)
         return out
 
-    def denoise(self, batch: dict[str, torch.Tensor], **kwargs: bool) -> Any:
-        """Logits (B, L, V) for a corrupted batch (see `corrupt`); kwargs go to the denoiser."""
+    def denoise(self, batch: dict[str, torch.Tensor], **outputs: bool) -> DenoiserOutput:
+        """The denoiser on a corrupted batch (see `corrupt`); `outputs` asks for x0_hat and the like."""
         return self.model(
             batch['tokens'],
             batch['t'],
             batch['generate_mask'],
             batch['self_cond'],
             noise=batch['noise'],
-            **kwargs,
+            **outputs,
         )
 
     @staticmethod
@@ -170,22 +211,19 @@ class CDCDComposerModel(ComposerModel):
             with `mse_weight` > 0 also `mse` (scalar, detached), the auxiliary term before weighting.
         """
         batch = self.corrupt(batch)
-        if self.mse_weight:
-            logits, embedding_error = self.denoise(batch, return_embedding_error=True)
-        else:
-            logits = self.denoise(batch)
-        ce = self.token_cross_entropy(logits, batch['tokens'])
+        denoised = self.denoise(batch, embedding_error=bool(self.mse_weight))
+        ce = self.token_cross_entropy(denoised.logits, batch['tokens'])
         m = batch['generate_mask'].to(ce.dtype)  # Given tokens carry no loss.
         loss = (ce * m).sum() / m.sum().clamp_min(1.0)
         ce_per_sequence = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)
         out = {
-            'logits': logits,
+            'logits': denoised.logits,
             'ce_per_sequence': ce_per_sequence.detach(),
             't': batch['t'],
             'given_share': 1.0 - m.mean(-1),
         }
         if self.mse_weight:
-            mse = (embedding_error * m).sum() / m.sum().clamp_min(1.0)
+            mse = (denoised.embedding_error * m).sum() / m.sum().clamp_min(1.0)
             loss = loss + self.mse_weight * mse
             out['mse'] = mse.detach()
         return {'loss': loss, **out}
@@ -195,26 +233,40 @@ class CDCDComposerModel(ComposerModel):
         return outputs['loss']
 
     # -- evaluation -----------------------------------------------------------------------------
+    def cross_entropy_at(
+        self, tokens: torch.Tensor, t: float, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token CE (B, L) nats and logits (B, L, V) of clean tokens at one fixed noise level.
+
+        Every position is generated (unconditional denoising): the entropy-vs-t curve of Fig. 2.
+
+        Args:
+            tokens: (B, L) clean ids.
+            t: The noise std.
+            noise: (B, L, d_embed) standard normal draws.
+        """
+        batch = {
+            'tokens': tokens,
+            't': torch.full((tokens.shape[0],), float(t), device=tokens.device),
+            'noise': noise,
+            'generate_mask': torch.ones_like(tokens, dtype=torch.bool),
+        }
+        logits = self.denoise(self.corrupt(batch)).logits
+        return self.token_cross_entropy(logits, tokens), logits
+
     def eval_forward(
         self, batch: dict[str, torch.Tensor], outputs: Any | None = None
     ) -> dict[str, torch.Tensor]:
-        """CE and accuracy sums at each fixed noise level, with noise seeded by the batch content."""
+        """Per-token CE and accuracy (B, L) at each fixed noise level, noise seeded by the batch content."""
         tokens = batch['tokens']
         generator = torch.Generator(device=tokens.device)
         generator.manual_seed(self.eval_seed + int(tokens.sum().item()))
         results = {}
-        for t_value in self.eval_noise_levels:
-            t = torch.full((tokens.shape[0],), t_value, device=tokens.device)
+        for t in self.eval_noise_levels:
             noise = torch.randn(*tokens.shape, self.config.d_embed, device=tokens.device, generator=generator)
-            # Validation measures unconditional denoising: every position generated.
-            mask = torch.ones_like(tokens, dtype=torch.bool)
-            corrupted = self.corrupt({**batch, 't': t, 'noise': noise, 'generate_mask': mask})
-            logits = self.denoise(corrupted)
-            m = corrupted['generate_mask'].float()
-            name = _level_name(t_value)
-            results[f'CE_t{name}'] = (self.token_cross_entropy(logits, tokens) * m).sum()
-            results[f'Accuracy_t{name}'] = ((logits.argmax(-1) == tokens).float() * m).sum()
-            results['count'] = m.sum()
+            ce, logits = self.cross_entropy_at(tokens, t, noise)
+            results[f'CE_t{_level_name(t)}'] = ce
+            results[f'Accuracy_t{_level_name(t)}'] = (logits.argmax(-1) == tokens).float()
         return results
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
@@ -222,8 +274,77 @@ class CDCDComposerModel(ComposerModel):
         return {} if is_train else dict(self.eval_metrics)
 
     def update_metric(self, batch: Any, outputs: dict[str, torch.Tensor], metric: Metric) -> None:
-        """Feeds the matching sum from `eval_forward` into its metric."""
-        metric.update(outputs[metric.key], outputs['count'])
+        """Feeds the matching per-token values from `eval_forward` into its metric."""
+        metric.update(outputs[metric.key], torch.ones_like(outputs[metric.key]))
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        num_samples: int,
+        steps: int = 200,
+        settings: SamplerSettings | None = None,
+        *,
+        request: Request | None = None,
+        given: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        warp: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """(num_samples, seq_len) sampled token ids: the Euler/Heun ODE over time-warped steps.
+
+        Args:
+            num_samples: How many sequences.
+            steps: Solver steps.
+            settings: Solver, temperature, guidance; default: self-conditioning as in training.
+            request: A prompt or infilling template for every sample (default unconditional).
+            given: Per-sample conditioning instead: (given_tokens, generate_mask), each (N, L).
+            seed: Batch `i` (starting at sample `i`) draws its initial noise with seed + i.
+            batch_size: Samples per solver batch (default all at once).
+            warp: Timesteps from the fitted time warp (False: evenly spaced in t).
+            on_step: Called after each solver step of each batch (progress bars).
+        """
+        if num_samples <= 0 or steps <= 0:
+            raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
+        spec, denoiser = self.spec, self.model
+        settings = settings or SamplerSettings(self_conditioning=spec.self_conditioned)
+        if given is None:
+            canvas = (request or Request()).canvas(spec.text_tokenizer, spec.data.seq_len, spec.padded)
+            given = None if canvas[0] is None else tuple(x.expand(num_samples, -1) for x in canvas)
+        curve = self.time_warp if warp else TimeWarp(spec.t_min, spec.t_max)
+        timesteps = curve.sampling_timesteps(steps)
+        device = next(denoiser.parameters()).device
+        batch_size = batch_size or num_samples
+        rows = []
+        for i in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - i)
+            conditioning = (
+                {}
+                if given is None
+                else {'given_tokens': given[0][i : i + count], 'generate_mask': given[1][i : i + count]}
+            )
+            generator = torch.Generator(device=device).manual_seed(seed + i)
+            rows.append(
+                sample(
+                    denoiser,
+                    timesteps,
+                    count,
+                    spec.data.seq_len,
+                    settings,
+                    generator=generator,
+                    on_step=on_step,
+                    **conditioning,
+                )
+            )
+        return torch.cat(rows)
+
+    def generate(
+        self, num_samples: int, steps: int = 200, settings: SamplerSettings | None = None, **kwargs: Any
+    ) -> list[str]:
+        """`generate_tokens` decoded to text, each cut at its end-of-story token (same arguments)."""
+        tokens = self.generate_tokens(num_samples, steps, settings, **kwargs)
+        return decode_samples(tokens, self.spec.text_tokenizer, self.spec.data.eos_id)
 
     # -- cost -----------------------------------------------------------------------------------
     def forward_flops(self, batch_size: int, seq_len: int) -> int:
@@ -263,3 +384,27 @@ def _is_per_sequence(module: nn.Module) -> bool:
 def unwrap_model(model: nn.Module) -> CDCDComposerModel:
     """The ComposerModel inside a DDP wrapper (FSDP shards in place and needs no unwrapping)."""
     return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def _save_time_warp(
+    module: CDCDComposerModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """State-dict hook: the warp's fixed-shape tensors under `time_warp.*`."""
+    for key, value in module.time_warp.state_dict().items():
+        state_dict[prefix + WARP_PREFIX + key] = value
+
+
+def _load_time_warp(module: CDCDComposerModel, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: takes the `time_warp.*` tensors out and into the model's warp.
+
+    Raises:
+        ValueError: the state has no warp (a checkpoint from before the warp moved into the model).
+    """
+    keys = [key for key in list(state_dict) if key.startswith(prefix + WARP_PREFIX)]
+    if not keys:
+        raise ValueError(
+            'the checkpoint holds no time warp in its model state: it was written by a cdcd-composer older '
+            'than the run spec in the model; load it with that version, or start afresh'
+        )
+    warp = {key[len(prefix + WARP_PREFIX) :]: state_dict.pop(key) for key in keys}
+    module.time_warp.load_state_dict({key: value.cpu() for key, value in warp.items()})

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from cdcd_composer.composer_model import CDCDComposerModel
-from cdcd_composer.model import CDCDTransformer
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +207,14 @@ def _fetch_smollm2(path: str) -> None:
 # -- validation cross-entropy against t -----------------------------------------------------------
 @torch.no_grad()
 def cross_entropy_curve(
-    model: CDCDTransformer, batches: Iterable[torch.Tensor], noise_levels: Sequence[float], seed: int = 1234
+    model: CDCDComposerModel, batches: Iterable[torch.Tensor], noise_levels: Sequence[float], seed: int = 1234
 ) -> dict[float, float]:
     """Mean CE (nats/token) of the clean tokens at each fixed noise level, all positions generated.
 
     The model's entropy-vs-t curve (paper Fig. 2): it shifts right as the model improves.
 
     Args:
-        model: The denoiser (eval mode).
+        model: The trained model (eval mode).
         batches: (B, L) token batches of validation data.
         noise_levels: The t values.
         seed: Seed of the noise (the same noise for every level and every call).
@@ -227,11 +226,7 @@ def cross_entropy_curve(
     for tokens in batches:
         tokens = tokens.to(device)
         noise = torch.randn(*tokens.shape, model.config.d_embed, generator=generator, device=device)
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        zeros = torch.zeros_like(noise)
         for level in noise_levels:
-            t = torch.full((len(tokens),), float(level), device=device)
-            logits = model(tokens, t, mask, zeros, noise=noise)
-            sums[level] += float(CDCDComposerModel.token_cross_entropy(logits, tokens).sum())
+            sums[level] += float(model.cross_entropy_at(tokens, level, noise)[0].sum())
         count += tokens.numel()
     return {level: total / max(count, 1) for level, total in sums.items()}

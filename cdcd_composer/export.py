@@ -1,41 +1,42 @@
-"""Weights-only export: safetensors + JSON config + tokenizer + fitted time warp.
+"""The weights-only export: a trained `CDCDComposerModel` saved without pickles.
 
-`generate.py` and `eval.py` load an export without unpickling anything. Training writes one at
-the end of `fit` (the `ExportWeights` callback); any Composer checkpoint can be exported with
+    OUT/model.safetensors   the model's state dict: denoiser weights and time-warp tensors
+    OUT/cdcd_config.json    the run spec, the format version and the weights' SHA-256
+    OUT/tokenizer/          the training tokenizer (also inside the spec; here for other tools)
 
-    python -m cdcd_composer.export CHECKPOINT OUT_DIR [--trust_checkpoint]
-
-OUT_DIR may be a local directory or an object-store URI (`s3://bucket/runs/x/export`).
+`generate.py` and `eval.py` load it without unpickling anything. Training writes one when it
+ends (the `ExportWeights` callback); `python export.py CHECKPOINT OUT_DIR` exports a checkpoint.
+OUT may be a local directory or an object-store URI (`s3://bucket/runs/x/export`).
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import os
-import sys
+import tempfile
 from typing import Any
 
 import torch
-from composer.core import Callback, State
-from composer.loggers import Logger
-from composer.utils import dist
-from transformers import PreTrainedTokenizerFast
 
-from cdcd_composer.checkpoint import (
-    EXPORT_CONFIG,
-    EXPORT_TOKENIZER,
-    EXPORT_WEIGHTS,
-    WARP_PREFIX,
-    TrainedModel,
-    file_sha256,
-    load_trained_model,
-)
-from cdcd_composer.dataset_store import DatasetRoot, check_writable
-from cdcd_composer.time_warping import TimeWarp
-from cdcd_composer.tokenization import tokenizer_from_json
+from cdcd_composer.composer_model import WARP_PREFIX, CDCDComposerModel
+from cdcd_composer.data.store import DatasetRoot, is_remote
+from cdcd_composer.run_spec import RunSpec
 
-EXPORT_FORMAT = 1
+EXPORT_CONFIG = 'cdcd_config.json'
+EXPORT_WEIGHTS = 'model.safetensors'
+EXPORT_TOKENIZER = 'tokenizer'
+EXPORT_FORMAT = 2  # 1: configs in a `metadata` dict, warp settings beside them.
+EXTRA_STATE = '_extra_state'  # The state-dict key of the run spec (`CDCDComposerModel.get_extra_state`).
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def split_folder(out: str) -> tuple[str, str]:
@@ -44,107 +45,112 @@ def split_folder(out: str) -> tuple[str, str]:
     return tuple(out.rsplit('/', 1)) if '/' in out else ('.', out)  # type: ignore[return-value]
 
 
-def write_export(
-    out: str,
-    metadata: dict[str, Any],
-    weights: dict[str, torch.Tensor],
-    tokenizer: PreTrainedTokenizerFast,
-    warp: TimeWarp | None,
-) -> None:
-    """Writes an export to `out` (local or object store), replacing an older one atomically.
+def model_from_state(state: dict[str, Any], where: str) -> CDCDComposerModel:
+    """Builds the model a full state dict describes and loads it (the spec is its `_extra_state`).
+
+    Raises:
+        ValueError: the state has no run spec (written before the spec moved into the model).
+    """
+    if EXTRA_STATE not in state or f'{WARP_PREFIX}masses' not in state:
+        raise ValueError(
+            f'{where} has no run spec in its model state: it was written by a cdcd-composer older than the '
+            'spec in the model; sample it with that version, or train again'
+        )
+    spec = RunSpec.from_json(state[EXTRA_STATE])
+    model = CDCDComposerModel.from_spec(spec, n_bins=state[f'{WARP_PREFIX}masses'].numel())
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def write_export(out: str, state: dict[str, Any]) -> None:
+    """Writes a model's full state dict to `out` (local or object store), replacing an older one atomically.
 
     Args:
         out: Directory or URI.
-        metadata: RunMetadata (model, diffusion, dataset, tokenizer, self_conditioning).
-        weights: The denoiser's state dict (full, unsharded), on any device.
-        tokenizer: The training tokenizer.
-        warp: The fitted time warp, or None when training sampled t uniformly.
+        state: `CDCDComposerModel.state_dict()` (full, unsharded; tensors on any device).
     """
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to('cpu').contiguous() for k, v in weights.items()}
-    config: dict[str, Any] = {'format': EXPORT_FORMAT, 'metadata': metadata, 'time_warp': None}
-    if warp is not None:
-        config['time_warp'] = warp.config()
-        tensors |= {WARP_PREFIX + k: v.contiguous() for k, v in warp.state_dict().items()}
+    spec = RunSpec.from_json(state[EXTRA_STATE])
+    tensors = {k: v.detach().to('cpu').contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     parent, name = split_folder(out)
-    root = DatasetRoot(parent)
-    with root.staged_directory(name) as staging:
+    with DatasetRoot(parent).staged_directory(name) as staging:
         save_file(tensors, os.path.join(staging, EXPORT_WEIGHTS))
-        # Verified on load: a damaged weights file would otherwise load and sample garbage.
-        config['weights_sha256'] = file_sha256(os.path.join(staging, EXPORT_WEIGHTS))
-        tokenizer.save_pretrained(os.path.join(staging, EXPORT_TOKENIZER))
+        config = {
+            'format': EXPORT_FORMAT,
+            'spec': state[EXTRA_STATE],
+            # Verified on load: a damaged weights file would otherwise load and sample garbage.
+            'weights_sha256': file_sha256(os.path.join(staging, EXPORT_WEIGHTS)),
+        }
+        if spec.tokenizer is not None:
+            spec.text_tokenizer.save_pretrained(os.path.join(staging, EXPORT_TOKENIZER))
         with open(os.path.join(staging, EXPORT_CONFIG), 'w') as f:
             json.dump(config, f, indent=2)
 
 
-def export_trained_model(trained: TrainedModel, out: str) -> None:
-    """Exports a loaded model (e.g. from a Composer checkpoint)."""
-    warp = trained.time_distribution if trained.fitted_warp else None
-    write_export(out, trained.metadata, trained.model.state_dict(), trained.tokenizer, warp)
+def read_export_config(local: str, where: str) -> dict[str, Any]:
+    """The export's JSON config, checked for its keys and for the weights' checksum.
 
-
-class ExportWeights(Callback):
-    """Writes a weights-only export when training ends (`FIT_END`).
-
-    Under FSDP every rank takes part in gathering the full state dict; rank 0 writes it.
-
-    Args:
-        folder: Destination, formatted with `{run_name}` (local path or object-store URI).
+    Raises:
+        ValueError: one line naming the file and what is wrong with it.
     """
-
-    def __init__(self, folder: str = 'runs/{run_name}/export') -> None:
-        self.folder = folder
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        """Checks the destination before training, not after it: writable, and ours to replace."""
-        if dist.get_global_rank() == 0:
-            out = self.folder.format(run_name=state.run_name)
-            check_writable(out, 'callbacks.export_weights.folder')
-            parent, name = split_folder(out)
-            DatasetRoot(parent).check_replaceable(name)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        """Gathers the weights and writes the export."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from cdcd_composer.callbacks import RunMetadata, TimeWarpRefit
-        from cdcd_composer.composer_model import unwrap_model
-
-        if state.fsdp_enabled:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(state.model, options=options)
-        else:
-            weights = unwrap_model(state.model).state_dict()
-        if dist.get_global_rank() == 0:
-            metadata = next(cb for cb in state.callbacks if isinstance(cb, RunMetadata)).metadata
-            model = unwrap_model(state.model)
-            refitted = any(isinstance(cb, TimeWarpRefit) for cb in state.callbacks)
-            warp = model.time_distribution if refitted else None  # Else t was uniform.
-            prefix = 'model.'
-            inner = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-            out = self.folder.format(run_name=state.run_name)
-            write_export(out, metadata, inner, tokenizer_from_json(metadata['tokenizer']), warp)
-            logger.log_hyperparameters({'export_folder': out})
-        dist.barrier()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cdcd_composer.export CHECKPOINT OUT_DIR [--trust_checkpoint]`."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('checkpoint', help='a .pt checkpoint written by train.py (local or object store)')
-    p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
-    p.add_argument('--trust_checkpoint', action='store_true', help='unpickle even from an untrusted location')
-    args = p.parse_args(argv)
+    config_path = os.path.join(local, EXPORT_CONFIG)
     try:
-        trained = load_trained_model(args.checkpoint, trust=args.trust_checkpoint)
-        export_trained_model(trained, args.out_dir)
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    print(f'exported {args.checkpoint} to {args.out_dir}')
-    return 0
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f'{where}/{EXPORT_CONFIG} is unreadable ({e}); export the checkpoint again'
+        ) from None
+    expected = {'format', 'spec', 'weights_sha256'}
+    keys = set(config) if isinstance(config, dict) else set()
+    if keys == {'format', 'metadata', 'time_warp', 'weights_sha256'} or keys == {
+        'format',
+        'metadata',
+        'time_warp',
+    }:
+        raise ValueError(
+            f'{where} is an export of format 1, from a cdcd-composer older than the run spec in the model; '
+            'export the checkpoint again with this version (python export.py CHECKPOINT OUT_DIR)'
+        )
+    if keys != expected:
+        raise ValueError(
+            f'{where}/{EXPORT_CONFIG} is not an export config (keys {sorted(keys)}, expected '
+            f'{sorted(expected)}); export the checkpoint again with python export.py'
+        )
+    try:
+        RunSpec.from_json(config['spec'])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(
+            f'{where}/{EXPORT_CONFIG} holds no valid run spec ({type(e).__name__}: {e}); export the checkpoint again'
+        ) from None
+    weights = os.path.join(local, EXPORT_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f'{where}/{EXPORT_WEIGHTS} is missing; the export is incomplete: export it again')
+    if file_sha256(weights) != config['weights_sha256']:
+        raise ValueError(
+            f'{where}/{EXPORT_WEIGHTS} does not match the checksum in {EXPORT_CONFIG}: the file is '
+            'damaged or was replaced; export the checkpoint again'
+        )
+    return config
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+def load_export(path: str) -> CDCDComposerModel:
+    """Loads a weights-only export (local directory or object-store prefix); unpickles nothing.
+
+    Raises:
+        ValueError: `path` holds no export, or a damaged or inconsistent one.
+    """
+    from safetensors.torch import load_file
+
+    root = DatasetRoot(path)
+    if not root.exists(EXPORT_CONFIG):
+        raise ValueError(
+            f'{path} is neither a .pt checkpoint nor an export directory (no {EXPORT_CONFIG}); '
+            'pass a checkpoint from train.py or an export from python export.py'
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = root.fetch_directory('', tmp) if is_remote(path) else path
+        config = read_export_config(local, path.rstrip('/'))
+        state: dict[str, Any] = load_file(os.path.join(local, EXPORT_WEIGHTS))
+    return model_from_state({**state, EXTRA_STATE: config['spec']}, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,21 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
+class DenoiserOutput(NamedTuple):
+    """What one denoiser pass returns.
+
+    Attributes:
+        logits: (B, L, vocab_size) over the clean tokens.
+        x0_hat: (B, L, d_embed) float32 expected embedding (Eq. 7, preconditioned), when asked for.
+        embedding_error: (B, L) float32 ||x0_hat - e||^2 / d_embed per token (the auxiliary MSE
+            of Difformer / simple-diffusion-lm), when asked for.
+    """
+
+    logits: torch.Tensor
+    x0_hat: torch.Tensor | None = None
+    embedding_error: torch.Tensor | None = None
+
+
 class CDCDTransformer(nn.Module):
     """Denoiser: predicts logits over the vocabulary at every position.
 
@@ -231,12 +247,13 @@ class CDCDTransformer(nn.Module):
         self_cond: torch.Tensor,
         noise: torch.Tensor | None = None,
         x_t: torch.Tensor | None = None,
-        return_expected_embedding: bool = False,
-        return_embedding_error: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the clean tokens given noisy embeddings.
+        expected_embedding: bool = False,
+        embedding_error: bool = False,
+    ) -> DenoiserOutput:
+        """Logits of the clean tokens given noisy embeddings, and what is derived from them.
 
-        Every use of the parameters happens inside `forward`, so FSDP gathers them first.
+        Every use of the parameters happens inside `forward`, so FSDP gathers them first; that
+        is why x0_hat (which reads the embedding table) is computed here when asked for.
 
         Args:
             tokens: (B, L) clean token ids; read where generate_mask is 0 (given tokens) and,
@@ -246,13 +263,11 @@ class CDCDTransformer(nn.Module):
             self_cond: (B, L, d_embed) previous estimate of the expected embedding, or zeros.
             noise: (B, L, d_embed) standard normal eps (training); ignored when x_t is given.
             x_t: (B, L, d_embed) noisy embeddings (sampling), instead of tokens + noise.
-            return_expected_embedding: Also return x0_hat (B, L, d_embed): softmax(logits) @ E,
-                preconditioned as `config.preconditioning` says.
-            return_embedding_error: Instead, also return ||x0_hat - e||^2 / d_embed per token,
-                (B, L) float32: the auxiliary MSE loss of Difformer / simple-diffusion-lm.
+            expected_embedding: Fill in `x0_hat`.
+            embedding_error: Fill in `embedding_error`.
 
         Returns:
-            (B, L, vocab_size) logits, and x0_hat or the embedding error when asked for.
+            A `DenoiserOutput`; the fields not asked for are None.
         """
         clean = self.embed(tokens)  # (B, L, D)
         if x_t is None:
@@ -269,11 +284,9 @@ class CDCDTransformer(nn.Module):
         logits = self.head(self.norm_out(h, time))
         if self.config.tie_output_head:
             logits = logits @ self.embedding_matrix().t().to(logits.dtype)
-        if return_expected_embedding:
-            return logits, self.denoised(logits, x_t, t)
-        if return_embedding_error:
-            return logits, (self.denoised(logits, x_t, t) - clean.float()).square().mean(-1)
-        return logits
+        x0_hat = self.denoised(logits, x_t, t) if expected_embedding or embedding_error else None
+        error = (x0_hat - clean.float()).square().mean(-1) if embedding_error else None
+        return DenoiserOutput(logits, x0_hat if expected_embedding else None, error)
 
     def denoised(self, logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0_hat = c_skip(t) x_t + c_out(t) softmax(logits) @ E, float32 (B, L, d_embed); t: (B,)."""
@@ -297,5 +310,8 @@ class CDCDTransformer(nn.Module):
 
 
 def score(x0_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Score interpolation s(x, t) = (x0_hat - x) / t^2 (Eq. 8). x0_hat, x: (B, L, D); t: (B,)."""
-    return (x0_hat - x) / t.square()[:, None, None]
+    """Score interpolation s(x, t) = (x0_hat - x) / t^2 (Eq. 8).
+
+    x0_hat, x: (B, L, D); t: (B,) per sequence or a scalar tensor for the whole batch.
+    """
+    return (x0_hat - x) / t.square().reshape(-1, 1, 1)

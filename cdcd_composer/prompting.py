@@ -1,15 +1,17 @@
 """Conditioning canvases for sampling: a prompt to continue, or a template with blanks to fill.
 
 A canvas is a pair (given_tokens, generate_mask), each of shape (seq_len,): the sampler keeps
-given tokens clean and generates where the mask is 1.
+given tokens clean and generates where the mask is 1. A `Request` says which canvas to make.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cdcd_composer.tokenization import StoryTokens
+from cdcd_composer.data.tokenization import StoryTokens
 
 BLANK = '___'
 
@@ -78,3 +80,28 @@ def template_canvas(
     tokens += [ids.pad] * rest
     mask += [open_end or not padded] * rest
     return torch.tensor(tokens), torch.tensor(mask)
+
+
+@dataclass
+class Request:
+    """What to generate.
+
+    Unconditional (neither set), a continuation (`prompt`) or an infill (`template` with `___`
+    blanks of `blank_length` tokens).
+    """
+
+    prompt: str | None = None
+    template: str | None = None
+    blank_length: int = 8
+
+    def canvas(
+        self, tokenizer: PreTrainedTokenizerBase, seq_len: int, padded: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """(given_tokens, generate_mask), each (seq_len,), or (None, None) when unconditional."""
+        if self.prompt is not None and self.template is not None:
+            raise ValueError('give --prompt or --template, not both')
+        if self.prompt is not None:
+            return prompt_canvas(tokenizer, seq_len, self.prompt)
+        if self.template is not None:
+            return template_canvas(tokenizer, seq_len, self.template, self.blank_length, padded)
+        return None, None

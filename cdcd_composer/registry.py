@@ -10,11 +10,11 @@ import torch
 from composer import algorithms, callbacks, loggers, optim
 from torch import nn
 
-from cdcd_composer.callbacks import TimeWarpRefit
-from cdcd_composer.export import ExportWeights
+from cdcd_composer.export_weights import ExportWeights
 from cdcd_composer.optim import FusedDecoupledAdamW
-from cdcd_composer.sample_logging import TrainingSamples
 from cdcd_composer.self_conditioning import SelfConditioning
+from cdcd_composer.time_warp_refit import TimeWarpRefit
+from cdcd_composer.training_samples import TrainingSamples
 
 OPTIMIZERS: dict[str, type] = {
     'decoupled_adamw': optim.DecoupledAdamW,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cdcd_composer.model import CDCDTransformer
+from cdcd_composer.model import CDCDTransformer, DenoiserOutput, score
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def sample(
 ) -> torch.Tensor:
     """Integrates the probability-flow ODE from t_max to t_min, then takes the argmax.
 
-    With x0_hat = softmax(logits) @ E (score interpolation), the ODE's direction is
-    d(x, t) = (x - x0_hat(x, t)) / (t * tau); Euler steps x <- x + (t_{i+1} - t_i) * d.
+    With x0_hat = softmax(logits) @ E, the score is s = (x0_hat - x) / t^2 (score interpolation,
+    `score`) and the ODE's direction d(x, t) = -t s / tau; Euler steps x <- x + (t_{i+1} - t_i) d.
     Given tokens (`generate_mask` 0) enter the model clean at every step and are returned as is.
 
     Args:
@@ -109,10 +109,10 @@ def sample(
     for i in range(last + 1):
         t_i, t_next = timesteps[i], timesteps[i + 1]
         t_model = t_i if settings.time_shift is None else t_next + settings.time_shift
-        direction = (x - denoiser(x, t_model)) / (t_i * tau)
+        direction = -t_i * score(denoiser(x, t_model), x, t_i) / tau
         x_euler = x + (t_next - t_i) * direction
         if settings.heun and i < last:  # Trapezoidal correction; the last step stays Euler (EDM Alg. 1).
-            direction_next = (x_euler - denoiser(x_euler, t_next)) / (t_next * tau)
+            direction_next = -t_next * score(denoiser(x_euler, t_next), x_euler, t_next) / tau
             x = x + (t_next - t_i) * 0.5 * (direction + direction_next)
         else:
             x = x_euler
@@ -134,16 +134,18 @@ class _Denoiser:
         self.guided = settings.guidance_scale != 1.0 and not bool(mask.all())
         self.all_generated = torch.ones_like(mask)
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, expected: bool):
+    def _call(
+        self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, expected: bool
+    ) -> DenoiserOutput:
         return self.model(
-            self.tokens, t.expand(len(x)), mask, self.self_cond, x_t=x, return_expected_embedding=expected
+            self.tokens, t.expand(len(x)), mask, self.self_cond, x_t=x, expected_embedding=expected
         )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0_hat (B, L, d_embed) at noise level t (scalar tensor)."""
-        _, x0_hat = self._call(x, t, self.mask, expected=True)
+        x0_hat = self._call(x, t, self.mask, expected=True).x0_hat
         if self.guided:
-            _, unconditional = self._call(x, t, self.all_generated, expected=True)
+            unconditional = self._call(x, t, self.all_generated, expected=True).x0_hat
             x0_hat = unconditional + self.settings.guidance_scale * (x0_hat - unconditional)
         if self.settings.self_conditioning:
             self.self_cond = x0_hat
@@ -151,9 +153,9 @@ class _Denoiser:
 
     def logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The final pass: logits (B, L, V) at t, guided in logit space like x0_hat above."""
-        logits = self._call(x, t, self.mask, expected=False)
+        logits = self._call(x, t, self.mask, expected=False).logits
         if self.guided:
-            unconditional = self._call(x, t, self.all_generated, expected=False)
+            unconditional = self._call(x, t, self.all_generated, expected=False).logits
             logits = unconditional + self.settings.guidance_scale * (logits - unconditional)
         return logits
 

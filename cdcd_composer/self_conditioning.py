@@ -60,14 +60,10 @@ class SelfConditioning(Algorithm):
         self_cond = torch.zeros_like(batch['self_cond'])
         if len(chosen):
             with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-                _, x0_hat = model.model(
-                    tokens[chosen],
-                    batch['t'][chosen],
-                    batch['generate_mask'][chosen],
-                    batch['self_cond'][chosen],
-                    noise=batch['noise'][chosen],
-                    return_expected_embedding=True,
-                )
+                subset = {
+                    key: batch[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
+                }
+                x0_hat = model.denoise(subset, expected_embedding=True).x0_hat
             given = ~batch['generate_mask'][chosen].bool()
             self_cond[chosen] = x0_hat.to(self_cond.dtype).masked_fill(given[..., None], 0.0)
         batch['self_cond'] = self_cond

@@ -276,6 +276,11 @@ class TimeWarp:
         """n_steps + 1 decreasing times: u evenly spaced from 1 to 0, t_i = F^-1(u_i) (§6.1)."""
         return self.inverse_cdf(torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64))
 
+    @property
+    def is_fitted(self) -> bool:
+        """Whether a fit was ever accepted (False: the uniform start)."""
+        return bool(self.fit_heights.any())
+
     def quantile(self, q: float) -> float:
         """The t below which a fraction q of the training samples fall: F^-1(q)."""
         return float(self.inverse_cdf(torch.tensor([q], dtype=torch.float64))[0])

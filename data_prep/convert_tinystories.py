@@ -39,13 +39,13 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from cdcd_composer.data import METADATA_FILE, SPLITS, TOKENIZER_DIR, DatasetMetadata
-from cdcd_composer.dataset_store import MANIFEST_FILE, OWNER_MARKER, DatasetRoot, SplitWriter
-from cdcd_composer.grammar import StoryGrammar
-from cdcd_composer.split_stats import SplitStats
-from cdcd_composer.story_encoding import LAYOUTS, OVERFLOWS, CanvasSpec, clean_story, encode_all
-from cdcd_composer.story_sources import Record, carve, concat_files, expand_files, hub_stories
-from cdcd_composer.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256, train_wordpiece
+from cdcd_composer.data.encoding import LAYOUTS, OVERFLOWS, CanvasSpec, clean_story, encode_all
+from cdcd_composer.data.grammar import StoryGrammar
+from cdcd_composer.data.metadata import METADATA_FILE, SPLITS, TOKENIZER_DIR, DatasetMetadata
+from cdcd_composer.data.sources import Record, carve, concat_files, expand_files, hub_stories
+from cdcd_composer.data.stats import SplitStats
+from cdcd_composer.data.store import MANIFEST_FILE, OWNER_MARKER, DatasetRoot, SplitWriter
+from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256, train_wordpiece
 
 log = logging.getLogger('convert_tinystories')
 

@@ -24,8 +24,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cdcd_composer.data.grammar import recognised_fraction  # noqa: E402
 from cdcd_composer.evaluation import distinct_n, repetition_rate  # noqa: E402
-from cdcd_composer.grammar import recognised_fraction  # noqa: E402
 
 DATA = {'words': 'data/synthetic', 'bytes': 'data/synthetic-char'}
 CONVERT = {

@@ -19,11 +19,12 @@ import torch
 from conftest import REPO
 
 from cdcd_composer.config import parse_config
-from cdcd_composer.data import DatasetMetadata, StoryDataset, build_dataloader, check_split
-from cdcd_composer.dataset_store import DatasetRoot, StoreError
-from cdcd_composer.grammar import StoryGrammar
-from cdcd_composer.story_sources import is_carved
-from cdcd_composer.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256
+from cdcd_composer.data.grammar import StoryGrammar
+from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split
+from cdcd_composer.data.metadata import DatasetMetadata
+from cdcd_composer.data.sources import is_carved
+from cdcd_composer.data.store import DatasetRoot, StoreError
+from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256
 from data_prep import convert_tinystories
 from data_prep.convert_tinystories import convert, main
 from train import main as train_main

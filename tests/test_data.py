@@ -1,8 +1,9 @@
 import pytest
 
-from cdcd_composer.data import DatasetMetadata, StoryDataset, build_dataloader, check_split
-from cdcd_composer.grammar import StoryGrammar
-from cdcd_composer.tokenization import StoryTokens, load_tokenizer
+from cdcd_composer.data.grammar import StoryGrammar
+from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split
+from cdcd_composer.data.metadata import DatasetMetadata
+from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
 
 
 def test_mds_round_trip_equals_the_tokenizer(tiny_dataset):

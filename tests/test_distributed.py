@@ -19,11 +19,11 @@ from composer.core import Callback
 from composer.utils import dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
-from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.config import load_config
 from cdcd_composer.model import Block
-from cdcd_composer.sample_logging import TrainingSamples
+from cdcd_composer.training_samples import TrainingSamples
 
 class Record(Callback):
     def __init__(self):
@@ -38,7 +38,7 @@ class Record(Callback):
         model = unwrap_model(state.model)
         torch.save({{
             'warp': refit.warp.state_dict(), 'buffer': refit.buffer.cpu(), 'fit_count': refit.fit_count,
-            'installed': model.time_distribution is refit.warp,
+            'installed': model.time_warp is refit.warp,
             'sharded_blocks': sum(isinstance(m, FSDPModule) for m in model.modules() if isinstance(m, Block)),
             'blocks': sum(isinstance(m, Block) for m in model.modules()),
             'ddp': isinstance(state.model, DistributedDataParallel),
@@ -106,4 +106,4 @@ def test_two_ranks_agree_on_every_mechanism(tiny_dataset, tmp_path, strategy):
     assert (ranks[1]['sampling_seconds'] > 0) == (strategy == 'fsdp2')
     # The export written at the end (full weights gathered under FSDP) loads on its own.
     exported = load_trained_model(str(tmp_path / 'export'))
-    assert torch.equal(exported.time_distribution.masses, ranks[0]['warp']['masses'])
+    assert torch.equal(exported.time_warp.masses, ranks[0]['warp']['masses'])

@@ -17,12 +17,13 @@ from conftest import REPO, TINY_MODEL
 import eval as eval_cli
 import generate
 import train
-from cdcd_composer.checkpoint import load_trained_model, untrusted_reason
+from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.trust import untrusted_reason
+from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
 from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.prompting import prompt_canvas, template_canvas
 from cdcd_composer.sampler import SamplerSettings, sample
-from cdcd_composer.tokenization import StoryTokens, load_tokenizer
 
 L = 96
 
@@ -152,15 +153,13 @@ def test_export_round_trip_and_generate_from_it(trained_run, tmp_path, capsys):
     from_pickle, from_export = load_trained_model(str(checkpoint)), load_trained_model(str(export))
     for name, value in from_pickle.model.state_dict().items():
         assert torch.equal(value, from_export.model.state_dict()[name]), name
-    assert from_export.fitted_warp and from_pickle.fitted_warp
+    assert torch.equal(from_export.time_warp.masses, from_pickle.time_warp.masses)  # both carry the warp
     grid = torch.linspace(0, 1, 11, dtype=torch.float64)
-    assert torch.equal(
-        from_pickle.time_distribution.inverse_cdf(grid), from_export.time_distribution.inverse_cdf(grid)
-    )
-    assert from_export.metadata == from_pickle.metadata
+    assert torch.equal(from_pickle.time_warp.inverse_cdf(grid), from_export.time_warp.inverse_cdf(grid))
+    assert from_export.spec == from_pickle.spec
 
     # The CLI export of the pickle equals the one written at the end of training.
-    cmd = [sys.executable, '-m', 'cdcd_composer.export', str(checkpoint), str(tmp_path / 'again')]
+    cmd = [sys.executable, 'export.py', str(checkpoint), str(tmp_path / 'again')]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     again = load_trained_model(str(tmp_path / 'again'))
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in from_export.model.state_dict().items())
@@ -199,16 +198,17 @@ def damage_extra_key(export: Path) -> None:
     (export / 'cdcd_config.json').write_text(json.dumps({**config, 'surprise': 1}))
 
 
-def damage_no_metadata_model(export: Path) -> None:
+def damage_spec_without_model(export: Path) -> None:
     config = json.loads((export / 'cdcd_config.json').read_text())
-    del config['metadata']['model']
-    (export / 'cdcd_config.json').write_text(json.dumps(config))
+    spec = json.loads(config['spec'])
+    del spec['model']
+    (export / 'cdcd_config.json').write_text(json.dumps({**config, 'spec': json.dumps(spec)}))
 
 
 @pytest.mark.parametrize('damage, message', [
     (damage_flip_a_weight_byte, 'model.safetensors does not match the checksum'),
     (damage_extra_key, 'cdcd_config.json is not an export config'),
-    (damage_no_metadata_model, 'cdcd_config.json lacks metadata.model'),
+    (damage_spec_without_model, 'cdcd_config.json holds no valid run spec'),
     (lambda e: (e / 'cdcd_config.json').write_text('{"format": 1,'), 'cdcd_config.json is unreadable'),
     (lambda e: (e / 'model.safetensors').unlink(), 'model.safetensors is missing'),
     (lambda e: (e / 'cdcd_config.json').unlink(), 'neither a .pt checkpoint nor an export directory'),
@@ -361,7 +361,7 @@ def test_generate_checks_device_and_output_before_sampling(
 
 
 def test_export_and_generate_through_s3(trained_run, s3_env, tmp_path, capsys):
-    from cdcd_composer.export import main as export_main
+    from export import main as export_main
 
     bucket = s3_env()
     checkpoint = trained_run / 'checkpoints' / 'latest-rank0.pt'

@@ -1,4 +1,4 @@
-from cdcd_composer import grammar
+from cdcd_composer.data import grammar
 
 
 def test_generator_is_deterministic_by_seed():

@@ -69,13 +69,13 @@ def test_given_positions_carry_no_loss_and_no_noise(wrapper):
     wrapper.eval()
     with torch.no_grad():
         args = (batch['tokens'], batch['t'], mask, batch['self_cond'])
-        same_inputs = wrapper.model(*args, noise=batch['noise'])
+        same_inputs = wrapper.model(*args, noise=batch['noise']).logits
         noise2 = batch['noise'].clone()
         noise2[:, :5] = torch.randn_like(noise2[:, :5]) * 100
-        moved = wrapper.model(*args, noise=noise2)
+        moved = wrapper.model(*args, noise=noise2).logits
         # x_t given directly (sampling) is the same computation as tokens + noise (training).
         x_t = wrapper.model.embed(batch['tokens']) + batch['t'][:, None, None] * batch['noise']
-        direct = wrapper.model(*args, x_t=x_t)
+        direct = wrapper.model(*args, x_t=x_t).logits
     torch.testing.assert_close(same_inputs, moved)
     torch.testing.assert_close(same_inputs, direct)
 
@@ -98,7 +98,7 @@ def test_time_conditioning_starts_as_plain_layernorm(wrapper):
     t, t7 = batch['t'], batch['t'] * 7
 
     def run(x_t, times):
-        return model(args[0], times, *args[1:], x_t=x_t)
+        return model(args[0], times, *args[1:], x_t=x_t).logits
 
     # adaLN is zero-initialised, so at init t only enters through c_in(t) scaling the input.
     rescaled = x * (c_in(t7) / c_in(t))[:, None, None]

@@ -10,8 +10,8 @@ from conftest import REPO, tiny_overrides
 
 import train
 from cdcd_composer.config import load_config, parse_config
-from cdcd_composer.dataset_store import StoreError
-from cdcd_composer.export import main as export_main
+from cdcd_composer.data.store import StoreError
+from export import main as export_main
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ import generate
 import train
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import load_config
+from cdcd_composer.data.tokenization import byte_tokenizer, load_tokenizer
 from cdcd_composer.model import CDCDConfig, CDCDTransformer, skip_and_out
 from cdcd_composer.sampler import SamplerSettings, sample
-from cdcd_composer.tokenization import byte_tokenizer, load_tokenizer
 from data_prep.convert_tinystories import convert
 
 VOCAB = 50
@@ -33,8 +33,8 @@ def test_preconditioning_forms_x0_hat_from_the_expected_embedding(preconditionin
     model = wrapper(preconditioning=preconditioning).model
     batch = corrupted(wrapper())
     x_t = model.embed(batch['tokens']) + batch['t'][:, None, None] * batch['noise']
-    logits, x0_hat = model(batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond'],
-                           noise=batch['noise'], return_expected_embedding=True)  # fmt: skip
+    logits, x0_hat, _ = model(batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond'],
+                              noise=batch['noise'], expected_embedding=True)  # fmt: skip
     expected = model.expected_embedding(logits)
     t = batch['t'][:, None, None]
     manual = {
@@ -65,8 +65,7 @@ def test_mse_weight_zero_is_exactly_the_cross_entropy_and_positive_adds_the_term
     weighted = CDCDComposerModel({'vocab_size': VOCAB, **TINY_MODEL}, t_max=20.0, mse_weight=0.5)
     weighted.load_state_dict(plain.state_dict())
     out_w = weighted(batch)
-    _, x0_hat = weighted.model(batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond'],
-                               noise=batch['noise'], return_expected_embedding=True)  # fmt: skip
+    x0_hat = weighted.denoise(batch, expected_embedding=True).x0_hat
     mse = (x0_hat - weighted.model.embed(batch['tokens'])).square().mean()
     torch.testing.assert_close(out_w['mse'], mse)
     torch.testing.assert_close(out_w['loss'], ce + 0.5 * mse)

@@ -19,7 +19,7 @@ from s3_server import free_port
 from safetensors.torch import load_file
 
 import train
-from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.config import parse_config
 
 pytestmark = pytest.mark.slow

@@ -78,7 +78,7 @@ def test_sampler_feeds_the_previous_estimate_back(tiny_config):
     handle = model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(args[3].clone()), with_kwargs=True
     )
-    timesteps = trainer.state.model.time_distribution.sampling_timesteps(3)
+    timesteps = trainer.state.model.time_warp.sampling_timesteps(3)
     for on in (False, True):
         seen.clear()
         sample(model, timesteps, 2, 96, SamplerSettings(self_conditioning=on), generator=torch.Generator())

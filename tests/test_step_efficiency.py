@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from composer.core import Event, Precision
 from composer.optim import DecoupledAdamW
 
-from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.optim import FusedDecoupledAdamW
 from cdcd_composer.self_conditioning import SelfConditioning
@@ -35,7 +35,7 @@ def test_training_step_runs_on_the_meta_device_so_it_never_syncs_with_the_host()
         precision_config=None, device=SimpleNamespace(tensor_to_device=lambda x: x), outputs=None,
         callbacks=[], run_name='meta', previous_timestamp=None,
     )  # fmt: skip
-    refit.fit_start(state, logger=None)  # installs a (uniform) warp: t is drawn through its inverse CDF
+    refit.init(state, logger=None)  # installs a (uniform) warp: t is drawn through its inverse CDF
     refit.warp.masses = torch.linspace(1.0, 2.0, 8, dtype=torch.float64) / 12.0  # a non-trivial curve
     SelfConditioning(p=0.5).apply(Event.BEFORE_FORWARD, state, logger=None)  # extra no-grad pass
     state.outputs = model(state.batch)

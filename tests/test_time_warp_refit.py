@@ -6,7 +6,7 @@ import torch
 from composer.core import Callback
 
 import train
-from cdcd_composer.callbacks import TimeWarpRefit
+from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.checkpoint import load_trained_model
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_refits_install_the_curve_plot_it_and_checkpoint_it(tiny_config, tmp_pat
     callback = refit_callback(trainer)
     assert callback.fit_count >= 1 and callback.fit_count + callback.rejected_count == 3  # at 2, 4, 6
     assert callback.n_seen == 6 * 8
-    assert trainer.state.model.time_distribution is callback.warp
+    assert trainer.state.model.time_warp is callback.warp
     assert not torch.equal(callback.warp.masses, torch.full((8,), 1 / 8, dtype=torch.float64))
     assert (tmp_path / 'run' / 'time_warp.png').stat().st_size > 1000
     # State has fixed shapes whatever the fill level (sharded checkpoints need that).
@@ -62,11 +62,11 @@ def test_refits_install_the_curve_plot_it_and_checkpoint_it(tiny_config, tmp_pat
     assert state['buffer'].shape == (4, 64) and state['warp']['masses'].shape == (8,)
     # generate.py samples with the checkpoint's curve, or uniform on request.
     loaded = load_trained_model(str(tmp_path / 'checkpoints' / 'latest-rank0.pt'))
-    assert torch.equal(loaded.time_distribution.masses, callback.warp.masses)
-    steps = loaded.time_distribution.sampling_timesteps(10)
+    assert torch.equal(loaded.time_warp.masses, callback.warp.masses)
+    steps = loaded.time_warp.sampling_timesteps(10)
     torch.testing.assert_close(steps, callback.warp.sampling_timesteps(10))
     uniform = load_trained_model(str(tmp_path / 'checkpoints' / 'latest-rank0.pt'), warp=False)
-    assert torch.equal(uniform.time_distribution.masses, torch.full((100,), 0.01, dtype=torch.float64))
+    assert torch.equal(uniform.time_warp.masses, torch.full((100,), 0.01, dtype=torch.float64))
 
 
 class CaptureCurve(Callback):
@@ -77,7 +77,7 @@ class CaptureCurve(Callback):
 
     def batch_start(self, state, logger) -> None:
         if self.curve is None:
-            self.curve = state.model.time_distribution.state_dict()
+            self.curve = state.model.time_warp.state_dict()
 
 
 def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
@@ -108,7 +108,7 @@ def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
     # ... and collection carries on into the restored buffer (refits at 22 and 24 may be rejected).
     assert restored.n_seen == saved['n_seen'] + 4 * 8
     assert restored.fit_count >= saved['fit_count']
-    assert resumed.state.model.time_distribution is restored.warp
+    assert resumed.state.model.time_warp is restored.warp
 
 
 def test_checkpointed_buffers_from_before_the_share_row_still_load():

@@ -12,7 +12,7 @@ from conftest import REPO
 import generate
 import train
 from cdcd_composer.checkpoint import load_trained_model
-from cdcd_composer.grammar import recognised_fraction
+from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.sampler import decode_samples, sample
 
 pytestmark = pytest.mark.slow
@@ -53,14 +53,14 @@ def test_trains_saves_reloads_and_compares_weights(trained, tiny_config):
 def test_samples_decode_and_generate_cli(trained, tmp_path, capsys):
     _, checkpoint = trained
     loaded = load_trained_model(str(checkpoint))
-    steps = loaded.time_distribution.sampling_timesteps(5)
-    assert steps[0] == loaded.time_distribution.t_max and steps[-1] == loaded.time_distribution.t_min
+    steps = loaded.time_warp.sampling_timesteps(5)
+    assert steps[0] == loaded.time_warp.t_max and steps[-1] == loaded.time_warp.t_min
     assert (steps[1:] < steps[:-1]).all()
     a = sample(loaded.model, steps, 3, 96, generator=torch.Generator().manual_seed(1))
     b = sample(loaded.model, steps, 3, 96, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == (3, 96)
-    assert int(a.max()) < len(loaded.tokenizer)
-    texts = decode_samples(a, loaded.tokenizer, loaded.eos_id)
+    assert int(a.max()) < len(loaded.spec.text_tokenizer)
+    texts = decode_samples(a, loaded.spec.text_tokenizer, loaded.spec.data.eos_id)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert 0.0 <= recognised_fraction(texts) <= 1.0
 
@@ -75,12 +75,12 @@ def test_samples_decode_and_generate_cli(trained, tmp_path, capsys):
 def test_given_tokens_stay_clean_while_sampling(trained):
     _, checkpoint = trained
     loaded = load_trained_model(str(checkpoint))
-    given = torch.randint(0, len(loaded.tokenizer), (2, 96))
+    given = torch.randint(0, len(loaded.spec.text_tokenizer), (2, 96))
     mask = torch.ones(2, 96, dtype=torch.bool)
     mask[:, :10] = False
     out = sample(
         loaded.model,
-        loaded.time_distribution.sampling_timesteps(3),
+        loaded.time_warp.sampling_timesteps(3),
         2,
         96,
         given_tokens=given,

@@ -11,9 +11,9 @@ import torch
 import eval as eval_cli
 import generate
 import train
-from cdcd_composer import checkpoint
+from cdcd_composer import trust as checkpoint
 from cdcd_composer.config import parse_config
-from cdcd_composer.export import main as export_main
+from export import main as export_main
 
 
 class Payload:

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from cdcd_composer.story_encoding import EncodedChunk
+from cdcd_composer.data.encoding import EncodedChunk
 
 TOP_TOKENS = 20
 

@@ -1,4 +1,4 @@
-"""Composer callbacks of the recipe."""
+"""Refitting the time warp during training (paper §3.3), as a Composer Callback."""
 
 from __future__ import annotations
 
@@ -21,49 +21,6 @@ from cdcd_composer.time_warping import TimeWarp
 log = logging.getLogger(__name__)
 
 BUFFER_ROWS = 4  # t, per-sequence CE, F'(t) under the curve t was drawn from, share of given tokens
-
-
-class RunMetadata(Callback):
-    """Carries what a checkpoint needs to be sampled from on its own: configs and the tokenizer.
-
-    Its state is saved in every checkpoint (under `state.callbacks['RunMetadata']`) and
-    restored on resume, so `generate.py CHECKPOINT` needs no YAML and no dataset.
-
-    Args:
-        metadata: JSON-safe dict with `model`, `diffusion`, `dataset` and `tokenizer` entries.
-    """
-
-    def __init__(self, metadata: dict[str, Any]) -> None:
-        self.metadata = metadata
-
-    def run_event(self, event: Any, state: State, logger: Logger) -> None:
-        """Acts on no event: it only contributes state."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The metadata dict."""
-        return {'metadata': self.metadata}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keeps this run's metadata: a resumed run must not inherit another tokenizer silently."""
-        if 'metadata' in state and state['metadata'].get('model') != self.metadata.get('model'):
-            raise ValueError(
-                'the checkpoint was trained with a different model config; '
-                'use the YAML it was trained with or set load_weights_only=true'
-            )
-
-
-class BatchNoiseSeed(Callback):
-    """Makes each batch's corruption (t, noise, masks) a function of (seed, rank, batch index).
-
-    Composer restores the global RNG on resume only at epoch boundaries; drawing from a
-    per-batch generator instead makes a run resumed mid-epoch draw exactly what the
-    uninterrupted run drew. `train.py` always installs it.
-    """
-
-    def batch_start(self, state: State, logger: Logger) -> None:
-        """Seeds the model's draws for this batch."""
-        key = f'{state.rank_zero_seed}/{dist.get_global_rank()}/{int(state.timestamp.batch)}'
-        unwrap_model(state.model).begin_batch(key)
 
 
 class TimeWarpRefit(Callback):
@@ -135,18 +92,17 @@ class TimeWarpRefit(Callback):
         self.rejected_count = 0
         self.history: list[dict[str, Any]] = []
         self._pending: list[torch.Tensor] = []
-        self._loaded_warp: dict[str, torch.Tensor] | None = None
 
     # -- events ----------------------------------------------------------------------------
-    def fit_start(self, state: State, logger: Logger) -> None:
-        """Builds the warp over the model's noise range (restoring a checkpointed curve) and installs it."""
+    def init(self, state: State, logger: Logger) -> None:
+        """Installs a uniform warp with these settings over the model's noise range.
+
+        INIT comes before a checkpoint is loaded, so a resumed run loads its curve into this
+        warp, which lives in the model's state dict.
+        """
         model = unwrap_model(state.model)
-        t_range = model.time_distribution
-        self.warp = TimeWarp(t_range.t_min, t_range.t_max, **self.warp_kwargs)
-        if self._loaded_warp is not None:
-            self.warp.load_state_dict(self._loaded_warp)
-            self._loaded_warp = None
-        model.time_distribution = self.warp
+        self.warp = TimeWarp(model.spec.t_min, model.spec.t_max, **self.warp_kwargs)
+        model.time_warp = self.warp
 
     def after_forward(self, state: State, logger: Logger) -> None:
         """Keeps this microbatch's (t, CE, F'(t), given share) columns until the batch ends."""
@@ -185,12 +141,12 @@ class TimeWarpRefit(Callback):
         self.n_seen += triples.shape[1]
 
     def refit(self, state: State, logger: Logger) -> None:
-        """Fits the curve to the buffer, installs it and logs its summary (and the figure).
+        """Fits the model's curve to the buffer and logs its summary (and the figure).
 
         A rejected fit is logged as a warning with its reason and counted in
         `time_warp/rejected_count`; the previous curve stays.
         """
-        assert self.warp is not None  # Set at FIT_START.
+        assert self.warp is not None  # Set at INIT.
         batch = int(state.timestamp.batch)
         start = time.perf_counter()
         filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])].cpu()  # the one copy per refit
@@ -259,15 +215,8 @@ class TimeWarpRefit(Callback):
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Curve, buffer and counters; tensors have fixed shapes."""
-        warp = self.warp.state_dict() if self.warp is not None else self._loaded_warp
-        if warp is None:
-            # Before FIT_START (e.g. while a sharded checkpoint is being loaded into this very
-            # structure) a uniform curve of the right shape stands in: every key is always there.
-            warp = TimeWarp(**self.warp_kwargs).state_dict()
+        """Buffer and counters, as fixed-shape tensors and scalars (the curve is the model's)."""
         return {
-            'warp': warp,
-            'warp_kwargs': dict(self.warp_kwargs),
             'buffer': self.buffer.cpu().clone(),
             'n_seen': self.n_seen,
             'fit_count': self.fit_count,
@@ -277,7 +226,7 @@ class TimeWarpRefit(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores everything; the curve is installed into the model at FIT_START."""
+        """Restores the buffer and the counters."""
         if state['buffer'].shape[0] == BUFFER_ROWS - 1:  # before the covariate row: none recorded
             state = {**state, 'buffer': torch.cat([state['buffer'], torch.zeros_like(state['buffer'][:1])])}
         if state['buffer'].shape != self.buffer.shape:
@@ -291,8 +240,3 @@ class TimeWarpRefit(Callback):
         self.rejected_count = int(state.get('rejected_count', 0))
         history = state['history']
         self.history = json.loads(history) if isinstance(history, str) else list(history)
-        if state['warp'] is not None:
-            if self.warp is not None:
-                self.warp.load_state_dict(state['warp'])
-            else:
-                self._loaded_warp = state['warp']

@@ -10,9 +10,8 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
-from cdcd_composer.generation import Request, generate_texts
-from cdcd_composer.sampler import SamplerSettings
-from cdcd_composer.tokenization import tokenizer_from_json
+from cdcd_composer.composer_model import unwrap_model
+from cdcd_composer.prompting import Request
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +78,7 @@ class TrainingSamples(Callback):
         )
 
     def _sample(self, state: State) -> list[tuple[str, str]]:
-        from cdcd_composer.callbacks import RunMetadata
-        from cdcd_composer.composer_model import unwrap_model
-
-        metadata = next(cb for cb in state.callbacks if isinstance(cb, RunMetadata)).metadata
-        tokenizer = tokenizer_from_json(metadata['tokenizer'])
         model = unwrap_model(state.model)
-        dataset = metadata['dataset']
-        settings = SamplerSettings(self_conditioning=bool(metadata.get('self_conditioning')))
         prompted = self.num_samples // 2 if self.prompt else 0
         groups = [(None, self.num_samples - prompted), (self.prompt, prompted)]
         was_training = model.training
@@ -95,15 +87,11 @@ class TrainingSamples(Callback):
         try:
             with get_precision_context(state.precision, state.precision_config):
                 for prompt, count in groups:
-                    if count == 0:
-                        continue
-                    texts = generate_texts(
-                        model.model, tokenizer, model.time_distribution, dataset['seq_len'],
-                        dataset['eos_id'], num_samples=count, steps=self.steps, settings=settings,
-                        request=Request(prompt=prompt), seed=self.seed,
-                        padded=dataset.get('layout', 'padded') == 'padded',
-                    )  # fmt: skip
-                    rows += [(prompt or '', text) for text in texts]
+                    if count:
+                        texts = model.generate(
+                            count, self.steps, request=Request(prompt=prompt), seed=self.seed
+                        )
+                        rows += [(prompt or '', text) for text in texts]
         finally:
             model.train(was_training)
         return rows

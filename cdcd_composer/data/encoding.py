@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from cdcd_composer.story_sources import Record, Skipped
+from cdcd_composer.data.sources import Record, Skipped
 
 LAYOUTS = ('padded', 'packed')
 OVERFLOWS = ('truncate', 'split')
