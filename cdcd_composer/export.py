@@ -122,7 +122,8 @@ def read_export_config(local: str, where: str) -> dict[str, Any]:
         RunSpec.from_json(config['spec'])
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(
-            f'{where}/{EXPORT_CONFIG} holds no valid run spec ({type(e).__name__}: {e}); export the checkpoint again'
+            f'{where}/{EXPORT_CONFIG} holds no valid run spec ({type(e).__name__}: {e}); '
+            'export the checkpoint again'
         ) from None
     weights = os.path.join(local, EXPORT_WEIGHTS)
     if not os.path.isfile(weights):

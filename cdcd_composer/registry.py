@@ -79,8 +79,15 @@ def check_kwargs(kind: str, name: str, kwargs: dict[str, Any], skip: tuple[str, 
         skip: Positional parameters supplied by the builder (e.g. 'params', 'optimizer').
     """
     cls = lookup(kind, name)
-    signature = inspect.signature(cls)
-    params = [p for p in signature.parameters.values() if p.name not in skip and p.name != 'self']
+    params = [
+        p for p in inspect.signature(cls).parameters.values() if p.name not in skip and p.name != 'self'
+    ]
+    forwarded = getattr(cls, 'warp_settings_of', None)  # A class whose keyword arguments it passes on.
+    if forwarded is not None:
+        params = [p for p in params if p.kind is not p.VAR_KEYWORD]
+        params += [
+            p for p in inspect.signature(forwarded).parameters.values() if p.name not in ('t_min', 't_max')
+        ]
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     valid = {p.name for p in params}
     for key in kwargs:

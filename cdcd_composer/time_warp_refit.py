@@ -35,52 +35,33 @@ class TimeWarpRefit(Callback):
     Args:
         interval: Refit period, a Composer time string ('200ba').
         buffer_size: Most recent pairs kept for the fit (across all ranks).
-        n_bins: Bins of the piecewise-linear CDF.
-        mu: Uniform mixture weight.
-        temperature: Temperature of the fitted density.
-        shape: 'piecewise' (paper) or 'cauchy' (earlier reproduction).
-        max_weight: Cap on importance weights, as a multiple of their mean ('cauchy' only).
-        min_evidence: Smallest chi-square of a fitted curve against the noise for it to be installed.
-        update_rate: Share of the way each accepted fit moves the bin masses (EMA over refits).
-        min_group_points: Neighbouring bins are pooled to at least this many points before a fit.
         min_points: Fewest pairs for a fit (default: 2 per bin).
         plot_folder: Folder for `time_warp.png` (formatted with `{run_name}`); None disables it.
         history: Number of earlier fits drawn (fainter) in the figure.
+        **warp_settings: The curve's settings, passed to `TimeWarp` (n_bins, mu, temperature,
+            shape, max_weight, min_evidence, update_rate, min_group_points); its noise range
+            is the model's.
     """
+
+    warp_settings_of = TimeWarp  # The registry checks YAML keys against both signatures.
 
     def __init__(
         self,
         interval: str = '200ba',
         buffer_size: int = 4096,
-        n_bins: int = 100,
-        mu: float = 0.01,
-        temperature: float = 1.0,
-        shape: str = 'piecewise',
-        max_weight: float = 10.0,
-        min_evidence: float = 30.0,
-        update_rate: float = 0.5,
-        min_group_points: int = 32,
         min_points: int | None = None,
         plot_folder: str | None = '{run_name}',
         history: int = 5,
+        **warp_settings: Any,
     ) -> None:
+        n_bins = TimeWarp(**warp_settings).n_bins  # Fails on bad settings now, not at the first refit.
         if buffer_size < 2 * n_bins:
             raise ValueError(
                 f'callbacks.time_warp_refit.buffer_size={buffer_size} must be at least 2 * n_bins'
             )
         self.interval = interval
         self._should_refit = create_interval_scheduler(interval, checkpoint_events=False)
-        self.warp_kwargs = {
-            'n_bins': n_bins,
-            'mu': mu,
-            'temperature': temperature,
-            'shape': shape,
-            'max_weight': max_weight,
-            'min_evidence': min_evidence,
-            'update_rate': update_rate,
-            'min_group_points': min_group_points,
-        }
-        TimeWarp(**self.warp_kwargs)  # Fail on bad arguments now, not at the first refit.
+        self.warp_kwargs = warp_settings
         self.min_points = min_points
         self.plot_folder = plot_folder
         self.history_size = history

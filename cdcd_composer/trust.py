@@ -69,7 +69,7 @@ def refusal(path: str, reason: str, flag: str = '--trust_checkpoint') -> ValueEr
     """The one-line refusal to unpickle `path`, naming the way out."""
     return ValueError(
         f'refusing to unpickle {path} because {reason}: a pickle can run arbitrary code. Pass {flag} if '
-        'you trust it, or use a weights-only export (python -m cdcd_composer.export CHECKPOINT OUT_DIR)'
+        'you trust it, or use a weights-only export (python export.py CHECKPOINT OUT_DIR)'
     )
 
 

@@ -18,12 +18,12 @@ import eval as eval_cli
 import generate
 import train
 from cdcd_composer.checkpoint import load_trained_model
-from cdcd_composer.trust import untrusted_reason
 from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
 from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.prompting import prompt_canvas, template_canvas
 from cdcd_composer.sampler import SamplerSettings, sample
+from cdcd_composer.trust import untrusted_reason
 
 L = 96
 

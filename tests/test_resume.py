@@ -19,8 +19,8 @@ from s3_server import free_port
 from safetensors.torch import load_file
 
 import train
-from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.config import parse_config
+from cdcd_composer.time_warp_refit import TimeWarpRefit
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import torch
 from composer.core import Callback
 
 import train
-from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.time_warp_refit import TimeWarpRefit
 
 pytestmark = pytest.mark.slow
 
