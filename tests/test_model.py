@@ -134,3 +134,31 @@ def test_parameter_counts_match_the_earlier_reproduction(name, target):
 def test_bad_architecture_fails_by_name():
     with pytest.raises(ValueError, match='n_heads'):
         CDCDConfig(vocab_size=10, d_model=30, n_heads=4)
+
+
+def test_the_model_state_holds_its_time_warp_and_run_spec(wrapper):
+    """A checkpoint or export is the model's state: the warp's tensors and the run spec are in it."""
+    from cdcd_composer.run_spec import RunSpec
+    from cdcd_composer.time_warping import TimeWarp
+
+    warp = TimeWarp(1.0, 300.0, n_bins=10)
+    t = warp.sample_t(4096, generator=torch.Generator().manual_seed(0)).double()
+    assert warp.fit(t, 3.0 * (t / 300.0).sqrt() + 0.05 * torch.randn(len(t), dtype=torch.float64)).accepted
+    wrapper.time_warp = warp
+    state = wrapper.state_dict()
+    assert {'time_warp.masses', 'time_warp.fit_heights', 'time_warp.fit_offset'} <= set(state)
+    assert RunSpec.from_json(state['_extra_state']) == wrapper.spec
+    restored = CDCDComposerModel.from_spec(wrapper.spec, n_bins=10)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.time_warp.masses, warp.masses) and restored.time_warp.is_fitted
+    grid = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(restored.time_warp.inverse_cdf(grid), warp.inverse_cdf(grid))
+    with pytest.raises(ValueError, match='has 10 bins, the config 100'):
+        CDCDComposerModel.from_spec(wrapper.spec).load_state_dict(state)
+    without_warp = {k: v for k, v in state.items() if not k.startswith('time_warp.')}
+    with pytest.raises(ValueError, match='holds no time warp in its model state'):
+        restored.load_state_dict(without_warp)
+    other = CDCDComposerModel({'vocab_size': VOCAB, **TINY_MODEL, 'n_layers': 3})
+    other.time_warp = TimeWarp(1.0, 300.0, n_bins=10)
+    with pytest.raises(ValueError, match='trained with a different model config'):
+        other.load_state_dict(state, strict=False)

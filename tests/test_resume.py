@@ -86,6 +86,7 @@ def test_interrupted_mid_epoch_run_resumes_bit_for_bit(tiny_config, tmp_path):
     for batch, loss in resumed.losses.items():
         assert torch.equal(loss, straight.losses[batch]), batch
     weights_a, weights_b = a.state.model.state_dict(), b.state.model.state_dict()
+    assert weights_a.pop('_extra_state') == weights_b.pop('_extra_state')  # the run spec
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     opt_a, opt_b = a.state.optimizers[0].state_dict()['state'], b.state.optimizers[0].state_dict()['state']
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
