@@ -80,5 +80,5 @@ def load_trained_model(
     else:
         model = load_export(path)
     if not warp:
-        model.time_warp = TimeWarp(model.spec.t_min, model.spec.t_max, model.time_warp.n_bins)
+        model.time_warp = TimeWarp(model.spec.t_min, model.spec.t_max)
     return model.to(device).eval()

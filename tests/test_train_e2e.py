@@ -40,7 +40,7 @@ def test_trains_saves_reloads_and_compares_weights(trained, tiny_config):
     loaded = load_trained_model(str(checkpoint))
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value, trained_weights[name]), name
-    assert loaded.seq_len == 96 and loaded.source == 'synthetic'
+    assert loaded.spec.data.seq_len == 96 and loaded.spec.data.source == 'synthetic'
 
     # Reload 2: Composer's own load into a freshly built trainer (a different init seed).
     cfg = dict(tiny_config, load_path=str(checkpoint), seed=123, save_folder=None)
