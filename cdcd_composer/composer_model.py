@@ -83,7 +83,7 @@ class CDCDComposerModel(ComposerModel):
     ) -> None:
         super().__init__()
         if mse_weight < 0:
-            raise ValueError(f'loss.mse_weight={mse_weight} must be >= 0')
+            raise ValueError(f'loss.mse_weight={mse_weight:g} must be >= 0')
         self.mse_weight = mse_weight
         self.masking = MaskingConfig(**masking) if isinstance(masking, dict) else masking
         self.pad_id = dataset.pad_id if dataset is not None else pad_id

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import yaml
 from composer.core import Time
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS
 from cdcd_composer.masking import MaskingConfig
@@ -76,10 +75,11 @@ class TrainConfig:
     scheduler: dict[str, Any] = field(
         default_factory=lambda: {'name': 'cosine_with_warmup', 't_warmup': '100ba', 'alpha_f': 0.1}
     )
-    # name -> keyword arguments ({} or null for defaults; false disables an entry of the YAML).
-    algorithms: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
-    callbacks: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
-    loggers: dict[str, dict[str, Any] | bool | None] = field(default_factory=dict)
+    # name -> keyword arguments ({} or null for defaults; false disables an entry of the YAML);
+    # the entries are checked against the registry (`registry.check_sections`).
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
     precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU.
     device: str | None = None  # None: Composer picks GPU when present.
     progress_bar: bool = True
@@ -121,64 +121,29 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
 
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether a YAML value fits a type annotation (int counts as float, bool is not an int)."""
-    if tp is Any:
-        return True
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, dict)
-    return isinstance(value, tp)
+def _lookup(raw: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of the raw config (None where it is absent)."""
+    value: Any = raw
+    for part in dotted.split('.'):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
-def from_dict(cls: type, data: Any, path: str = '') -> Any:
-    """Builds dataclass `cls` from a plain dict, rejecting unknown keys and wrong types by name.
-
-    Raises:
-        ValueError: one line naming the key, the bad value and the fix.
-    """
-    where = path.rstrip('.') or 'the config'
-    if not isinstance(data, dict):
-        raise ValueError(f'{where} must be a mapping of keys to values, got {data!r}')
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            hint = ' (free-form values go under `variables:`)' if not path else ''
-            raise ValueError(f'unknown key {path}{key}{hint}; valid keys: {", ".join(sorted(fields))}')
-        tp = hints[key]
-        if not _matches(value, tp):
-            raise ValueError(f'{path}{key}={value!r} has the wrong type: expected {_type_name(tp)}')
-        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
-        if dataclasses.is_dataclass(inner[0]) and isinstance(value, dict):
-            value = from_dict(inner[0], value, f'{path}{key}.')
-        kwargs[key] = value
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ValueError(
-            f'missing required key {path}{missing[0]}; add it to the YAML or as {path}{missing[0]}=...'
-        )
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f'{where}: {e}') from None
+def _one_line(error: OmegaConfBaseException, raw: dict[str, Any]) -> ValueError:
+    """OmegaConf's multi-line error as one line naming the key, the bad value and the fix."""
+    key = error.full_key or ''
+    name = key.rsplit('.', 1)[-1]
+    parent = error.object_type if dataclasses.is_dataclass(error.object_type) else None
+    if isinstance(error, ConfigKeyError) and parent is not None:
+        valid = ', '.join(sorted(f.name for f in dataclasses.fields(parent)))
+        hint = ' (free-form values go under `variables:`)' if '.' not in key else ''
+        return ValueError(f'unknown key {key}{hint}; valid keys: {valid}')
+    if isinstance(error, MissingMandatoryValue):
+        return ValueError(f'missing required key {key}; add it to the YAML or as {key}=...')
+    if isinstance(error, ValidationError) and parent is not None and name in typing.get_type_hints(parent):
+        expected = _type_name(typing.get_type_hints(parent)[name])
+        return ValueError(f'{key}={_lookup(raw, key)!r} has the wrong type: expected {expected}')
+    return ValueError(f'{key or "the config"}: {str(error).splitlines()[0]}')
 
 
 def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -208,5 +173,14 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str,
 
 
 def parse_config(raw: dict[str, Any]) -> TrainConfig:
-    """Validates a resolved config dict into a `TrainConfig`."""
-    return from_dict(TrainConfig, raw)
+    """Validates a resolved config dict into a `TrainConfig` (an OmegaConf structured config).
+
+    Raises:
+        ValueError: one line naming the key, the bad value and the fix.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f'the config must be a mapping of keys to values, got {raw!r}')
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
+    except OmegaConfBaseException as e:
+        raise _one_line(e, raw) from None

@@ -171,5 +171,10 @@ def check_sections(cfg: Any) -> None:
     sched = {k: v for k, v in cfg.scheduler.items() if k != 'name'}
     check_kwargs('scheduler', cfg.scheduler['name'], sched)
     for kind in ('algorithms', 'callbacks', 'loggers'):
+        for name, value in getattr(cfg, kind).items():
+            if not (value is None or isinstance(value, (bool, dict))):
+                raise ValueError(
+                    f'{kind}.{name}={value!r} must be a mapping of keyword arguments, true, false or null'
+                )
         for name, kwargs in enabled(getattr(cfg, kind)).items():
             check_kwargs(kind, name, kwargs)
