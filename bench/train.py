@@ -136,6 +136,7 @@ def trainer_config(args: argparse.Namespace) -> dict:
         'callbacks.export_weights=false', 'callbacks.training_samples=false', 'autoresume=false',
         'callbacks.time_warp_refit.plot_folder=null', 'data.local_cache=null',
     ]  # fmt: skip
+    overrides.append(f'global_train_batch_size={args.batch_size}')  # one process: its whole batch
     if args.precision != 'amp_bf16' or args.device == 'cpu':
         overrides.append(f'precision={args.precision}')
     return load_config(config_path(args.row), overrides)
@@ -239,7 +240,10 @@ def main() -> None:
     p.add_argument('--precision', default=None, help='fp32 or amp_bf16 (default: amp_bf16 on GPU)')
     p.add_argument('--threads', type=int, default=2, help='CPU intra-op threads')
     p.add_argument('--vocab_size', type=int, default=30522, help='bert-base-uncased size')
-    p.add_argument('--batch_size', type=int, default=None, help='default: 32 on CPU, 64 on GPU')
+    p.add_argument(
+        '--batch_size', type=int, default=None,
+        help="default: 32 on CPU, 64 on GPU; with --trainer the YAML's global batch unless given",
+    )  # fmt: skip
     p.add_argument('--seq_len', type=int, default=128)
     p.add_argument('--steps', type=int, default=None, help='timed steps (default: 5 on CPU, 30 on GPU)')
     p.add_argument('--compile', action='store_true', help='add torch.compile rows next to eager ones')
@@ -255,6 +259,7 @@ def main() -> None:
     p.add_argument('--trainer_row', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == 'cuda'
+    args.batch_override = args.batch_size is not None
     args.precision = args.precision or ('amp_bf16' if gpu else 'fp32')
     args.batch_size = args.batch_size or (64 if gpu else 32)
     args.steps = args.steps or (30 if gpu else 5)
@@ -284,7 +289,7 @@ def print_table(args: argparse.Namespace) -> None:
         rows += [(config, False)] + ([(config, True)] if args.compile else [])
     peak = gpu_peak(args.precision) if gpu else matmul_peak(args.threads)
     name = torch.cuda.get_device_name() if gpu else f'CPU, {args.threads} threads'
-    batch = 'the YAML batch' if args.trainer else f'batch {args.batch_size}'
+    batch = 'the YAML batch' if args.trainer and not args.batch_override else f'batch {args.batch_size}'
     print(f'{name}, {args.precision}, {batch} x {args.seq_len} tokens, vocab {args.vocab_size}')
     limit = 'MFU' if gpu else 'of matmul'
     vs = f'{"vs bare":>9}' if args.trainer else ''
@@ -296,9 +301,8 @@ def print_table(args: argparse.Namespace) -> None:
         print(f'{"matmul 1024x1024 fp32":<34}{"":>12}{"":>9}{peak / 1e12:>10.3f}{"100.0%":>10}')
     for config, compile in rows:
         name = os.path.basename(config).removesuffix('.yaml')
-        extra = (
-            ('--batch_size', str(yaml_batch(config)), '--data_root', args.data_root) if args.trainer else ()
-        )
+        batch = args.batch_size if args.batch_override else yaml_batch(config)
+        extra = ('--batch_size', str(batch), '--data_root', args.data_root) if args.trainer else ()
         bare = run_row(args, config, compile, extra)
         print_row(
             f'{name} bare step' + (' compiled' if compile else ''),
