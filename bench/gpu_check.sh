@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 16: one script, every step under its own timeout, results in
-# $OUT (default runs/gpu_check) as they come. Under 8 minutes on one H100/H200.
+# $OUT (default runs/gpu_check) as they come. At most 8 minutes (the sum of the timeouts).
 #
 #   bash bench/gpu_check.sh                      # on a GPU machine, from the repository root
 #   CDCD_GPU_CHECK_REHEARSE=1 bash bench/gpu_check.sh   # the same steps on CPU with cdcd-tiny
@@ -47,17 +47,17 @@ step() {  # step NAME SECONDS COMMAND...: runs it under a timeout, tees its outp
 
 DATA=/tmp/cdcd-gpu-check/data
 if [ ! -f "$DATA/cdcd_dataset.json" ]; then
-  step data 120 $PY -c "from bench.train import random_token_dataset as r; print(r('/tmp/cdcd-gpu-check', 30522, 128))"
+  step data 15 $PY -c "from bench.train import random_token_dataset as r; print(r('/tmp/cdcd-gpu-check', 30522, 128))"
 fi
-step bare_microbatch 150 $PY bench/train.py --configs $CONFIG --compile --batch_size $SMALL --device $DEVICE
-step bare_largest 150 $PY bench/train.py --configs $CONFIG --compile --batch_size $BIG --device $DEVICE
-step composer_path 150 $PY bench/train.py --configs $CONFIG --trainer --batches $BATCHES --data_root $DATA --device $DEVICE
+step bare_microbatch 110 $PY bench/train.py --configs $CONFIG --compile --batch_size $SMALL --device $DEVICE
+step bare_largest 110 $PY bench/train.py --configs $CONFIG --compile --batch_size $BIG --device $DEVICE
+step composer_path 110 $PY bench/train.py --configs $CONFIG --trainer --batches $BATCHES --data_root $DATA --device $DEVICE
 RUN=/tmp/cdcd-gpu-check/run
-step composer_cli 120 $PY -m composer.cli.launcher -n 1 train.py yamls/$CONFIG.yaml variables.data_root=$DATA \
+step composer_cli 90 $PY -m composer.cli.launcher -n 1 train.py yamls/$CONFIG.yaml variables.data_root=$DATA \
   run_name=gpu-check max_duration=20ba eval_interval=20ba eval_subset_num_batches=2 save_folder=null \
   progress_bar=false callbacks.training_samples=false callbacks.export_weights.folder=$RUN/export \
   callbacks.time_warp_refit.plot_folder=$RUN loggers={}
-step sampling 90 $PY - <<EOF
+step sampling 45 $PY - <<EOF
 import time, torch
 from cdcd_composer.checkpoint import load_trained_model
 model = load_trained_model('$RUN/export', '$DEVICE')
