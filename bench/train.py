@@ -137,6 +137,7 @@ def trainer_config(args: argparse.Namespace) -> dict:
         'callbacks.time_warp_refit.plot_folder=null', 'data.local_cache=null',
     ]  # fmt: skip
     overrides.append(f'global_train_batch_size={args.batch_size}')  # one process: its whole batch
+    overrides += args.set
     if args.precision != 'amp_bf16' or args.device == 'cpu':
         overrides.append(f'precision={args.precision}')
     return load_config(config_path(args.row), overrides)
@@ -255,6 +256,10 @@ def main() -> None:
     p.add_argument(
         '--data_root', default=None, help='trainer rows: a converted dataset (default: random tokens)'
     )
+    p.add_argument(
+        '--set', nargs='+', default=[], metavar='KEY=VALUE',
+        help='trainer rows: YAML overrides, e.g. algorithms.self_conditioning=false (one suspect at a time)',
+    )  # fmt: skip
     p.add_argument('--row', help=argparse.SUPPRESS)
     p.add_argument('--trainer_row', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
