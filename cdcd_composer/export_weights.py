@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from typing import Any
+
 from composer.core import Callback, State
-from composer.loggers import Logger
+from composer.loggers import Logger, MLFlowLogger, WandBLogger
 from composer.utils import dist
 
 from cdcd_composer.composer_model import unwrap_model
-from cdcd_composer.data.store import DatasetRoot, check_writable
+from cdcd_composer.data.store import DatasetRoot, check_writable, is_remote
 from cdcd_composer.export import split_folder, write_export
+
+log = logging.getLogger(__name__)
+
+
+def artifact_destinations(logger: Logger) -> list[Any]:
+    """The logger destinations that keep artifacts: MLflow runs and W&B runs, where enabled."""
+    return [d for d in logger.destinations if isinstance(d, (MLFlowLogger, WandBLogger)) and d._enabled]
+
+
+def log_export_artifact(destination: Any, folder: str, run_name: str) -> None:
+    """Registers a local export directory as an artifact: the MLflow run's `export/`, a W&B model artifact."""
+    if isinstance(destination, MLFlowLogger):
+        from mlflow import MlflowClient
+
+        MlflowClient(destination.tracking_uri).log_artifacts(
+            destination._run_id, folder, artifact_path='export'
+        )
+    else:
+        import wandb
+
+        artifact = wandb.Artifact(name=f'{run_name}-export', type='model')
+        artifact.add_dir(folder)
+        wandb.log_artifact(artifact)
 
 
 class ExportWeights(Callback):
     """Writes the model's state as a weights-only export at `FIT_END` (see `cdcd_composer.export`).
 
-    Under FSDP every rank takes part in gathering the full state dict; rank 0 writes it.
+    Under FSDP every rank takes part in gathering the full state dict; rank 0 writes it, and
+    registers it as an artifact with the MLflow and W&B loggers of the run.
 
     Args:
         folder: Destination, formatted with `{run_name}` (local path or object-store URI).
@@ -44,4 +72,14 @@ class ExportWeights(Callback):
             out = self.folder.format(run_name=state.run_name)
             write_export(out, model_state)
             logger.log_hyperparameters({'export_folder': out})
+            destinations = artifact_destinations(logger)
+            if destinations:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = out
+                    if is_remote(out):  # artifacts are uploaded from a local copy
+                        local = f'{tmp}/export'
+                        write_export(local, model_state)
+                    for destination in destinations:
+                        log_export_artifact(destination, local, state.run_name)
+                        log.info('export logged as an artifact to %s', type(destination).__name__)
         dist.barrier()

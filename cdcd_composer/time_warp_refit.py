@@ -21,6 +21,7 @@ from cdcd_composer.time_warping import TimeWarp
 log = logging.getLogger(__name__)
 
 BUFFER_ROWS = 4  # t, per-sequence CE, F'(t) under the curve t was drawn from, share of given tokens
+MASS_LEVELS = (3.0, 10.0, 30.0, 100.0)  # noise stds whose training mass below is logged at each refit
 
 
 class TimeWarpRefit(Callback):
@@ -149,6 +150,7 @@ class TimeWarpRefit(Callback):
                     'time_warp/accepted': 0.0,
                     'time_warp/rejected_count': float(self.rejected_count),
                     'time_warp/evidence': report.evidence,
+                    **self._mass_below(),
                 }
             )
             if dist.get_global_rank() == 0:  # The figure shows the data the fit found no curve in.
@@ -180,10 +182,18 @@ class TimeWarpRefit(Callback):
             'time_warp/covariate_slope': report.covariate_slope,
             'time_warp/refit_seconds': seconds,
         }
+        summary |= self._mass_below()
         logger.log_metrics(summary)
         log.info('time warp refit %d on %d pairs: %s', self.fit_count, report.n_points, summary)
         if dist.get_global_rank() == 0:
             self._plot(state, logger, filled)
+
+    def _mass_below(self) -> dict[str, float]:
+        """Where the training mass of the curve in use sits: F(t) at a few t, as scalars any logger plots."""
+        assert self.warp is not None
+        levels = [t for t in MASS_LEVELS if self.warp.t_min < t < self.warp.t_max]
+        below = self.warp.cdf(torch.tensor(levels, dtype=torch.float64)).tolist()
+        return {f'time_warp/mass_below_t{t:g}': mass for t, mass in zip(levels, below)}
 
     def _plot(self, state: State, logger: Logger, filled: torch.Tensor, note: str = '') -> None:
         title = f'batch {int(state.timestamp.batch)}' + (f', {note}' if note else '')
