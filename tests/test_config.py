@@ -52,8 +52,8 @@ def test_config_errors_name_the_key(tiny_config, override, message):
         ('optimizer.lr=.nan', 'optimizer.fused_decoupled_adamw.lr=nan must be a finite number'),
         ('optimizer.betas=[0.9,x]', 'betas=[0.9, \'x\'] must be a list of finite numbers'),
         ('callbacks.time_warp_refit.mu=high', "time_warp_refit.mu='high' must be a finite number"),
-        ('callbacks.lr_monitor=5', 'callbacks.lr_monitor=5 must be a mapping of keyword arguments, true, false'),
-        ('callbacks.time_warp_refit.n_bin=8', 'unknown key callbacks.time_warp_refit.n_bin; valid keys: buffer_size'),
+        ('callbacks.lr_monitor=5', 'callbacks.lr_monitor=5 must be a mapping of keyword arguments'),
+        ('callbacks.time_warp_refit.n_bin=8', 'unknown key callbacks.time_warp_refit.n_bin; valid keys'),
         # What only a GPU would reach, checked all the same (device=gpu is not probed here):
         (['device=gpu', 'device_train_microbatch_size=auto', 'parallelism_config={fsdp: {}}'],
          'auto works with DDP or FSDP1 only in Composer 0.32.1; under FSDP2 set an integer'),
