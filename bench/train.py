@@ -158,7 +158,15 @@ def measure_trainer_row(args: argparse.Namespace) -> dict[str, float]:
     seconds = statistics.median(intervals)
     model = trainer.state.model
     model = getattr(model, 'module', model)  # DDP
-    batch = {'tokens': torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)}
+    return row_figures(
+        args, model, {'tokens': torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)}, seconds
+    )
+
+
+def row_figures(
+    args: argparse.Namespace, model: CDCDComposerModel, batch: dict, seconds: float
+) -> dict[str, float]:
+    """A row's measurements from its median step time (and the GPU's peak memory)."""
     peak = torch.cuda.max_memory_allocated() if args.device == 'cuda' else 0
     return {
         'tokens_per_s': args.batch_size * args.seq_len / seconds,
@@ -207,14 +215,7 @@ def measure_row(args: argparse.Namespace) -> dict[str, float]:
         step()
         synchronize()
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() if args.device == 'cuda' else 0
-    return {
-        'tokens_per_s': args.batch_size * args.seq_len / seconds,
-        'flops_per_s': model.flops_per_batch(batch) / seconds,
-        'step_s': seconds,
-        'peak_gib': peak / 2**30,
-    }
+    return row_figures(args, model, batch, statistics.median(times))
 
 
 def run_row(
