@@ -16,7 +16,13 @@ from composer.utils import dist, get_device, reproducibility
 from cdcd_composer import registry
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import TrainConfig, load_config, parse_config
-from cdcd_composer.data.loaders import build_dataloader, check_split, clean_shared_memory, fetch_dataset_files
+from cdcd_composer.data.loaders import (
+    build_dataloader,
+    check_split,
+    clean_shared_memory,
+    fetch_dataset_files,
+    use_node_shm_namespace,
+)
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.data.store import check_writable
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
@@ -199,7 +205,8 @@ def run(cfg: TrainConfig, meta: DatasetMetadata, do_train: bool = True) -> Train
     if not dist.is_initialized():
         # Streaming needs the process group before the datasets are built.
         dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
-    clean_shared_memory()
+    use_node_shm_namespace()
+    clean_shared_memory(cfg.data.root, cfg.data.local_cache, (cfg.data.train_split, cfg.data.eval_split))
     trainer = build_trainer(cfg, meta)
     if do_train:
         trainer.fit()

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from cdcd_composer.data.grammar import StoryGrammar
@@ -41,3 +43,35 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         DatasetMetadata.load(str(tmp_path))
     with pytest.raises(ValueError, match="no 'train' split"):
         check_split(str(tmp_path), 'train')
+
+
+def test_shared_memory_clean_up_removes_only_this_runs_stale_registrations(tmp_path, monkeypatch):
+    """A killed run's registration of our cache goes; another job's live one, on other dirs, stays."""
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared.prefix import _pack_locals
+
+    from cdcd_composer.data import loaders
+
+    monkeypatch.setenv(loaders.SHM_NAMESPACE_ENV, f'test{os.getpid()}')
+    loaders.use_node_shm_namespace()
+    name = loaders.streaming_prefix._get_path
+    cache, other = tmp_path / 'cache', tmp_path / 'other-job'
+    blocks = []
+    for prefix_int, dirs in ((0, [str(other / 'train')]), (1, [str(cache / 'train'), str(cache / 'val')])):
+        data = _pack_locals(dirs, prefix_int)
+        block = SharedMemory(name(prefix_int, 'locals'), True, len(data), auto_cleanup=False)
+        block.buf[: len(data)] = data
+        blocks.append(block)
+    try:
+        assert name(0, 'locals').startswith(f'test{os.getpid()}_')
+        loaders.clean_shared_memory('s3://bucket/data', str(cache), ('train', 'val'))
+        assert os.path.exists(f'/dev/shm/{name(0, "locals")}')  # the other job's: untouched
+        assert not os.path.exists(f'/dev/shm/{name(1, "locals")}')  # our killed run's: removed
+        loaders.clean_shared_memory(str(tmp_path), None, ('train', 'val'))  # a local root: nothing to do
+        assert os.path.exists(f'/dev/shm/{name(0, "locals")}')
+    finally:
+        for block in blocks:
+            block.shm.close()
+        SharedMemory(name(0, 'locals'), False, auto_cleanup=False).shm.unlink()
+        monkeypatch.delenv(loaders.SHM_NAMESPACE_ENV)
+        loaders.use_node_shm_namespace()  # back to node0 for the tests that follow

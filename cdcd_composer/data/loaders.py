@@ -5,18 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
 
 import numpy as np
 import torch
+from composer.utils import dist
 from streaming import StreamingDataset
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
 from streaming.base.hashing import get_hash
-from streaming.base.util import clean_stale_shared_memory
+from streaming.base.shared import SharedMemory
+from streaming.base.shared import prefix as streaming_prefix
+from streaming.base.shared.prefix import _unpack_locals
 from torch.utils.data import DataLoader
 
 from cdcd_composer.data.metadata import METADATA_FILE, TOKENIZER_DIR
 from cdcd_composer.data.store import DatasetRoot, is_remote
 
 log = logging.getLogger(__name__)
+
+SHM_NAMESPACE_ENV = 'CDCD_SHM_NAMESPACE'
+FILELOCKS = (BARRIER_FILELOCK, CACHE_FILELOCK)
 
 
 class StoryDataset(StreamingDataset):
@@ -156,6 +165,89 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
     return local_cache
 
 
-def clean_shared_memory() -> None:
-    """Removes Streaming shared memory left by a killed run; call once before building datasets."""
-    clean_stale_shared_memory()
+def use_node_shm_namespace() -> str:
+    """Gives this node's Streaming shared memory and file locks names of their own, `node{NODE_RANK}_...`.
+
+    Streaming names them `{prefix:06}_{name}` and every node's local leader picks the same first
+    free prefix, which assumes one node per host: two nodes on one machine (a simulated cluster,
+    or two jobs' nodes packed on one host) create the same names and crash. With the node rank in
+    every name (or `$CDCD_SHM_NAMESPACE` when set), each node has its own set; the ranks of one
+    node still share theirs. Forked DataLoader workers inherit it.
+
+    Returns:
+        The namespace.
+    """
+    import streaming.base.dataset
+    import streaming.base.util
+
+    namespace = os.environ.get(SHM_NAMESPACE_ENV) or f'node{os.environ.get("NODE_RANK", "0")}'
+    original = getattr(streaming_prefix._get_path, '__wrapped__', streaming_prefix._get_path)
+
+    def namespaced(prefix_int: int, name: str) -> str:
+        return f'{namespace}_{original(prefix_int, name)}'
+
+    namespaced.__wrapped__ = original  # type: ignore[attr-defined]
+    for module in (streaming_prefix, streaming.base.dataset, streaming.base.util):
+        module._get_path = namespaced  # type: ignore[attr-defined]
+    return namespace
+
+
+def clean_shared_memory(root: str, local_cache: str | None, splits: tuple[str, ...]) -> None:
+    """Removes the Streaming shared memory a killed run left for this run's local cache, and nothing else.
+
+    Streaming refuses to open a remote dataset whose local cache directory is registered in
+    shared memory, and cannot tell a killed run's registration from a live one, so the memory
+    registered for our cache directories must go before the datasets are built. Streaming's own
+    `clean_stale_shared_memory` unlinks every registration on the machine instead, the live ones
+    of other jobs (or of another node's ranks on the same host) included. A dataset read in place
+    (a local root) is never checked for overlap, so then nothing is cleaned. Local rank 0 cleans
+    while the other ranks wait.
+
+    Args:
+        root: The dataset root (`data.root`).
+        local_cache: Its local cache (`data.local_cache`), for an object-store root.
+        splits: The splits this run reads.
+    """
+    if is_remote(root) and local_cache is not None and dist.get_local_rank() == 0:
+        ours = {os.path.abspath(os.path.join(local_cache, split)) for split in splits}
+        for prefix_int in _registered_prefixes():
+            try:  # Streaming's wrapper: attaching must not hand the block to our resource tracker
+                registered = SharedMemory(
+                    streaming_prefix._get_path(prefix_int, LOCALS), False, auto_cleanup=False
+                )
+            except (FileNotFoundError, PermissionError):
+                continue
+            their_locals, _ = _unpack_locals(bytes(registered.buf))
+            registered.shm.close()
+            if ours & {os.path.abspath(d) for d in their_locals}:
+                log.warning('removing stale Streaming shared memory %06d of %s', prefix_int, their_locals)
+                _unlink_prefix(prefix_int)
+    dist.barrier()
+
+
+def _registered_prefixes() -> list[int]:
+    """The Streaming prefix ints in use here: up to the first with neither shared memory nor file locks."""
+    found, prefix_int = [], 0
+    while _in_use(prefix_int):
+        found.append(prefix_int)
+        prefix_int += 1
+    return found
+
+
+def _in_use(prefix_int: int) -> bool:
+    """Whether a prefix has a file lock (in the temp folder) or a shared-memory block (in /dev/shm)."""
+    name = streaming_prefix._get_path
+    locks = (os.path.join(tempfile.gettempdir(), name(prefix_int, lock)) for lock in FILELOCKS)
+    blocks = (os.path.join('/dev/shm', name(prefix_int, block)) for block in SHM_TO_CLEAN)
+    return any(os.path.exists(path) for path in (*locks, *blocks))
+
+
+def _unlink_prefix(prefix_int: int) -> None:
+    """Unlinks every shared-memory block of one Streaming prefix (those already gone are skipped)."""
+    for name in SHM_TO_CLEAN:
+        try:
+            block = BuiltinSharedMemory(streaming_prefix._get_path(prefix_int, name), False, 4)
+        except (FileNotFoundError, PermissionError):
+            continue
+        block.close()
+        block.unlink()
