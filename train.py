@@ -107,6 +107,8 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
         local_cache=cache,
+        num_canonical_nodes=cfg.data.num_canonical_nodes,
+        shuffle_algo=cfg.data.shuffle_algo,
     )
     eval_loader = build_dataloader(
         data_root,

@@ -28,6 +28,11 @@ class DataConfig:
     num_workers: int = 0
     train_split: str = 'train'
     eval_split: str = 'val'
+    # Streaming's sample order depends on these and the seed, not on the number of ranks: keep
+    # them fixed across a change of GPUs and a resumed run reads what an uninterrupted one would.
+    # null: Streaming's default (64 x the physical nodes: it then changes with the node count).
+    num_canonical_nodes: int | None = None
+    shuffle_algo: str = 'py1e'
 
 
 @dataclass

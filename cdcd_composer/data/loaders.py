@@ -105,6 +105,8 @@ def build_dataloader(
     num_workers: int = 0,
     local_cache: str | None = None,
     drop_last: bool = True,
+    num_canonical_nodes: int | None = None,
+    shuffle_algo: str = 'py1e',
 ) -> DataLoader:
     """A DataLoader over one split of a local or remote (`s3://...`) dataset.
 
@@ -117,6 +119,9 @@ def build_dataloader(
         num_workers: DataLoader worker processes.
         local_cache: Where remote shards are cached; required for a remote root.
         drop_last: Drop the last incomplete batch.
+        num_canonical_nodes: Streaming's canonical nodes: with the seed and `shuffle_algo`, they
+            fix the global sample order whatever the number of ranks (None: Streaming's default).
+        shuffle_algo: Streaming's shuffle algorithm.
     """
     if is_remote(root):
         if local_cache is None:
@@ -129,6 +134,8 @@ def build_dataloader(
         local=local,
         shuffle=shuffle,
         shuffle_seed=seed,
+        shuffle_algo=shuffle_algo,
+        num_canonical_nodes=num_canonical_nodes,
         batch_size=batch_size,
         validate_hash='xxh64' if remote else None,  # Local shards were checked by `check_split`.
     )
