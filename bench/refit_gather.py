@@ -46,7 +46,8 @@ def measure(per_rank: int, iterations: int, buffer_size: int, out: str) -> None:
     refit = time.perf_counter() - start
     if dist.get_global_rank() == 0:
         with open(out, 'w') as f:
-            json.dump({'gather_s': statistics.median(times), 'bytes': gathered.numel() * 8, 'refit_s': refit}, f)
+            row = {'gather_s': statistics.median(times), 'bytes': gathered.numel() * 8, 'refit_s': refit}
+            json.dump(row, f)
 
 
 def main() -> None:
