@@ -98,27 +98,14 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
             f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by {world} devices'
         )
     per_device = cfg.global_train_batch_size // world
-    data_root, cache = cfg.data.root, cfg.data.local_cache
+    data = cfg.data
+    common = {'seed': cfg.seed, 'num_workers': data.num_workers, 'local_cache': data.local_cache}
     train_loader = build_dataloader(
-        data_root,
-        cfg.data.train_split,
-        per_device,
-        shuffle=True,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        local_cache=cache,
-        num_canonical_nodes=cfg.data.num_canonical_nodes,
-        shuffle_algo=cfg.data.shuffle_algo,
-    )
+        data.root, data.train_split, per_device, shuffle=True, num_canonical_nodes=data.num_canonical_nodes,
+        shuffle_algo=data.shuffle_algo, **common,
+    )  # fmt: skip
     eval_loader = build_dataloader(
-        data_root,
-        cfg.data.eval_split,
-        cfg.device_eval_batch_size,
-        shuffle=False,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        local_cache=cache,
-        drop_last=False,
+        data.root, data.eval_split, cfg.device_eval_batch_size, shuffle=False, drop_last=False, **common
     )
     evaluator = Evaluator(label='eval', dataloader=eval_loader, metric_names=list(model.get_metrics()))
 
