@@ -27,8 +27,9 @@ from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.data.store import check_writable
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.noise_seeding import BatchNoiseSeed
-from cdcd_composer.preflight import check_object_stores, check_system, fsdp_version
+from cdcd_composer.preflight import check_object_stores, check_system
 from cdcd_composer.resume import check_load_path, resolve_autoresume, unloadable_checkpoint
+from cdcd_composer.sharding import fix_fsdp2_on_cpu, fsdp_version, trainer_parallelism
 
 log = logging.getLogger('train')
 
@@ -149,7 +150,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
             autoresume=cfg.autoresume,
             load_path=cfg.load_path,
             load_weights_only=cfg.load_weights_only,
-            parallelism_config=cfg.parallelism_config,
+            parallelism_config=trainer_parallelism(cfg.parallelism_config),
             compile_config=cfg.compile_config,
             seed=cfg.seed,
             dist_timeout=cfg.dist_timeout,
@@ -194,6 +195,7 @@ def run(cfg: TrainConfig, meta: DatasetMetadata, do_train: bool = True) -> Train
     if not dist.is_initialized():
         # Streaming needs the process group before the datasets are built.
         dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
+    fix_fsdp2_on_cpu()
     use_node_shm_namespace()
     clean_shared_memory(cfg.data.root, cfg.data.local_cache, (cfg.data.train_split, cfg.data.eval_split))
     trainer = build_trainer(cfg, meta)

@@ -5,17 +5,11 @@ Each failure is one line naming the setting and the fix, raised before anything 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from cdcd_composer.config import TrainConfig
 from cdcd_composer.data.store import DatasetRoot, is_remote
-
-
-def fsdp_version() -> str:
-    """The FSDP implementation Composer will use: '2' (our default, see `run`) unless FSDP_VERSION is '1'."""
-    return os.environ.get('FSDP_VERSION', '2')
+from cdcd_composer.sharding import check_sharding, fsdp_version
 
 
 def check_system(cfg: TrainConfig) -> None:
@@ -30,6 +24,7 @@ def check_system(cfg: TrainConfig) -> None:
         raise ValueError(f'precision={cfg.precision} needs a GPU; on CPU set precision=fp32 (or null)')
     if sharded and fsdp_version() == '1' and not on_gpu:
         raise ValueError('FSDP_VERSION=1 (FSDP1) runs on GPUs only in Composer 0.32.1; unset it to use FSDP2')
+    check_sharding(cfg.parallelism_config)
     microbatch = cfg.device_train_microbatch_size
     if isinstance(microbatch, str) and microbatch != 'auto':
         raise ValueError(f"device_train_microbatch_size={microbatch!r} must be an integer, 'auto' or null")

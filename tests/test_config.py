@@ -54,6 +54,13 @@ def test_config_errors_name_the_key(tiny_config, override, message):
         ('callbacks.time_warp_refit.mu=high', "time_warp_refit.mu='high' must be a finite number"),
         ('callbacks.lr_monitor=5', 'callbacks.lr_monitor=5 must be a mapping of keyword arguments'),
         ('callbacks.time_warp_refit.n_bin=8', 'unknown key callbacks.time_warp_refit.n_bin; valid keys'),
+        ('parallelism_config.fsdp.sharding=hybrid', 'unknown key parallelism_config.fsdp.sharding; valid'),
+        ('parallelism_config.fsdp.data_parallel_shard_degree=2',
+         'replicate degree None x shard degree 2 does not fit the world size 1'),
+        ('parallelism_config.fsdp.data_parallel_replicate_degree=0',
+         'data_parallel_replicate_degree=0 must be a positive integer or -1'),
+        (['parallelism_config.fsdp.data_parallel_replicate_degree=-1',
+          'parallelism_config.fsdp.data_parallel_shard_degree=-1'], 'cannot both be -1'),
         # What only a GPU would reach, checked all the same (device=gpu is not probed here):
         (['device=gpu', 'device_train_microbatch_size=auto', 'parallelism_config={fsdp: {}}'],
          'auto works with DDP or FSDP1 only in Composer 0.32.1; under FSDP2 set an integer'),

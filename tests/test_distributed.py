@@ -18,6 +18,7 @@ import train
 from composer.core import Callback
 from composer.utils import dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from cdcd_composer.time_warp_refit import TimeWarpRefit
 from cdcd_composer.composer_model import unwrap_model
@@ -44,6 +45,10 @@ class Record(Callback):
             'ddp': isinstance(state.model, DistributedDataParallel),
             'eval': {{k: float(m.compute()) for k, m in state.eval_metrics['eval'].items()}},
             'sampling_seconds': samples.sampling_seconds, 'losses': self.losses,
+            'meshes': {{(tuple(p.device_mesh.shape), tuple(map(str, p.placements)))
+                       for p in model.parameters() if isinstance(p, DTensor)}},
+            'local_params': {{n: (p.to_local() if isinstance(p, DTensor) else p).detach().cpu()
+                             for n, p in model.named_parameters()}},
         }}, os.path.join({out!r}, f'rank{{dist.get_global_rank()}}.pt'))
 
 cfg = load_config({yaml!r}, sys.argv[1:])

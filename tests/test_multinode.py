@@ -1,5 +1,5 @@
-"""Two simulated nodes on this machine: two `composer` launchers, one rank each, joined by
-`--world_size 2 --node_rank 0|1 --master_addr 127.0.0.1`. Before issue 17 node 0 died in Streaming's
+"""Simulated nodes on this machine: one `composer` launcher per node, joined by
+`--world_size W --node_rank i --master_addr 127.0.0.1`. Before issue 17 node 0 died in Streaming's
 machine-wide shared-memory clean-up, which unlinked the other node's live registrations."""
 
 from __future__ import annotations
@@ -19,26 +19,22 @@ from test_distributed import DRIVER, REFIT
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_on_one_machine_train_together_and_agree(tiny_dataset, tmp_path):
+def launch_nodes(tmp_path: Path, overrides: list[str], nodes: int, ranks_per_node: int) -> list[dict]:
+    """Runs the recording driver on `nodes` launchers of `ranks_per_node` ranks; returns each record."""
     driver = tmp_path / 'driver.py'
     yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
     driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), out=str(tmp_path), yaml=yaml)))
-    overrides = [
-        *two_rank_overrides(tiny_dataset, tmp_path, steps=8),
-        *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
-        'parallelism_config.fsdp.state_dict_type=sharded',
-    ]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('FSDP_VERSION', None)
-    launcher, port = Path(sys.executable).parent / 'composer', free_port()
-    nodes = [
+    launcher, port, world = Path(sys.executable).parent / 'composer', free_port(), nodes * ranks_per_node
+    procs = [
         subprocess.Popen(
             [
                 str(launcher),
                 '-n',
-                '1',
+                str(ranks_per_node),
                 '--world_size',
-                '2',
+                str(world),
                 '--node_rank',
                 str(node),
                 '--master_addr',
@@ -46,7 +42,7 @@ def test_two_nodes_on_one_machine_train_together_and_agree(tiny_dataset, tmp_pat
                 '--master_port',
                 str(port),
                 '--stderr',
-                str(tmp_path / f'err-node{node}.txt'),
+                str(tmp_path / f'err-node{node}-{{local_rank}}.txt'),
                 str(driver),
                 *overrides,
             ],
@@ -56,18 +52,54 @@ def test_two_nodes_on_one_machine_train_together_and_agree(tiny_dataset, tmp_pat
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for node in (0, 1)
+        for node in range(nodes)
     ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    errors = ''.join(
-        (tmp_path / f'err-node{n}.txt').read_text()[-1500:]
-        for n in (0, 1)
-        if (tmp_path / f'err-node{n}.txt').exists()
-    )
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-800:] + outputs[1][-800:] + errors
-    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
-    assert all(len(r['losses']) == 8 for r in ranks)
-    assert ranks[0]['fit_count'] == ranks[1]['fit_count'] == 2
-    for key in ranks[0]['warp']:
-        assert torch.equal(ranks[0]['warp'][key], ranks[1]['warp'][key]), key
-    assert ranks[0]['eval'] == ranks[1]['eval'] and len(ranks[0]['eval']) == 8
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    errors = ''.join(log.read_text()[-1500:] for log in sorted(tmp_path.glob('err-node*.txt')))
+    assert [proc.returncode for proc in procs] == [0] * nodes, ''.join(o[-800:] for o in outputs) + errors
+    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(world)]
+
+
+def sharded_overrides(dataset: Path, tmp_path: Path, steps: int) -> list[str]:
+    return [
+        *two_rank_overrides(dataset, tmp_path, steps=steps),
+        *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
+        'parallelism_config.fsdp.state_dict_type=sharded',
+    ]
+
+
+def assert_ranks_agree(ranks: list[dict], steps: int) -> None:
+    """Every rank trained `steps` batches, refitted twice, and holds the same warp and eval metrics."""
+    assert all(len(r['losses']) == steps for r in ranks)
+    assert {r['fit_count'] for r in ranks} == {2}
+    for rank in ranks[1:]:
+        for key in ranks[0]['warp']:
+            assert torch.equal(ranks[0]['warp'][key], rank['warp'][key]), key
+        assert rank['eval'] == ranks[0]['eval'] and len(rank['eval']) == 8
+
+
+def test_two_nodes_on_one_machine_train_together_and_agree(tiny_dataset, tmp_path):
+    overrides = sharded_overrides(tiny_dataset, tmp_path, steps=8)
+    ranks = launch_nodes(tmp_path, overrides, nodes=2, ranks_per_node=1)
+    assert_ranks_agree(ranks, steps=8)
+
+
+def test_hybrid_sharding_shards_inside_a_node_and_replicates_across_nodes(tiny_dataset, tmp_path):
+    """HSDP on 2 nodes x 2 ranks: every parameter is a DTensor on a 2x2 mesh placed (Replicate, Shard(0));
+    ranks 0 and 2 (shard 0 of each replica) hold bit-identical shards after training, which only holds
+    if the gradients were reduced across the nodes; ranks 0 and 1 hold different halves."""
+    overrides = [
+        *sharded_overrides(tiny_dataset, tmp_path, steps=8),
+        'parallelism_config.fsdp.data_parallel_shard_degree=2',
+        'parallelism_config.fsdp.data_parallel_replicate_degree=-1',
+    ]
+    ranks = launch_nodes(tmp_path, overrides, nodes=2, ranks_per_node=2)
+    assert_ranks_agree(ranks, steps=8)
+    for rank in ranks:
+        assert rank['meshes'] == {((2, 2), ('R', 'S(0)'))}  # (Replicate(), Shard(0))
+        assert rank['sharded_blocks'] == rank['blocks'] > 0
+    for replica_a, replica_b in ((0, 2), (1, 3)):
+        for name, shard in ranks[replica_a]['local_params'].items():
+            assert torch.equal(shard, ranks[replica_b]['local_params'][name]), name
+    halves = ranks[0]['local_params'], ranks[1]['local_params']
+    assert any(not torch.equal(halves[0][n], halves[1][n]) for n in halves[0] if halves[0][n].numel())
