@@ -88,8 +88,11 @@ def two_rank_overrides(dataset: Path, tmp_path: Path, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def launch_two_ranks(script: Path, args: list[str], tmp_path: Path, strategy: str) -> None:
-    """Runs `composer -n 2 script args` on CPU (gloo) under FSDP2 or DDP and fails with the ranks' errors."""
+def launch_two_ranks(script: Path, args: list[str], tmp_path: Path, strategy: str | None = None) -> None:
+    """Runs `composer -n 2 script args` on CPU (gloo) and fails with the ranks' errors.
+
+    strategy='fsdp2' adds the sharded-checkpoint override a train.py driver needs under FSDP2.
+    """
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('FSDP_VERSION', None)  # train.py's default, FSDP2, is what runs
     if strategy == 'fsdp2':
