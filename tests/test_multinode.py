@@ -103,3 +103,21 @@ def test_hybrid_sharding_shards_inside_a_node_and_replicates_across_nodes(tiny_d
             assert torch.equal(shard, ranks[replica_b]['local_params'][name]), name
     halves = ranks[0]['local_params'], ranks[1]['local_params']
     assert any(not torch.equal(halves[0][n], halves[1][n]) for n in halves[0] if halves[0][n].numel())
+
+    # One file per shard, not per rank: the second node's replica writes nothing.
+    assert sorted(p.name for p in (tmp_path / 'ckpt' / 'ep0-ba8').glob('*.distcp')) == [
+        '__0_0.distcp',
+        '__1_0.distcp',
+    ]
+
+    # That checkpoint resumes under plain FSDP2 on 2 ranks of one node: DCP reshards the
+    # (Replicate, Shard) parameters onto the 1-D mesh, and the time-warp state carries over.
+    elsewhere = tmp_path / 'plain'
+    elsewhere.mkdir()
+    plain = [*sharded_overrides(tiny_dataset, elsewhere, steps=8), 'max_duration=12ba']
+    resumed = launch_nodes(
+        elsewhere, [*plain, f'load_path={tmp_path}/ckpt/ep0-ba8'], nodes=1, ranks_per_node=2
+    )
+    assert all(len(r['losses']) == 4 for r in resumed)  # batches 9-12 only
+    assert all(r['meshes'] == {((2,), ('S(0)',))} for r in resumed)
+    assert {r['fit_count'] for r in resumed} == {3}  # two refits restored with the checkpoint, one after
