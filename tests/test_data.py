@@ -1,9 +1,13 @@
+import json
 import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from streaming.base.hashing import get_hash
 
 from cdcd_composer.data.grammar import StoryGrammar
-from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split
+from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split, decompress_local_split
 from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
 
@@ -43,6 +47,23 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         DatasetMetadata.load(str(tmp_path))
     with pytest.raises(ValueError, match="no 'train' split"):
         check_split(str(tmp_path), 'train')
+
+
+def test_local_shards_are_decompressed_whole_by_any_number_of_writers(tiny_dataset, tmp_path):
+    """Nodes sharing a dataset's filesystem each decompress its shards; a rename makes each write whole."""
+    split = tmp_path / 'train'
+    shutil.copytree(tiny_dataset / 'train', split)
+    for raw in split.glob('*.mds'):
+        raw.unlink()  # as the converter leaves them: only the .zstd
+    with ThreadPoolExecutor(4) as pool:  # four writers at once, as four nodes would
+        list(pool.map(decompress_local_split, [str(split)] * 4))
+    index = json.loads((split / 'index.json').read_text())
+    for shard in index['shards']:
+        raw = split / shard['raw_data']['basename']
+        assert get_hash('xxh64', raw.read_bytes()) == shard['raw_data']['hashes']['xxh64']
+        assert raw.stat().st_mode == (split / shard['zip_data']['basename']).stat().st_mode
+    assert not list(split.glob('*.tmp'))
+    check_split(str(tmp_path), 'train')  # both forms verified against index.json
 
 
 def test_shared_memory_clean_up_removes_only_this_runs_stale_registrations(tmp_path, monkeypatch):

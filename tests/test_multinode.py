@@ -56,7 +56,7 @@ def launch_nodes(tmp_path: Path, overrides: list[str], nodes: int, ranks_per_nod
     ]
     outputs = [proc.communicate(timeout=900)[0] for proc in procs]
     errors = ''.join(log.read_text()[-1500:] for log in sorted(tmp_path.glob('err-node*.txt')))
-    assert [proc.returncode for proc in procs] == [0] * nodes, ''.join(o[-800:] for o in outputs) + errors
+    assert [proc.returncode for proc in procs] == [0] * nodes, ''.join(o[-6000:] for o in outputs) + errors
     return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(world)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from composer.utils import dist
 from streaming import StreamingDataset
+from streaming.base.compression import decompress
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
 from streaming.base.hashing import get_hash
 from streaming.base.shared import SharedMemory
@@ -95,6 +97,32 @@ def _check_local_shard(where: str, files: list[dict], fix: str) -> None:
             raise ValueError(f'shard {path} is corrupt (size or xxh64 hash differs from index.json); {fix}')
 
 
+def decompress_local_split(where: str) -> None:
+    """Writes the `.mds` of every compressed shard of a local split that lacks one, atomically.
+
+    Streaming decompresses a local dataset in place on first read, through one fixed
+    `shard.NNNNN.mds.tmp` name guarded by a lock only one node sees: nodes sharing the dataset's
+    filesystem (NFS, Lustre, or two simulated nodes on one host) race on that name and one dies
+    (FileNotFoundError in the rename). Here every writer has its own temporary name and an atomic
+    rename, so any number of nodes may do it at once; Streaming then finds the shards ready.
+
+    Args:
+        where: The split's directory (`<root>/<split>`, holding `index.json`).
+    """
+    with open(os.path.join(where, 'index.json')) as f:
+        shards = json.load(f)['shards']
+    for shard in shards:
+        raw, packed = shard['raw_data']['basename'], (shard.get('zip_data') or {}).get('basename')
+        if packed is None or os.path.isfile(os.path.join(where, raw)):
+            continue
+        with open(os.path.join(where, packed), 'rb') as f:
+            data = decompress(shard['compression'], f.read())
+        with tempfile.NamedTemporaryFile(dir=where, prefix=f'{raw}.', suffix='.tmp', delete=False) as out:
+            out.write(data)
+        shutil.copymode(os.path.join(where, packed), out.name)  # not tempfile's owner-only 0600
+        os.replace(out.name, os.path.join(where, raw))
+
+
 def build_dataloader(
     root: str,
     split: str,
@@ -129,6 +157,9 @@ def build_dataloader(
         remote, local = f'{root.rstrip("/")}/{split}', os.path.join(local_cache, split)
     else:
         remote, local = None, os.path.join(root, split)
+        if dist.get_local_rank() == 0:
+            decompress_local_split(local)
+        dist.barrier()
     dataset = StoryDataset(
         remote=remote,
         local=local,
