@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoint import add_weights_argument, load_trained_model
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.data.loaders import build_dataloader, check_split, fetch_dataset_files
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         '--trust_checkpoint', action='store_true', help='unpickle a .pt even from an untrusted place'
     )
+    add_weights_argument(p)
     args = p.parse_args(argv)
     for name in ('num_samples', 'batch_size'):
         if getattr(args, name) < 1:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps) < 1:
         p.error(f'--steps must all be at least 1, got {args.steps}')
     try:
-        model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint)
+        model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint, weights=args.weights)
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)
         report = evaluate(
             model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoint import add_weights_argument, load_trained_model
 from cdcd_composer.export import write_export
 
 
@@ -21,15 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('checkpoint', help='a .pt checkpoint written by train.py (local or object store)')
     p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
     p.add_argument('--trust_checkpoint', action='store_true', help='unpickle even from an untrusted location')
+    add_weights_argument(p)
     args = p.parse_args(argv)
     try:
-        write_export(
-            args.out_dir, load_trained_model(args.checkpoint, trust=args.trust_checkpoint).state_dict()
-        )
+        model = load_trained_model(args.checkpoint, trust=args.trust_checkpoint, weights=args.weights)
+        write_export(args.out_dir, model.state_dict(), args.weights)
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f'exported {args.checkpoint} to {args.out_dir}')
+    print(f'exported {args.checkpoint} ({model.spec.weights} weights) to {args.out_dir}')
     return 0
 
 

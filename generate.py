@@ -20,7 +20,7 @@ import sys
 
 from tqdm import tqdm
 
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoint import add_weights_argument, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import SamplerSettings
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         '--trust_checkpoint', action='store_true', help='unpickle a .pt even from an untrusted place'
     )
+    add_weights_argument(p)
     return p.parse_args(argv)
 
 
@@ -89,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             time_shift=args.time_shift,
         )
         model = load_trained_model(
-            args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint
-        )
+            args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint,
+            weights=args.weights,
+        )  # fmt: skip
         self_cond = {'auto': model.spec.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
         settings = dataclasses.replace(settings, self_conditioning=self_cond)
         request = Request(args.prompt, args.template, args.blank_length)

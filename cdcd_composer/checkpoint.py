@@ -7,6 +7,7 @@ trusted location or when the caller says it trusts it (see `cdcd_composer.trust`
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from typing import Any
@@ -15,13 +16,16 @@ import torch
 
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.data.store import is_remote
+from cdcd_composer.ema import WEIGHT_CHOICES
 from cdcd_composer.export import load_export, model_from_state
 from cdcd_composer.time_warping import TimeWarp
 from cdcd_composer.trust import load_local_pickle, refusal, unpickle, untrusted_reason
 
 
-def load_composer_checkpoint(path: str, trust: bool = False) -> CDCDComposerModel:
+def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDComposerModel:
     """The model in a full (monolithic) Composer checkpoint written by `train.py`.
+
+    `weights`: 'ema', the averaged weights where the run kept them (else the raw ones), or 'raw'.
 
     Raises:
         ValueError: missing, untrusted without `trust`, or not written by this recipe's `train.py`.
@@ -45,7 +49,7 @@ def load_composer_checkpoint(path: str, trust: bool = False) -> CDCDComposerMode
         raise ValueError(
             f'{path!r} is not a Composer checkpoint (no model state); use one from train.py'
         ) from None
-    return model_from_state(state, path)
+    return model_from_state(state, path, weights)
 
 
 def check_device(device: str) -> None:
@@ -61,7 +65,7 @@ def check_device(device: str) -> None:
 
 
 def load_trained_model(
-    path: str, device: str = 'cpu', warp: bool = True, trust: bool = False
+    path: str, device: str = 'cpu', warp: bool = True, trust: bool = False, weights: str = 'ema'
 ) -> CDCDComposerModel:
     """A weights-only export (directory or prefix) or a Composer `.pt` checkpoint, local or remote.
 
@@ -70,15 +74,25 @@ def load_trained_model(
         device: Where to put the model.
         warp: Keep the fitted time warp (False: a uniform one, for comparison).
         trust: Unpickle a `.pt` checkpoint even from an untrusted location.
+        weights: 'ema': the moving averages where the run kept them (else the raw weights);
+            'raw': the weights as trained. `model.spec.weights` says which were loaded.
 
     Returns:
         The model in eval mode.
     """
     check_device(device)
     if path.endswith('.pt') or (not is_remote(path) and os.path.isfile(path)):
-        model = load_composer_checkpoint(path, trust)
+        model = load_composer_checkpoint(path, trust, weights)
     else:
-        model = load_export(path)
+        model = load_export(path, weights)
     if not warp:
         model.time_warp = TimeWarp(model.spec.t_min, model.spec.t_max)
     return model.to(device).eval()
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """`--weights {ema,raw}` for the CLIs that load a trained model."""
+    parser.add_argument(
+        '--weights', choices=WEIGHT_CHOICES, default='ema',
+        help='ema: the moving averages where the run kept them (else the raw weights); raw: as trained',
+    )  # fmt: skip

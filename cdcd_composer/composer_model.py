@@ -7,6 +7,7 @@ state and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, Metric
 
 from cdcd_composer.data.metadata import DatasetMetadata
+from cdcd_composer.ema import EMA_KEY, AveragedWeights
 from cdcd_composer.masking import MaskingConfig, sample_generate_mask
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, DenoiserOutput, TimeEmbedding
 from cdcd_composer.prompting import Request
@@ -102,6 +104,11 @@ class CDCDComposerModel(ComposerModel):
         self.time_warp = TimeWarp(t_min, t_max)
         self.register_state_dict_post_hook(_save_time_warp)
         self.register_load_state_dict_pre_hook(_load_time_warp)
+        # The moving averages of the weights, when the EMA algorithm keeps them: a plain object
+        # like the warp, saved and restored with the weights under the state-dict key `ema`.
+        self.averaged_weights: AveragedWeights | None = None
+        self.register_state_dict_post_hook(_save_averages)
+        self.register_load_state_dict_pre_hook(_load_averages)
         self.eval_noise_levels = tuple(float(t) for t in eval_noise_levels)
         self.eval_seed = eval_seed
         # A plain dict, not a ModuleDict: FSDP wraps every child module of a ComposerModel.
@@ -128,7 +135,7 @@ class CDCDComposerModel(ComposerModel):
         return self.spec.to_json()
 
     def set_extra_state(self, state: Any) -> None:
-        """Checks a checkpoint's spec against this run's, which stays.
+        """Checks a checkpoint's spec against this run's, which stays (but for its `weights`).
 
         A resumed run must not inherit another architecture or tokenizer silently.
 
@@ -141,6 +148,7 @@ class CDCDComposerModel(ComposerModel):
                 'the checkpoint was trained with a different model config; '
                 'use the YAML it was trained with or set load_weights_only=true'
             )
+        self.spec = dataclasses.replace(self.spec, weights=loaded.weights)  # Which weights it now holds.
 
     # -- the forward process and loss --------------------------------------------------------
     def begin_batch(self, noise_seed: str) -> None:
@@ -408,3 +416,23 @@ def _load_time_warp(module: CDCDComposerModel, state_dict: dict[str, Any], prefi
         )
     warp = {key[len(prefix + WARP_PREFIX) :]: state_dict.pop(key) for key in keys}
     module.time_warp.load_state_dict({key: value.cpu() for key, value in warp.items()})
+
+
+def _save_averages(
+    module: CDCDComposerModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """State-dict hook: the averaged weights, as one `ema` entry {parameter name: tensor}."""
+    if module.averaged_weights is not None:
+        state_dict[prefix + EMA_KEY] = module.averaged_weights.state()
+
+
+def _load_averages(module: CDCDComposerModel, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: restores the averages (a checkpoint without them: from its weights)."""
+    averages = state_dict.pop(prefix + EMA_KEY, None)
+    if module.averaged_weights is None:
+        return  # Trained with EMA, resumed or loaded without it: the averages are not needed.
+    if averages is not None:
+        module.averaged_weights.load(averages)
+        return
+    params = module.averaged_weights.params
+    module.averaged_weights.reset({name: state_dict.get(prefix + name, p) for name, p in params.items()})

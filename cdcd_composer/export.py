@@ -1,7 +1,8 @@
 """The weights-only export: a trained `CDCDComposerModel` saved without pickles.
 
     OUT/model.safetensors   the model's state dict: denoiser weights and time-warp tensors
-    OUT/cdcd_config.json    the run spec, the format version and the weights' SHA-256
+    OUT/cdcd_config.json    the run spec (which says whether the weights are the EMA or the raw
+                            ones), the format version and the weights' SHA-256
     OUT/tokenizer/          the training tokenizer (also inside the spec; here for other tools)
 
 `generate.py` and `eval.py` load it without unpickling anything. Training writes one when it
@@ -11,8 +12,10 @@ OUT may be a local directory or an object-store URI (`s3://bucket/runs/x/export`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -21,7 +24,10 @@ import torch
 
 from cdcd_composer.composer_model import WARP_PREFIX, CDCDComposerModel
 from cdcd_composer.data.store import DatasetRoot, is_remote
+from cdcd_composer.ema import EMA_KEY, WEIGHT_CHOICES
 from cdcd_composer.run_spec import RunSpec
+
+log = logging.getLogger(__name__)
 
 EXPORT_CONFIG = 'cdcd_config.json'
 EXPORT_WEIGHTS = 'model.safetensors'
@@ -45,8 +51,13 @@ def split_folder(out: str) -> tuple[str, str]:
     return tuple(out.rsplit('/', 1)) if '/' in out else ('.', out)  # type: ignore[return-value]
 
 
-def model_from_state(state: dict[str, Any], where: str) -> CDCDComposerModel:
+def model_from_state(state: dict[str, Any], where: str, weights: str = 'ema') -> CDCDComposerModel:
     """Builds the model a full state dict describes and loads it (the spec is its `_extra_state`).
+
+    Args:
+        state: A full model state dict (a checkpoint's or an export's).
+        where: Where it came from, for messages.
+        weights: 'ema' or 'raw' (see `select_weights`); the model's spec records the choice.
 
     Raises:
         ValueError: the state has no run spec (written before the spec moved into the model).
@@ -56,21 +67,56 @@ def model_from_state(state: dict[str, Any], where: str) -> CDCDComposerModel:
             f'{where} has no run spec in its model state: it was written by a cdcd-composer older than the '
             'spec in the model; sample it with that version, or train again'
         )
+    state = select_weights(state, weights, where)
     spec = RunSpec.from_json(state[EXTRA_STATE])
     model = CDCDComposerModel.from_spec(spec, n_bins=state[f'{WARP_PREFIX}masses'].numel())
     model.load_state_dict(state)
     return model.eval()
 
 
-def write_export(out: str, state: dict[str, Any]) -> None:
+def select_weights(state: dict[str, Any], weights: str, where: str) -> dict[str, Any]:
+    """A model state dict with one set of weights, its run spec saying which ('ema' or 'raw').
+
+    Args:
+        state: A full `CDCDComposerModel` state dict: from training (the weights and, with
+            `algorithms.ema`, their averages under `ema`) or from an export (one set).
+        weights: 'ema': the averages where the run kept them, else the raw weights; 'raw': the
+            weights as trained.
+        where: What the state came from, for messages.
+
+    Raises:
+        ValueError: an unknown choice, or 'raw' from a state that holds only the averages.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f'weights={weights!r} is not one of {", ".join(WEIGHT_CHOICES)}')
+    state = dict(state)
+    averages = state.pop(EMA_KEY, None)
+    spec = RunSpec.from_json(state[EXTRA_STATE])
+    if averages is None:  # One set already: the spec says which.
+        if weights == 'raw' and spec.weights == 'ema':
+            raise ValueError(
+                f'{where} holds only the EMA weights; export the training checkpoint again with --weights raw'
+            )
+        if weights == 'ema' and spec.weights == 'raw':
+            log.info('%s holds no averaged weights (trained without algorithms.ema): the raw ones', where)
+        return state
+    if weights == 'ema':
+        state.update(averages)
+    return {**state, EXTRA_STATE: dataclasses.replace(spec, weights=weights).to_json()}
+
+
+def write_export(out: str, state: dict[str, Any], weights: str = 'ema') -> None:
     """Writes a model's full state dict to `out` (local or object store), replacing an older one atomically.
 
     Args:
         out: Directory or URI.
         state: `CDCDComposerModel.state_dict()` (full, unsharded; tensors on any device).
+        weights: 'ema': the moving averages when the state holds them (else the raw weights);
+            'raw': the weights as trained. The spec in the export records the choice.
     """
     from safetensors.torch import save_file
 
+    state = select_weights(state, weights, out)
     spec = RunSpec.from_json(state[EXTRA_STATE])
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     parent, name = split_folder(out)
@@ -136,8 +182,10 @@ def read_export_config(local: str, where: str) -> dict[str, Any]:
     return config
 
 
-def load_export(path: str) -> CDCDComposerModel:
+def load_export(path: str, weights: str = 'ema') -> CDCDComposerModel:
     """Loads a weights-only export (local directory or object-store prefix); unpickles nothing.
+
+    `weights='raw'` refuses an export that holds only the averaged weights.
 
     Raises:
         ValueError: `path` holds no export, or a damaged or inconsistent one.
@@ -154,4 +202,4 @@ def load_export(path: str) -> CDCDComposerModel:
         local = root.fetch_directory('', tmp) if is_remote(path) else path
         config = read_export_config(local, path.rstrip('/'))
         state: dict[str, Any] = load_file(os.path.join(local, EXPORT_WEIGHTS))
-    return model_from_state({**state, EXTRA_STATE: config['spec']}, path)
+    return model_from_state({**state, EXTRA_STATE: config['spec']}, path, weights)

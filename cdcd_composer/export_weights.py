@@ -12,6 +12,7 @@ from composer.utils import dist
 
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.data.store import DatasetRoot, check_writable, is_remote
+from cdcd_composer.ema import WEIGHT_CHOICES
 from cdcd_composer.export import split_folder, write_export
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,17 @@ class ExportWeights(Callback):
 
     Args:
         folder: Destination, formatted with `{run_name}` (local path or object-store URI).
+        weights: 'ema' (default): the moving averages of `algorithms.ema` when the run keeps them,
+            else the raw weights; 'raw': the weights as trained. The export's spec says which.
     """
 
-    def __init__(self, folder: str = 'runs/{run_name}/export') -> None:
+    def __init__(self, folder: str = 'runs/{run_name}/export', weights: str = 'ema') -> None:
+        if weights not in WEIGHT_CHOICES:
+            raise ValueError(
+                f'callbacks.export_weights.weights={weights!r} must be one of {", ".join(WEIGHT_CHOICES)}'
+            )
         self.folder = folder
+        self.weights = weights
 
     def fit_start(self, state: State, logger: Logger) -> None:
         """Checks the destination before training, not after it: writable, and ours to replace."""
@@ -70,7 +78,7 @@ class ExportWeights(Callback):
             model_state = unwrap_model(state.model).state_dict()
         if dist.get_global_rank() == 0:
             out = self.folder.format(run_name=state.run_name)
-            write_export(out, model_state)
+            write_export(out, model_state, self.weights)
             logger.log_hyperparameters({'export_folder': out})
             destinations = artifact_destinations(logger)
             if destinations:
@@ -78,7 +86,7 @@ class ExportWeights(Callback):
                     local = out
                     if is_remote(out):  # artifacts are uploaded from a local copy
                         local = f'{tmp}/export'
-                        write_export(local, model_state)
+                        write_export(local, model_state, self.weights)
                     for destination in destinations:
                         log_export_artifact(destination, local, state.run_name)
                         log.info('export logged as an artifact to %s', type(destination).__name__)

@@ -10,6 +10,7 @@ import torch
 from composer import algorithms, callbacks, loggers, optim
 from torch import nn
 
+from cdcd_composer.ema import EMA
 from cdcd_composer.export_weights import ExportWeights
 from cdcd_composer.optim import FusedDecoupledAdamW
 from cdcd_composer.self_conditioning import SelfConditioning
@@ -29,7 +30,7 @@ SCHEDULERS: dict[str, type] = {
 }
 ALGORITHMS: dict[str, type] = {
     'gradient_clipping': algorithms.GradientClipping,
-    'ema': algorithms.EMA,
+    'ema': EMA,  # Composer's EMA cannot hold FSDP2's DTensors (see cdcd_composer.ema)
     'self_conditioning': SelfConditioning,
 }
 CALLBACKS: dict[str, type] = {

@@ -32,6 +32,8 @@ class RunSpec:
             a model built without data (tests, benchmarks), which cannot turn samples into text.
         tokenizer: The tokenizer as `tokenizer_to_json` wrote it (None without data).
         self_conditioning: Training probability of self-conditioning (None: trained without it).
+        weights: Which weights the state holds: 'raw' (as the optimizer left them) or 'ema'
+            (their exponential moving average); an export records its choice here.
     """
 
     model: CDCDConfig
@@ -40,6 +42,7 @@ class RunSpec:
     dataset: DatasetMetadata | None = None
     tokenizer: dict[str, Any] | None = None
     self_conditioning: float | None = None
+    weights: str = 'raw'
 
     @cached_property
     def text_tokenizer(self) -> PreTrainedTokenizerFast:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -22,8 +23,9 @@ class TrainingSamples(Callback):
     The table goes to every logger (`log_table`: console, file, W&B...) and each story to the
     Python log. Cost is bounded by `num_samples x steps` forward passes and reported as
     `samples/seconds` and `samples/fraction_of_training` (time spent sampling over wall time).
-    Rank 0 samples alone, except under FSDP, where every rank must take part in each forward
-    pass (the parameters are sharded); the inputs are seeded, so ranks agree.
+    With `algorithms.ema` the samples come from the averaged weights. Rank 0 samples alone,
+    except under FSDP, where every rank must take part in each forward pass (the parameters are
+    sharded); the inputs are seeded, so ranks agree.
 
     Args:
         interval: How often, as a Composer time string ('500ba').
@@ -84,8 +86,10 @@ class TrainingSamples(Callback):
         was_training = model.training
         model.eval()
         rows = []
+        # The moving averages of algorithms.ema, as in evaluation and the export.
+        weights = model.averaged_weights.swapped_in() if model.averaged_weights else contextlib.nullcontext()
         try:
-            with get_precision_context(state.precision, state.precision_config):
+            with weights, get_precision_context(state.precision, state.precision_config):
                 for prompt, count in groups:
                     if count:
                         texts = model.generate(
