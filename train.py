@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from cdcd_composer.data.loaders import (
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.data.store import check_writable
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
+from cdcd_composer.loggers import ResumableProgressBar
 from cdcd_composer.noise_seeding import BatchNoiseSeed
 from cdcd_composer.preflight import check_object_stores, check_system
 from cdcd_composer.resume import check_load_path, resolve_autoresume, unloadable_checkpoint
@@ -116,10 +118,14 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     )
     algorithms = [registry.build('algorithms', n, kw) for n, kw in registry.enabled(cfg.algorithms).items()]
     loggers = [registry.build('loggers', n, kw) for n, kw in registry.enabled(cfg.loggers).items()]
+    if cfg.progress_bar:  # Composer's own cannot resume a sharded checkpoint (cdcd_composer.loggers).
+        loggers.append(ResumableProgressBar())
     callbacks = [registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()]
     callbacks.append(BatchNoiseSeed())
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
+    # Composer warns that a progress bar given in `loggers` ignores its own switches; ours is that bar.
+    warnings.filterwarnings('ignore', message='Specifying the ProgressBarLogger via `loggers`')
     try:
         return Trainer(
             run_name=cfg.run_name,
@@ -140,7 +146,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
             precision=precision,
             device=cfg.device,
             device_train_microbatch_size=cfg.device_train_microbatch_size or per_device,
-            progress_bar=cfg.progress_bar,
+            progress_bar=False,  # `loggers` holds the progress bar
             log_to_console=cfg.log_to_console,
             console_log_interval=cfg.console_log_interval,
             save_folder=cfg.save_folder,

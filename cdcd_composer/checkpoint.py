@@ -23,16 +23,18 @@ from cdcd_composer.trust import load_local_pickle, refusal, unpickle, untrusted_
 
 
 def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDComposerModel:
-    """The model in a full (monolithic) Composer checkpoint written by `train.py`.
+    """The model in a Composer checkpoint written by `train.py`: a `.pt` file or a sharded folder.
 
     `weights`: 'ema', the averaged weights where the run kept them (else the raw ones), or 'raw'.
 
     Raises:
         ValueError: missing, untrusted without `trust`, or not written by this recipe's `train.py`.
     """
-    if not is_remote(path) and not os.path.isfile(path):
+    if is_sharded_checkpoint(path):
+        checkpoint: dict[str, Any] = load_sharded_checkpoint(path, trust)
+    elif not is_remote(path) and not os.path.isfile(path):
         raise ValueError(f'checkpoint {path!r} not found; pass a .pt file or an export directory')
-    if is_remote(path):
+    elif is_remote(path):
         if not trust:
             raise refusal(path, untrusted_reason(path) or '')
         from composer.utils import get_file
@@ -40,7 +42,7 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
         with tempfile.TemporaryDirectory() as workdir:
             local = os.path.join(workdir, os.path.basename(path))
             get_file(path, local, progress_bar=False)
-            checkpoint: dict[str, Any] = unpickle(local, path)
+            checkpoint = unpickle(local, path)
     else:
         checkpoint = load_local_pickle(path, trust)
     try:
@@ -50,6 +52,36 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
             f'{path!r} is not a Composer checkpoint (no model state); use one from train.py'
         ) from None
     return model_from_state(state, path, weights)
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """A local sharded (distributed-checkpoint) folder, or the `latest-rank0.pt` link to one."""
+    return not is_remote(path) and os.path.isfile(os.path.join(path, '.metadata'))
+
+
+def load_sharded_checkpoint(path: str, trust: bool) -> dict[str, Any]:
+    """A sharded checkpoint folder (every rank's shards) gathered into one full checkpoint dict.
+
+    Its files hold pickles too, so each must pass the trust check.
+
+    Raises:
+        ValueError: a file of it is untrusted and not `trust`, or the folder is damaged.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = os.path.realpath(path)
+    for name in sorted(os.listdir(folder)):
+        reason = untrusted_reason(os.path.join(folder, name))
+        if reason and not trust:
+            raise refusal(os.path.join(path, name), reason)
+    with tempfile.TemporaryDirectory() as workdir:
+        full = os.path.join(workdir, 'checkpoint.pt')
+        try:
+            dcp_to_torch_save(folder, full)
+        except Exception as e:  # DCP raises bare exceptions of many kinds for a damaged folder.
+            first = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+            raise ValueError(f'{path} is not a readable sharded checkpoint ({first}); use another') from None
+        return unpickle(full, path)
 
 
 def check_device(device: str) -> None:
@@ -81,7 +113,7 @@ def load_trained_model(
         The model in eval mode.
     """
     check_device(device)
-    if path.endswith('.pt') or (not is_remote(path) and os.path.isfile(path)):
+    if path.endswith('.pt') or is_sharded_checkpoint(path) or (not is_remote(path) and os.path.isfile(path)):
         model = load_composer_checkpoint(path, trust, weights)
     else:
         model = load_export(path, weights)

@@ -119,7 +119,9 @@ class TrainConfig:
         if self.autoresume and not self.run_name:
             raise ValueError('autoresume=true needs a fixed run_name (set run_name: my-run)')
         if self.autoresume and not self.save_folder:
-            raise ValueError('autoresume=true needs save_folder (where checkpoints are found)')
+            # save_folder=null keeps no checkpoints, so there is nothing to resume from: a YAML's
+            # `autoresume: true` stays out of the way of a one-off run.
+            self.autoresume = False
 
 
 def _type_name(tp: Any) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 
 from cdcd_composer.ema import EMA
 from cdcd_composer.export_weights import ExportWeights
+from cdcd_composer.loggers import AppendingFileLogger
 from cdcd_composer.optim import FusedDecoupledAdamW
 from cdcd_composer.self_conditioning import SelfConditioning
 from cdcd_composer.time_warp_refit import TimeWarpRefit
@@ -44,7 +45,7 @@ CALLBACKS: dict[str, type] = {
     'export_weights': ExportWeights,
 }
 LOGGERS: dict[str, type] = {
-    'file': loggers.FileLogger,
+    'file': AppendingFileLogger,  # Composer's, appending (a resumed run keeps its log)
     'tensorboard': loggers.TensorboardLogger,
     'wandb': loggers.WandBLogger,
     'mlflow': loggers.MLFlowLogger,

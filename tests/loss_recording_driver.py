@@ -7,6 +7,9 @@ To be killed at a known point, whatever the machine's load: with `PAUSE_AT_BATCH
 `PAUSE_POINTER=s3://bucket/key` and `PAUSE_MARKER=path-{rank}`, every rank stops at the end of
 batch B, keeps Composer's checkpoint uploads going until the pointer object names the checkpoint
 of `PAUSE_POINTER_NAMES` (e.g. `ba10`), then writes its marker and blocks until it is killed.
+Without `PAUSE_POINTER` (checkpoints in a local folder, written before the event ends), every
+rank stops once the checkpoint of batch B is saved. A resumed run starts after batch B and
+never stops, so the very same command both dies and resumes.
 """
 
 import os
@@ -47,19 +50,27 @@ def pointer_names(uri: str, name: str) -> bool:
 
 
 class PauseForKill(Callback):
-    """Holds the run at the end of batch `batch` once the pointer names a checkpoint, then signals."""
+    """Holds the run at batch `batch` once its checkpoint is saved (and the pointer names it)."""
 
-    def __init__(self, batch: int, pointer: str, names: str, marker: str) -> None:
+    def __init__(self, batch: int, marker: str, pointer: str | None = None, names: str = '') -> None:
         self.batch, self.pointer, self.names, self.marker = batch, pointer, names, marker
 
     def batch_end(self, state, logger) -> None:
-        if int(state.timestamp.batch) != self.batch:
+        if self.pointer is None or int(state.timestamp.batch) != self.batch:
             return
         savers = [c for c in state.callbacks if isinstance(c, CheckpointSaver)]
         while not pointer_names(self.pointer, self.names):
             for saver in savers:  # Its batch_end starts the pointer upload once the checkpoint is up.
                 saver.batch_end(state, logger)
             time.sleep(0.05)
+        self.pause()
+
+    def batch_checkpoint(self, state, logger) -> None:
+        # Appended after Composer's CheckpointSaver, so this runs once the local save returned.
+        if self.pointer is None and int(state.timestamp.batch) == self.batch:
+            self.pause()
+
+    def pause(self) -> None:
         with open(self.marker.format(rank=dist.get_global_rank()), 'w') as f:
             f.write('paused\n')
         signal.pause()  # until the test's SIGKILL
@@ -72,9 +83,9 @@ if __name__ == '__main__':
         trainer.state.callbacks.append(
             PauseForKill(
                 int(os.environ['PAUSE_AT_BATCH']),
-                os.environ['PAUSE_POINTER'],
-                os.environ['PAUSE_POINTER_NAMES'],
                 os.environ['PAUSE_MARKER'],
+                os.environ.get('PAUSE_POINTER'),
+                os.environ.get('PAUSE_POINTER_NAMES', ''),
             )
         )
     trainer.fit()

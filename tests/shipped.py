@@ -1,0 +1,60 @@
+"""The shipped YAMLs shrunk in size only, for tests that run them as a user would.
+
+`shrunk_overrides` reads the YAML file itself and returns dotted overrides that change sizes
+and nothing else: widths (depth kept at 2 or more), batch and microbatch, intervals, durations
+and half-lives, sample counts, worker counts, and the dataset (a small one, so its vocabulary
+and canvas are small). Every algorithm, callback, logger, the parallelism and the checkpoint
+format stay as the YAML ships them; paths stay relative, so a run in `cwd` writes `runs/...`
+there. The one change that is not a size: `amp_*` precision becomes fp32, which is all a CPU
+runs under Composer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHIPPED = ('cdcd-tiny', 'cdcd-char', 'cdcd-5m', 'cdcd-140m')
+WIDTHS = {'d_embed': 16, 'd_model': 32, 'n_heads': 2, 'd_time': 16, 'n_fourier': 8}
+
+# The run every shrunk recipe does: evaluations at 2, 4, 6, checkpoints at 3 and 6.
+BATCHES, EVAL_EVERY, SAVE_EVERY = 6, 2, 3
+
+
+def shipped_yaml(name: str) -> dict[str, Any]:
+    """The YAML as a plain dict (before interpolation)."""
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / 'yamls' / f'{name}.yaml').read_text())
+
+
+def shrunk_overrides(name: str, data_root: Path) -> list[str]:
+    """Dotted overrides that make `yamls/{name}.yaml` tiny without changing what it runs."""
+    cfg = shipped_yaml(name)
+    out = [f'variables.data_root={data_root}']
+    out += [f'model.{key}={value}' for key, value in WIDTHS.items()]
+    out.append(f'model.n_layers={min(cfg["model"]["n_layers"], 2)}')
+    out += [
+        'global_train_batch_size=8', 'device_eval_batch_size=8', f'max_duration={BATCHES}ba',
+        f'eval_interval={EVAL_EVERY}ba', 'eval_subset_num_batches=1', f'save_interval={SAVE_EVERY}ba',
+        'scheduler.t_warmup=2ba', f'data.num_workers={min(cfg["data"].get("num_workers", 0), 1)}',
+    ]  # fmt: skip
+    if isinstance(cfg.get('device_train_microbatch_size'), int):
+        out.append('device_train_microbatch_size=2')  # Gradient accumulation stays: 4 or 2 microbatches.
+    if str(cfg.get('precision')).startswith('amp'):
+        out.append('precision=fp32')
+    if (cfg.get('algorithms') or {}).get('ema'):
+        out.append('algorithms.ema.half_life=4ba')
+    callbacks = cfg.get('callbacks') or {}
+    if 'time_warp_refit' in callbacks:
+        refit = {'interval': '2ba', 'buffer_size': 64, 'n_bins': 8, 'min_points': 16}
+        out += [f'callbacks.time_warp_refit.{key}={value}' for key, value in refit.items()]
+    if 'training_samples' in callbacks:
+        out += [
+            f'callbacks.training_samples.interval={SAVE_EVERY}ba',
+            'callbacks.training_samples.steps=2',
+            'callbacks.training_samples.num_samples=2',
+        ]
+    if 'speed_monitor' in callbacks:
+        out.append('callbacks.speed_monitor.window_size=2')
+    return out

@@ -1,0 +1,137 @@
+"""Every shipped YAML lives its whole life as shipped, shrunk in size only, on 1 process and 2 ranks.
+
+Each run evaluates, checkpoints, is SIGKILLed once its checkpoint of batch 3 is saved, and the
+very same command then resumes and finishes (evaluating twice more). Its export is then read
+by `generate.py` and `eval.py`, and `export.py` exports the final checkpoint again, with the
+averaged and the raw weights: the export must hold the weights its spec claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+from shipped import BATCHES, EVAL_EVERY, SAVE_EVERY, SHIPPED, shipped_yaml, shrunk_overrides
+
+import eval as eval_cli
+import generate
+from data_prep.convert_tinystories import convert
+from export import main as export_main
+
+pytestmark = pytest.mark.slow
+
+DRIVER = REPO / 'tests' / 'loss_recording_driver.py'
+
+
+@pytest.fixture(scope='session')
+def byte_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic stories as bytes (cdcd-char's tokenizer) on a 128-byte canvas."""
+    root = tmp_path_factory.mktemp('data') / 'synthetic-char'
+    convert(source='synthetic', out_root=str(root), tokenizer='bytes', seq_len=128, num_train=256, num_val=64)
+    return root
+
+
+def run_command(name: str, ranks: int, data_root: Path, tmp_path: Path) -> list[str]:
+    """`composer -n RANKS train.py yamls/NAME.yaml <sizes>` (through the loss-recording driver)."""
+    launcher = str(Path(sys.executable).parent / 'composer')
+    yaml_path = str(REPO / 'yamls' / f'{name}.yaml')
+    return [
+        launcher, '-n', str(ranks), '--stderr', str(tmp_path / 'err{rank}.txt'), str(DRIVER),
+        str(tmp_path / 'batches-{rank}.txt'), yaml_path, *shrunk_overrides(name, data_root),
+    ]  # fmt: skip
+
+
+def kill_after_checkpoint(cmd: list[str], env: dict, markers: list[Path], tmp_path: Path) -> None:
+    """Runs `cmd`, waits until every rank holds after saving the checkpoint of batch 3, SIGKILLs it."""
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900  # only a hang gets here
+    while not all(m.exists() for m in markers):
+        if proc.poll() is not None:
+            errors = ''.join(p.read_text()[-2000:] for p in tmp_path.glob('err*.txt'))
+            pytest.fail(f'the run ended before its checkpoint of batch {SAVE_EVERY}: {errors}')
+        assert time.monotonic() < deadline, 'the run never reached its checkpoint'
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def trained_batches(tmp_path: Path, rank: int) -> list[int]:
+    return [int(line.split()[0]) for line in (tmp_path / f'batches-{rank}.txt').read_text().splitlines()]
+
+
+def eval_batches(log: Path) -> list[int]:
+    """The batches at which the file logger recorded validation metrics."""
+    found = re.findall(r'\[metric\]\[batch=(\d+)\]: metrics/eval/', log.read_text())
+    return sorted({int(b) for b in found})
+
+
+def checkpoint_batches(folder: Path) -> list[int]:
+    return sorted(
+        int(m.group(1))
+        for p in folder.iterdir()
+        if (m := re.fullmatch(r'ep\d+-ba(\d+)(-rank0\.pt)?', p.name))
+    )
+
+
+@pytest.mark.parametrize('ranks', [1, 2])
+@pytest.mark.parametrize('name', SHIPPED)
+def test_shipped_recipe_evaluates_survives_sigkill_resumes_and_exports(
+    name, ranks, tiny_dataset, byte_dataset, tmp_path, capsys
+):
+    shipped = shipped_yaml(name)
+    data_root = byte_dataset if name == 'cdcd-char' else tiny_dataset
+    cmd = run_command(name, ranks, data_root, tmp_path)
+    markers = [tmp_path / f'paused-{rank}' for rank in range(ranks)]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PAUSE_AT_BATCH=str(SAVE_EVERY))
+    env['PAUSE_MARKER'] = str(tmp_path / 'paused-{rank}')
+    env.pop('FSDP_VERSION', None)  # train.py's default is what a user runs
+
+    kill_after_checkpoint(cmd, env, markers, tmp_path)
+    run = tmp_path / 'runs' / shipped['variables']['run_name']
+    assert checkpoint_batches(run / 'checkpoints') == [SAVE_EVERY]
+    assert not (run / 'export').exists()
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)  # The same command.
+    errors = ''.join(p.read_text()[-3000:] for p in tmp_path.glob('err*.txt'))
+    assert proc.returncode == 0, proc.stderr[-2000:] + errors
+
+    for rank in range(ranks):  # Killed after batch 3; resumed from its checkpoint; finished at 6.
+        assert trained_batches(tmp_path, rank) == list(range(1, BATCHES + 1)), rank
+    assert SAVE_EVERY * 2 == BATCHES and BATCHES in checkpoint_batches(run / 'checkpoints')
+    evals = eval_batches(run / 'logs-rank0.txt')
+    assert evals == list(range(EVAL_EVERY, BATCHES + 1, EVAL_EVERY)), evals  # 2 of them after the resume
+
+    # The export: the averaged weights where the recipe keeps them, as its spec says.
+    ema = bool((shipped.get('algorithms') or {}).get('ema'))
+    export = run / 'export'
+    config = json.loads((export / 'cdcd_config.json').read_text())
+    assert json.loads(config['spec'])['weights'] == ('ema' if ema else 'raw')
+    latest = run / 'checkpoints' / 'latest-rank0.pt'
+    again = {w: tmp_path / f'export-{w}' for w in ('ema', 'raw')}
+    for weights, out in again.items():
+        assert export_main([str(latest), str(out), '--weights', weights]) == 0
+    tensors = {w: load_file(str(p / 'model.safetensors')) for w, p in {**again, 'run': export}.items()}
+    assert tensors['run'].keys() == tensors['raw'].keys()
+    assert all(torch.equal(tensors['run'][k], tensors['ema'][k]) for k in tensors['run'])  # What it claims.
+    denoiser = [k for k in tensors['raw'] if k.startswith('model.')]
+    differ = [k for k in denoiser if not torch.equal(tensors['raw'][k], tensors['ema'][k])]
+    assert bool(differ) == ema  # EMA weights are not the raw ones; without EMA both are the raw ones.
+
+    samples = tmp_path / 'samples.jsonl'
+    assert generate.main([str(export), '--num_samples', '2', '--steps', '2', '--out', str(samples)]) == 0
+    assert len(samples.read_text().splitlines()) == 2
+    report = tmp_path / 'report.json'
+    argv = [str(export), '--data_root', str(data_root), '--num_samples', '2', '--steps', '2', '--tau', '1.0',
+            '--judge', 'none', '--batch_size', '2', '--out', str(report)]  # fmt: skip
+    assert eval_cli.main(argv) == 0
+    rows = json.loads(report.read_text())['rows']
+    assert [r['kind'] for r in rows][:2] == ['data', 'data (2nd half given 1st)'] and len(rows) == 4
