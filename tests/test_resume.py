@@ -3,6 +3,7 @@ run ends (per-batch losses after the resume point, weights, optimizer state, tim
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -55,11 +56,12 @@ class Recorder(Callback):
 
 
 def resumable_config(tiny_config: dict, folder: Path, name: str) -> dict:
-    """cdcd-tiny with masks, self-conditioning, refits, an eval and checkpoints every 4 batches."""
+    """cdcd-tiny with masks, self-conditioning, refits, EMA, an eval and checkpoints every 4 batches."""
     cfg = dict(
         tiny_config, run_name=name, autoresume=True, save_folder=str(folder / 'ckpt'), save_interval='4ba',
         save_num_checkpoints_to_keep=-1, max_duration='10ba', eval_interval='5ba', masking=MASKING,
     )  # fmt: skip
+    cfg['algorithms'] = dict(cfg['algorithms'], ema={'half_life': '3ba'})
     cfg['callbacks'] = dict(cfg['callbacks'], time_warp_refit=dict(REFIT, plot_folder=str(folder)))
     cfg['callbacks']['export_weights'] = {'folder': str(folder / 'export')}
     return cfg
@@ -87,7 +89,10 @@ def test_interrupted_mid_epoch_run_resumes_bit_for_bit(tiny_config, tmp_path):
         assert torch.equal(loss, straight.losses[batch]), batch
     weights_a, weights_b = a.state.model.state_dict(), b.state.model.state_dict()
     assert weights_a.pop('_extra_state') == weights_b.pop('_extra_state')  # the run spec
+    ema_a, ema_b = weights_a.pop('ema'), weights_b.pop('ema')  # the averaged weights
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert any(not torch.equal(ema_a[k], weights_a[k]) for k in ema_a)  # they are not the weights
     opt_a, opt_b = a.state.optimizers[0].state_dict()['state'], b.state.optimizers[0].state_dict()['state']
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
     warp_a, warp_b = (next(c for c in t.state.callbacks if isinstance(c, TimeWarpRefit)) for t in (a, b))
@@ -104,6 +109,7 @@ def s3_run_command(
         *tiny_overrides(tiny_dataset, folder),
         f'run_name={name}', 'autoresume=true', f'save_folder=s3://{bucket}/runs/{{run_name}}/checkpoints',
         'save_interval=5ba', 'save_num_checkpoints_to_keep=-1', 'max_duration=30ba', 'eval_interval=10ba',
+        'algorithms.ema.half_life=3ba',  # the exports compared below hold the averaged weights
         *[f'masking.{k}={v}' for k, v in MASKING.items()],
         *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
     ]  # fmt: skip
@@ -185,6 +191,8 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
     ]
     assert exports[0].keys() == exports[1].keys()
     assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])  # Weights and warp curve.
+    spec = json.loads(json.loads((tmp_path / 'killed' / 'export' / 'cdcd_config.json').read_text())['spec'])
+    assert spec['weights'] == 'ema'  # The averages, resumed bit for bit.
     if strategy == 'single':
         ckpts = [get_checkpoint(bucket, name, tmp_path) for name in ('straight', 'killed')]
         opt_a, opt_b = (_flatten(c['state']['optimizers']) for c in ckpts)
