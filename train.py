@@ -31,7 +31,7 @@ from cdcd_composer.loggers import ResumableProgressBar
 from cdcd_composer.noise_seeding import BatchNoiseSeed
 from cdcd_composer.preflight import check_object_stores, check_system
 from cdcd_composer.resume import check_load_path, resolve_autoresume, unloadable_checkpoint
-from cdcd_composer.sharding import fix_fsdp2_on_cpu, fsdp_version, trainer_parallelism
+from cdcd_composer.sharding import ReduceOnLastMicrobatch, fix_fsdp2_on_cpu, fsdp_version, trainer_parallelism
 
 log = logging.getLogger('train')
 
@@ -122,6 +122,8 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         loggers.append(ResumableProgressBar())
     callbacks = [registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()]
     callbacks.append(BatchNoiseSeed())
+    if cfg.parallelism_config and cfg.parallelism_config.get('fsdp') is not None and fsdp_version() == '2':
+        callbacks.append(ReduceOnLastMicrobatch())
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
     # Composer warns that a progress bar given in `loggers` ignores its own switches; ours is that bar.

@@ -4,6 +4,9 @@
     python bench/train.py --trainer                         # + the real Composer path beside each row
     python bench/train.py --profile                         # + where one step's time goes
     python bench/train.py --configs cdcd-140m --compile     # GPU: bf16 autocast, eager vs compiled, MFU
+    python bench/train.py --overhead                        # CPU: per-step overhead, launch-bound regime
+
+`--overhead` is the regime where a GPU is launch-bound, on the CPU: see bench/overhead.py.
 
 `--trainer` adds a row that runs what a user launches: the Composer Trainer built by
 `train.py` from the YAML (its algorithms, callbacks, precision, parallelism and
@@ -261,6 +264,10 @@ def main() -> None:
         '--set', nargs='+', default=[], metavar='KEY=VALUE',
         help='trainer rows: YAML overrides, e.g. algorithms.self_conditioning=false (one suspect at a time)',
     )  # fmt: skip
+    p.add_argument(
+        '--overhead', action='store_true',
+        help='each YAML at a tiny width: Composer path vs bare step, 1 and 2 ranks (bench/overhead.py)',
+    )  # fmt: skip
     p.add_argument('--row', help=argparse.SUPPRESS)
     p.add_argument('--trainer_row', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -271,6 +278,11 @@ def main() -> None:
     args.steps = args.steps or (30 if gpu else 5)
     if args.row:
         print(json.dumps(measure_trainer_row(args) if args.trainer_row else measure_row(args)))
+        return
+    if args.overhead:
+        import overhead
+
+        overhead.print_table(args, config_path, random_token_dataset)
         return
     if args.trainer and args.data_root is None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,6 @@
-"""The benchmarks keep running: `bench/train.py --trainer` prints both rows, and `bench/gpu_check.sh`
-refuses clearly without a GPU. They assert what the tables contain, never how fast anything is."""
+"""The benchmarks keep running: `bench/train.py --trainer` prints both rows, `--overhead` its three,
+and `bench/gpu_check.sh` refuses clearly without a GPU. They assert what the tables contain, never
+how fast anything is."""
 
 from __future__ import annotations
 
@@ -27,6 +28,33 @@ def test_trainer_row_runs_the_composer_path_beside_the_bare_step():
     bare, composer = rows['cdcd-tiny bare step'], rows['cdcd-tiny composer train.py']
     assert bare[-1] == '1.00x' and composer[-1].endswith('x') and float(composer[-1][:-1]) > 0
     assert float(composer[-6]) > 0 and float(bare[-6]) > 0  # tokens/s
+
+
+def test_overhead_rows_put_the_composer_path_on_1_and_2_ranks_beside_the_bare_step():
+    cmd = [
+        sys.executable,
+        'bench/train.py',
+        '--overhead',
+        '--configs',
+        'cdcd-tiny',
+        '--batches',
+        '5',
+        '--steps',
+        '1',
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {
+        line[:34].strip(): line[34:].split() for line in proc.stdout.splitlines() if line.startswith('cdcd-')
+    }
+    assert set(rows) == {
+        'cdcd-tiny bare step',
+        'cdcd-tiny composer, 1 process',
+        'cdcd-tiny composer, 2 ranks',
+    }
+    for label, (seconds, ops, vs_bare, *_) in rows.items():
+        assert float(seconds) > 0 and int(ops.replace(',', '')) > 0 and vs_bare.endswith('x'), label
+    assert rows['cdcd-tiny bare step'][2] == '1.00x' and rows['cdcd-tiny composer, 2 ranks'][3].endswith('x')
 
 
 def test_gpu_check_refuses_without_a_gpu():

@@ -7,7 +7,8 @@ import json
 import textwrap
 
 import pytest
-from conftest import REPO, launch_two_ranks
+import torch
+from conftest import REPO, launch_two_ranks, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +60,57 @@ def test_fsdp2_on_gloo_averages_gradients_over_ranks_and_replicas(tmp_path):
     assert ratios['unfixed'] == pytest.approx([2.0] * 4)
     assert ratios['fsdp'] == pytest.approx([1.0] * 4)
     assert ratios['hsdp'] == pytest.approx([1.0] * 4)
+
+
+ACCUMULATION = """
+import json, os, sys, torch
+sys.path.insert(0, {repo!r})
+import torch.distributed
+import train
+from composer.utils import dist
+from cdcd_composer.config import load_config
+from cdcd_composer.sharding import ReduceOnLastMicrobatch
+from torch.distributed.fsdp import FSDPModule
+
+calls = []
+reduce_scatter = torch.distributed.reduce_scatter_tensor
+def counting(*args, **kwargs):
+    calls.append(1)
+    return reduce_scatter(*args, **kwargs)
+torch.distributed.reduce_scatter_tensor = counting  # FSDP2 reduces through this
+
+trainer = train.main(load_config({yaml!r}, sys.argv[1:]), return_trainer=True, do_train=False)
+if os.environ['SYNC'] == 'every':
+    kept = [c for c in trainer.state.callbacks if not isinstance(c, ReduceOnLastMicrobatch)]
+    trainer.state.callbacks[:] = kept
+trainer.fit()
+for module in trainer.state.model.modules():  # FSDP2's root unit stays unsharded after a forward
+    if isinstance(module, FSDPModule):
+        module.reshard()
+weights = {{n: p.full_tensor() for n, p in trainer.state.model.named_parameters()}}
+if dist.get_global_rank() == 0:
+    torch.save(weights, {out!r} + os.environ['SYNC'] + '.pt')
+    json.dump(len(calls), open({out!r} + os.environ['SYNC'] + '.json', 'w'))
+"""
+
+
+def test_fsdp2_reduces_once_per_batch_and_trains_the_same_weights(tiny_dataset, tmp_path, monkeypatch):
+    script = tmp_path / 'accumulate.py'
+    yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
+    script.write_text(
+        textwrap.dedent(ACCUMULATION.format(repo=str(REPO), yaml=yaml, out=str(tmp_path / 'w-')))
+    )
+    overrides = [
+        *tiny_overrides(tiny_dataset, tmp_path), 'save_folder=null', 'max_duration=3ba',
+        'eval_interval=100ba', 'callbacks.training_samples=false', 'global_train_batch_size=16',
+        'device_train_microbatch_size=2',
+        'parallelism_config.fsdp.reshard_after_forward=true',
+    ]  # fmt: skip
+    for sync in ('every', 'last'):
+        monkeypatch.setenv('SYNC', sync)
+        launch_two_ranks(script, overrides, tmp_path)
+    calls = {sync: json.loads((tmp_path / f'w-{sync}.json').read_text()) for sync in ('every', 'last')}
+    assert calls['every'] == 4 * calls['last'] > 0  # 4 microbatches per rank: one reduction per batch
+    every, last = (torch.load(tmp_path / f'w-{sync}.pt') for sync in ('every', 'last'))
+    assert every.keys() == last.keys()
+    assert all(torch.allclose(every[k], last[k], atol=1e-6) for k in every)  # the same sums, reordered

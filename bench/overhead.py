@@ -1,0 +1,194 @@
+"""Per-step overhead where a GPU is launch-bound, measured on the CPU (`bench/train.py --overhead`).
+
+    python bench/train.py --overhead                                # cdcd-5m and cdcd-140m, 1 and 2 ranks
+    python bench/train.py --overhead --configs cdcd-140m --set parallelism_config=null
+
+Each row keeps a shipped YAML's structure (depth, algorithms, callbacks, parallelism, gradient
+accumulation) at a tiny width (d_model 32, d_embed 16, 2 heads, vocabulary 512, 128 tokens,
+microbatch 2, 8 microbatches per rank per batch, fp32, 1 thread per rank), so that every op is
+nearly free and what a step costs is its per-op dispatch: Python, hooks and kernel launches,
+as on a GPU at the YAML's microbatch.
+- `bare step`: the same model's own step: forward and backward of each microbatch, then the
+  fused AdamW step (no self-conditioning, clipping or EMA: the floor).
+- `composer, N rank(s)`: the Trainer that `train.py` builds from the YAML (eval, checkpoints,
+  samples and the export off, as they are not per-batch), on N processes over gloo.
+s/batch is the median over the timed batches; aten ops/batch are counted by `torch.profiler`
+over one batch (that batch is not timed). `vs bare` divides by the bare step; `vs 1 rank`
+divides the 2-rank row by the 1-process row (the same per-rank microbatches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+WIDTHS = {'d_model': 32, 'd_embed': 16, 'n_heads': 2, 'd_time': 16, 'n_fourier': 16}
+VOCAB, SEQ_LEN, MICROBATCH, MICROBATCHES = 512, 128, 2, 8
+PROFILED = 3  # the batch whose aten ops are counted (untimed)
+
+
+def aten_ops(profiler: torch.profiler.profile) -> int:
+    """The aten ops a finished profile saw (nested ones included)."""
+    return sum(1 for event in profiler.events() if event.name.startswith('aten::'))
+
+
+def profiler() -> torch.profiler.profile:
+    """A CPU profiler of op dispatches."""
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def bare_row(config: str, steps: int) -> dict[str, float]:
+    """s/batch and aten ops/batch of the model's own step (runs in the row's subprocess)."""
+    from cdcd_composer.composer_model import CDCDComposerModel
+    from cdcd_composer.optim import FusedDecoupledAdamW
+
+    torch.manual_seed(0)
+    with open(config) as f:
+        model_cfg = yaml.safe_load(f)['model'] | WIDTHS | {'vocab_size': VOCAB}
+    model = CDCDComposerModel(model_cfg)
+    optimizer = FusedDecoupledAdamW(model.parameters(), lr=1e-4)
+    microbatches = [{'tokens': torch.randint(0, VOCAB, (MICROBATCH, SEQ_LEN))} for _ in range(MICROBATCHES)]
+
+    def step() -> None:
+        for microbatch in microbatches:
+            (model.loss(model(microbatch), microbatch) / MICROBATCHES).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    with profiler() as prof:
+        step()
+    ops = aten_ops(prof)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {'seconds': statistics.median(times), 'ops': ops}
+
+
+def trainer_overrides(data_root: str, batches: int, ranks: int, extra: list[str]) -> list[str]:
+    """The YAML at the tiny width, for `batches` batches of 8 microbatches per rank, nothing else."""
+    return [
+        f'variables.data_root={data_root}', f'max_duration={batches}ba', 'eval_interval=100000ba',
+        'save_folder=null', 'progress_bar=false', 'log_to_console=false', 'loggers={}',
+        'run_name=bench-overhead', 'callbacks.export_weights=false', 'callbacks.training_samples=false',
+        'autoresume=false', 'callbacks.time_warp_refit.plot_folder=null', 'data.local_cache=null',
+        'data.num_workers=0', 'precision=fp32',
+        f'global_train_batch_size={MICROBATCH * MICROBATCHES * ranks}',
+        f'device_train_microbatch_size={MICROBATCH}', *[f'model.{k}={v}' for k, v in WIDTHS.items()], *extra,
+    ]  # fmt: skip
+
+
+def trainer_row(config: str, data_root: str, batches: int, ranks: int, extra: list[str]) -> dict[str, float]:
+    """s/batch and aten ops/batch of the Composer path (runs on every rank of the row's launch)."""
+    from composer.core import Callback
+    from composer.utils import dist
+
+    import train
+    from cdcd_composer.config import load_config
+
+    ends: list[float] = []
+    ops: list[int] = []
+
+    class Clock(Callback):
+        """Times every batch end; profiles batch PROFILED from its start to its end."""
+
+        def batch_start(self, state, logger) -> None:
+            if int(state.timestamp.batch) == PROFILED - 1:
+                self.profiler = profiler().__enter__()
+
+        def batch_end(self, state, logger) -> None:
+            if int(state.timestamp.batch) == PROFILED:
+                self.profiler.__exit__(None, None, None)
+                ops.append(aten_ops(self.profiler))
+            ends.append(time.perf_counter())
+
+    cfg = load_config(config, trainer_overrides(data_root, batches, ranks, extra))
+    trainer = train.main(cfg, return_trainer=True, do_train=False)
+    trainer.state.callbacks.append(Clock())
+    trainer.fit()
+    # Interval i ends batch i + 2; the profiled batch and the first ones (warm-up) are not timed.
+    intervals = [b - a for i, (a, b) in enumerate(zip(ends, ends[1:])) if i + 2 != PROFILED and i >= 1]
+    row = {'seconds': statistics.median(intervals), 'ops': ops[0]}
+    return row if dist.get_global_rank() == 0 else {}
+
+
+def run_subprocess(cmd: list[str]) -> dict[str, float]:
+    """Runs one row in fresh interpreters (one per rank) and returns rank 0's JSON line."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('FSDP_VERSION', None)  # train.py's default, as a user runs it
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f'row failed: {" ".join(cmd[:8])}...\n{proc.stderr[-3000:]}')
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"seconds"')]
+    return json.loads(lines[-1])
+
+
+def print_table(args: argparse.Namespace, config_path, random_token_dataset) -> None:
+    """Runs the rows of every config and prints them (`bench/train.py` passes its helpers)."""
+    configs = args.configs or ['cdcd-5m', 'cdcd-140m']
+    me = os.path.abspath(__file__)
+    launcher = os.path.join(os.path.dirname(sys.executable), 'composer')
+    extra = ['--set', *args.set] if args.set else []
+    print(
+        f'CPU, 1 thread per rank, fp32; tiny width {WIDTHS}, vocab {VOCAB}, {SEQ_LEN} tokens, '
+        f'{MICROBATCHES} microbatches of {MICROBATCH} per rank'
+    )
+    print(f'{"row":<34}{"s/batch":>10}{"aten ops/batch":>16}{"vs bare":>9}{"vs 1 rank":>11}')
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = random_token_dataset(tmp, VOCAB, SEQ_LEN, stories=400)
+        for name in configs:
+            path = config_path(name)
+            common = [me, '--row', path, '--batches', str(args.batches), '--data_root', data_root, *extra]
+            bare = run_subprocess([sys.executable, me, '--row', path, '--bare', '--steps', str(args.steps)])
+            one = run_subprocess([launcher, '-n', '1', *common, '--ranks', '1'])
+            two = run_subprocess([launcher, '-n', '2', *common, '--ranks', '2'])
+            print_row(f'{name} bare step', bare, bare)
+            print_row(f'{name} composer, 1 process', one, bare)
+            print_row(f'{name} composer, 2 ranks', two, bare, one)
+
+
+def print_row(label: str, row: dict, bare: dict, one: dict | None = None) -> None:
+    """One line of the table."""
+    vs_one = f'{row["seconds"] / one["seconds"]:.2f}x' if one else ''
+    print(
+        f'{label:<34}{row["seconds"]:>10.3f}{row["ops"]:>16,}'
+        f'{row["seconds"] / bare["seconds"]:>8.2f}x{vs_one:>11}'
+    )
+
+
+def main() -> None:
+    """One row as JSON (`--row`), for `bench/train.py --overhead`."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--row', required=True)
+    p.add_argument('--bare', action='store_true')
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--batches', type=int, default=12)
+    p.add_argument('--ranks', type=int, default=1)
+    p.add_argument('--data_root')
+    p.add_argument('--set', nargs='+', default=[])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.bare:
+        row = bare_row(args.row, args.steps)
+    else:
+        row = trainer_row(args.row, args.data_root, args.batches, args.ranks, args.set)
+    if row:
+        print(json.dumps(row))
+
+
+if __name__ == '__main__':
+    main()
