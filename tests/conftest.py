@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,22 @@ def launch_two_ranks(script: Path, args: list[str], tmp_path: Path, strategy: st
     logs = [tmp_path / f'err{rank}.txt' for rank in (0, 1)]
     errors = ''.join(log.read_text()[-1500:] for log in logs if log.exists())
     assert proc.returncode == 0, proc.stderr[-1500:] + errors
+
+
+def kill_when_paused(cmd: list[str], markers: list[Path], env: dict, cwd: Path | None = None) -> None:
+    """Starts `cmd` in its own process group and SIGKILLs the group once every rank wrote its marker.
+
+    `loss_recording_driver.py` pauses each rank once its checkpoint is saved (and, on an object
+    store, its pointer uploaded), so where the run dies depends on events, not on how busy the
+    machine is. `cwd`: where the run's relative paths (`runs/...`) land.
+    """
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 900  # only a hang gets here
+    while not all(m.exists() for m in markers):
+        assert proc.poll() is None, f'the run ended before it paused: {proc.stderr.read()[-2000:]}'
+        assert time.monotonic() < deadline, 'the run never paused'
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from composer.core import Callback
-from conftest import REPO, tiny_overrides
+from conftest import REPO, kill_when_paused, tiny_overrides
 from s3_server import free_port
 from safetensors.torch import load_file
 
@@ -125,24 +124,6 @@ def s3_keys(bucket: str, prefix: str) -> list[str]:
 
     s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT_URL'])
     return [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get('Contents', [])]
-
-
-def kill_when_paused(cmd: list[str], markers: list[Path], env: dict) -> None:
-    """Starts `cmd` in its own process group and SIGKILLs the group once every rank wrote its marker.
-
-    The driver pauses each rank at a fixed batch after the checkpoint pointer reached the bucket,
-    so where the run dies depends on events, not on how busy the machine is.
-    """
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 900  # only a hang gets here
-    while not all(m.exists() for m in markers):
-        assert proc.poll() is None, f'the run ended before it paused: {proc.stderr.read()[-2000:]}'
-        assert time.monotonic() < deadline, 'the run never paused'
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.parametrize('strategy', ['single', 'fsdp2'])

@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, kill_when_paused
 from safetensors.torch import load_file
 from shipped import BATCHES, EVAL_EVERY, SAVE_EVERY, SHIPPED, shipped_yaml, shrunk_overrides
 
@@ -49,20 +47,6 @@ def run_command(name: str, ranks: int, data_root: Path, tmp_path: Path) -> list[
         launcher, '-n', str(ranks), '--stderr', str(tmp_path / 'err{rank}.txt'), str(DRIVER),
         str(tmp_path / 'batches-{rank}.txt'), yaml_path, *shrunk_overrides(name, data_root),
     ]  # fmt: skip
-
-
-def kill_after_checkpoint(cmd: list[str], env: dict, markers: list[Path], tmp_path: Path) -> None:
-    """Runs `cmd`, waits until every rank holds after saving the checkpoint of batch 3, SIGKILLs it."""
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 900  # only a hang gets here
-    while not all(m.exists() for m in markers):
-        if proc.poll() is not None:
-            errors = ''.join(p.read_text()[-2000:] for p in tmp_path.glob('err*.txt'))
-            pytest.fail(f'the run ended before its checkpoint of batch {SAVE_EVERY}: {errors}')
-        assert time.monotonic() < deadline, 'the run never reached its checkpoint'
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def trained_batches(tmp_path: Path, rank: int) -> list[int]:
@@ -96,7 +80,7 @@ def test_shipped_recipe_evaluates_survives_sigkill_resumes_and_exports(
     env['PAUSE_MARKER'] = str(tmp_path / 'paused-{rank}')
     env.pop('FSDP_VERSION', None)  # train.py's default is what a user runs
 
-    kill_after_checkpoint(cmd, env, markers, tmp_path)
+    kill_when_paused(cmd, markers, env, cwd=tmp_path)  # once every rank holds after its checkpoint
     run = tmp_path / 'runs' / shipped['variables']['run_name']
     assert checkpoint_batches(run / 'checkpoints') == [SAVE_EVERY]
     assert not (run / 'export').exists()
