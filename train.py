@@ -30,8 +30,21 @@ from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.loggers import ResumableProgressBar
 from cdcd_composer.noise_seeding import BatchNoiseSeed
 from cdcd_composer.preflight import check_object_stores, check_system
-from cdcd_composer.resume import check_load_path, resolve_autoresume, unloadable_checkpoint
-from cdcd_composer.sharding import ReduceOnLastMicrobatch, fix_fsdp2_on_cpu, fsdp_version, trainer_parallelism
+from cdcd_composer.resume import (
+    check_load_path,
+    checkpoint_to_resume,
+    is_sharded_checkpoint_path,
+    resolve_autoresume,
+    unloadable_checkpoint,
+)
+from cdcd_composer.sharding import (
+    LoadSingleFileCheckpoint,
+    ReduceOnLastMicrobatch,
+    fix_fsdp2_on_cpu,
+    fsdp_version,
+    parallelism_for_world,
+    trainer_parallelism,
+)
 
 log = logging.getLogger('train')
 
@@ -122,8 +135,14 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         loggers.append(ResumableProgressBar())
     callbacks = [registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()]
     callbacks.append(BatchNoiseSeed())
-    if cfg.parallelism_config and cfg.parallelism_config.get('fsdp') is not None and fsdp_version() == '2':
+    resume_from = checkpoint_to_resume(cfg)
+    resume_sharded = resume_from is not None and is_sharded_checkpoint_path(resume_from)
+    parallelism = parallelism_for_world(cfg.parallelism_config, world, resume_sharded)
+    fsdp = (parallelism or {}).get('fsdp')
+    if fsdp is not None and fsdp_version() == '2':
         callbacks.append(ReduceOnLastMicrobatch())
+        if resume_from is not None and not resume_sharded and fsdp.get('state_dict_type') == 'sharded':
+            callbacks.append(LoadSingleFileCheckpoint())
 
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
     # Composer warns that a progress bar given in `loggers` ignores its own switches; ours is that bar.
@@ -158,7 +177,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
             autoresume=cfg.autoresume,
             load_path=cfg.load_path,
             load_weights_only=cfg.load_weights_only,
-            parallelism_config=trainer_parallelism(cfg.parallelism_config),
+            parallelism_config=trainer_parallelism(parallelism),
             compile_config=cfg.compile_config,
             seed=cfg.seed,
             dist_timeout=cfg.dist_timeout,

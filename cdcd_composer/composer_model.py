@@ -105,8 +105,10 @@ class CDCDComposerModel(ComposerModel):
         self.register_state_dict_post_hook(_save_time_warp)
         self.register_load_state_dict_pre_hook(_load_time_warp)
         # The moving averages of the weights, when the EMA algorithm keeps them: a plain object
-        # like the warp, saved and restored with the weights under the state-dict key `ema`.
-        self.averaged_weights: AveragedWeights | None = None
+        # like the warp, saved and restored with the weights under the state-dict key `ema`. The
+        # attribute has the key's name: torch's distributed state dict resolves every key under a
+        # DDP wrapper (`module.ema`) by attribute lookup.
+        self.ema: AveragedWeights | None = None
         self.register_state_dict_post_hook(_save_averages)
         self.register_load_state_dict_pre_hook(_load_averages)
         self.eval_noise_levels = tuple(float(t) for t in eval_noise_levels)
@@ -422,17 +424,17 @@ def _save_averages(
     module: CDCDComposerModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
     """State-dict hook: the averaged weights, as one `ema` entry {parameter name: tensor}."""
-    if module.averaged_weights is not None:
-        state_dict[prefix + EMA_KEY] = module.averaged_weights.state()
+    if module.ema is not None:
+        state_dict[prefix + EMA_KEY] = module.ema.state()
 
 
 def _load_averages(module: CDCDComposerModel, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: restores the averages (a checkpoint without them: from its weights)."""
     averages = state_dict.pop(prefix + EMA_KEY, None)
-    if module.averaged_weights is None:
+    if module.ema is None:
         return  # Trained with EMA, resumed or loaded without it: the averages are not needed.
     if averages is not None:
-        module.averaged_weights.load(averages)
+        module.ema.load(averages)
         return
-    params = module.averaged_weights.params
-    module.averaged_weights.reset({name: state_dict.get(prefix + name, p) for name, p in params.items()})
+    params = module.ema.params
+    module.ema.reset({name: state_dict.get(prefix + name, p) for name, p in params.items()})

@@ -133,7 +133,7 @@ class EMA(Algorithm):
 
     `average <- s * average + (1 - s) * weight` after every batch, with `s = 2^(-1 / half_life)`.
     The averages are taken after FSDP2 wraps the model (`BEFORE_LOAD`, so a resumed run loads
-    them into the same layout), live in the model (`CDCDComposerModel.averaged_weights`) and
+    them into the same layout), live in the model (`CDCDComposerModel.ema`) and
     travel in its state dict. They are swapped in for every evaluation; the `TrainingSamples`
     callback and the export use them too.
 
@@ -161,9 +161,9 @@ class EMA(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> int | None:
         """See `match`."""
         if event == Event.BEFORE_LOAD:  # After FSDP wrapping, before any DDP wrapper and any load.
-            if not hasattr(state.model, 'averaged_weights'):
+            if not hasattr(state.model, 'ema'):
                 raise ValueError('algorithms.ema needs a CDCDComposerModel, which holds the averages')
-            self.averages = state.model.averaged_weights = AveragedWeights(state.model)
+            self.averages = state.model.ema = AveragedWeights(state.model)
             return None
         averages = self.averages
         if event == Event.BATCH_END:

@@ -80,6 +80,34 @@ def resolve_autoresume(cfg: TrainConfig) -> None:
     )
 
 
+def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint the Trainer will load: autoresume's `latest-rank0.pt` target, else `load_path`.
+
+    Composer prefers the pointer in `save_folder` to `load_path` when autoresuming. Locally the
+    pointer is a symlink; in an object store it is a `latest-rank0.pt.symlink` object holding
+    the checkpoint's key. The result is a path or key whose name tells the format: `....pt` is a
+    monolithic checkpoint, anything else a sharded (DCP) folder.
+    """
+    if cfg.autoresume and cfg.save_folder is not None:
+        folder = cfg.save_folder.format(run_name=cfg.run_name)
+        root = DatasetRoot(folder)
+        if not is_remote(folder):
+            pointer = os.path.join(folder, 'latest-rank0.pt')
+            if os.path.lexists(pointer):
+                return os.path.realpath(pointer)
+        elif root.exists('latest-rank0.pt.symlink'):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = root.fetch_file('latest-rank0.pt.symlink', os.path.join(tmp, 'pointer'))
+                with open(local) as f:
+                    return f.read().strip()
+    return cfg.load_path
+
+
+def is_sharded_checkpoint_path(path: str) -> bool:
+    """Whether a checkpoint path or key (from `checkpoint_to_resume`) names a sharded (DCP) folder."""
+    return os.path.isdir(path) if not is_remote(path) and os.path.exists(path) else not path.endswith('.pt')
+
+
 def trust_flag(folder: str) -> str:
     """' trust_checkpoint=true' for an object-store folder (its pickles need it as a load_path)."""
     return ' trust_checkpoint=true' if is_remote(folder) else ''

@@ -15,6 +15,7 @@ The YAML keys are those of Composer's FSDP1 `FSDPConfig`, under `parallelism_con
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -28,6 +29,8 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+log = logging.getLogger(__name__)
 
 HYBRID_KEYS = ('data_parallel_shard_degree', 'data_parallel_replicate_degree')
 
@@ -93,6 +96,52 @@ def trainer_parallelism(parallelism: dict[str, Any] | None) -> dict[str, Any] | 
     if fsdp is None or fsdp_version() != '2':
         return parallelism
     return {**parallelism, 'fsdp': HybridShardConfig(**fsdp)}
+
+
+def parallelism_for_world(
+    parallelism: dict[str, Any] | None, world: int, resume_sharded: bool
+) -> dict[str, Any] | None:
+    """The YAML's `parallelism_config`, less FSDP on one device.
+
+    On one process FSDP2 shards nothing, yet its hooks, copies and collectives per layer
+    tripled the Composer path's cost per batch where a GPU is launch-bound (`bench/train.py
+    --overhead`), so a one-device run trains the plain model. FSDP stays on one device when it
+    is needed: to resume a sharded checkpoint (`resume_sharded`, which only FSDP can load), or
+    for activation checkpointing or offload, which Composer applies through FSDP.
+
+    Args:
+        parallelism: The YAML's `parallelism_config`.
+        world: The number of processes.
+        resume_sharded: The run resumes from a sharded (DCP) checkpoint.
+    """
+    fsdp = (parallelism or {}).get('fsdp')
+    if world > 1 or fsdp is None:
+        return parallelism
+    if resume_sharded or fsdp.get('activation_checkpointing') or fsdp.get('activation_cpu_offload'):
+        log.info('one device: FSDP kept, %s', 'to resume a sharded checkpoint' if resume_sharded else
+                 'for activation checkpointing or offload')  # fmt: skip
+        return parallelism
+    log.info('one device: training the plain model, without FSDP (checkpoints are single files)')
+    rest = {key: value for key, value in parallelism.items() if key != 'fsdp'}
+    return rest or None
+
+
+class LoadSingleFileCheckpoint(Callback):
+    """Lets an FSDP run with sharded checkpoints resume from a single-file one (a one-device run's).
+
+    Composer chooses how to load from `state_dict_type`: 'sharded' reads a DCP folder only. For
+    the load alone this callback switches it to 'full', under which every rank reads the whole
+    file and keeps its own shards (`set_model_state_dict` and `set_optimizer_state_dict` with
+    full state dicts); from then on the run saves sharded checkpoints again.
+    """
+
+    def before_load(self, state: State, logger: Logger) -> None:
+        """Loads the next checkpoint as a full state dict."""
+        state.fsdp_config.state_dict_type = 'full'
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        """Saves sharded checkpoints again."""
+        state.fsdp_config.state_dict_type = 'sharded'
 
 
 def check_sharding(parallelism: dict[str, Any] | None) -> None:

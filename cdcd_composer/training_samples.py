@@ -87,7 +87,7 @@ class TrainingSamples(Callback):
         model.eval()
         rows = []
         # The moving averages of algorithms.ema, as in evaluation and the export.
-        weights = model.averaged_weights.swapped_in() if model.averaged_weights else contextlib.nullcontext()
+        weights = model.ema.swapped_in() if model.ema else contextlib.nullcontext()
         try:
             with weights, get_precision_context(state.precision, state.precision_config):
                 for prompt, count in groups:

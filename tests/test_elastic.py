@@ -36,11 +36,23 @@ class RecordOrder(Callback):
         everyone = dist.all_gather_object(mine)
         self.batches[int(state.timestamp.batch) + 1] = [h for rank in everyone for h in rank]
 
+    def fit_start(self, state, logger):
+        self.loaded, self.loaded_ema = whole_weights(state.model)  # as loaded
+
     def fit_end(self, state, logger):
         refit = next(c for c in state.callbacks if isinstance(c, TimeWarpRefit))
+        final, final_ema = whole_weights(state.model)
         if dist.get_global_rank() == 0:
-            torch.save({{'batches': self.batches, 'n_seen': refit.n_seen, 'fit_count': refit.fit_count}},
-                       sys.argv[1])
+            torch.save({{'batches': self.batches, 'n_seen': refit.n_seen, 'fit_count': refit.fit_count,
+                        'loaded': self.loaded, 'loaded_ema': self.loaded_ema, 'final': final,
+                        'final_ema': final_ema}}, sys.argv[1])
+
+def whole_weights(model):
+    '''The weights and their averages by name, whole (FSDP2's DTensor shards gathered).'''
+    model = getattr(model, 'module', model)  # under DDP
+    full = lambda t: (t.full_tensor() if hasattr(t, 'full_tensor') else t).detach().clone()
+    averages = model.ema.state().items()
+    return {{n: full(p) for n, p in model.named_parameters()}}, {{n: full(a) for n, a in averages}}
 
 cfg = load_config({yaml!r}, sys.argv[2:])
 trainer = train.main(cfg, return_trainer=True, do_train=False)
@@ -65,7 +77,9 @@ def run(tmp_path, name: str, ranks: int, overrides: list[str]) -> dict:
     return torch.load(record)
 
 
-@pytest.mark.parametrize('before, after, strategy', [(2, 1, 'ddp'), (1, 2, 'ddp'), (2, 1, 'fsdp2-sharded')])
+@pytest.mark.parametrize(
+    'before, after, strategy', [(2, 1, 'ddp'), (1, 2, 'ddp'), (2, 1, 'fsdp2-sharded'), (1, 2, 'fsdp2-sharded')]
+)
 def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_order(
     tiny_dataset, tmp_path, before, after, strategy
 ):
@@ -73,12 +87,17 @@ def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_orde
         *tiny_overrides(tiny_dataset, tmp_path), 'eval_interval=100ba', 'callbacks.training_samples=false',
         'callbacks.export_weights=false', 'callbacks.time_warp_refit.interval=2ba',
         'callbacks.time_warp_refit.buffer_size=64', 'callbacks.time_warp_refit.n_bins=8',
+        'algorithms.ema={half_life: 2ba}',
     ]  # fmt: skip
-    if strategy == 'fsdp2-sharded':  # one shard file per rank, resharded by DCP when loaded on fewer
+    if strategy == 'fsdp2-sharded':
+        # 2 ranks write one shard file per rank, which DCP reshards when loaded on 1 (FSDP kept to load
+        # it); 1 process trains without FSDP and writes one file, which 2 FSDP ranks load whole.
         common.append('parallelism_config={fsdp: {state_dict_type: sharded}}')
     straight = run(tmp_path, 'straight', 1, [*common, 'max_duration=8ba', 'save_folder=null'])
     first = run(tmp_path, 'first', before, [*common, 'max_duration=4ba', f'save_folder={tmp_path}/ckpt'])
-    checkpoint = tmp_path / 'ckpt' / ('ep0-ba4' if strategy == 'fsdp2-sharded' else 'ep0-ba4-rank0.pt')
+    sharded = strategy == 'fsdp2-sharded' and before == 2
+    checkpoint = tmp_path / 'ckpt' / ('ep0-ba4' if sharded else 'ep0-ba4-rank0.pt')
+    assert checkpoint.exists()
     resumed = run(tmp_path, 'resumed', after, [
         *common, 'max_duration=8ba', 'save_folder=null', f'load_path={checkpoint}',
     ])  # fmt: skip
@@ -92,3 +111,9 @@ def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_orde
     assert len(set().union(*map(set, straight['batches'].values()))) == 8 * 8  # no sample twice
     # The time-warp state carries across: the buffer kept filling from where it was.
     assert resumed['n_seen'] == straight['n_seen'] == 8 * 8
+    # The resumed run starts from the checkpoint's weights (and averages), whole.
+    for name, weight in first['final'].items():
+        assert torch.equal(resumed['loaded'][name], weight), name
+    assert resumed['loaded_ema'].keys() == first['final_ema'].keys()
+    for name, average in first['final_ema'].items():
+        assert torch.equal(resumed['loaded_ema'][name], average), name

@@ -66,13 +66,13 @@ def test_evaluation_and_export_use_the_averages_and_the_spec_says_so(tiny_datase
             return float(model.eval().eval_forward(batch)['CE_t1'].double().mean())
 
     raw = ce_t1()
-    with model.averaged_weights.swapped_in():
+    with model.ema.swapped_in():
         averaged = ce_t1()
     assert averaged == pytest.approx(logged, rel=1e-6) and raw != pytest.approx(logged, rel=1e-6)
 
     export = load_trained_model(str(tmp_path / 'export'))
     assert export.spec.weights == 'ema'
-    averages = model.averaged_weights.averages
+    averages = model.ema.averages
     assert all(torch.equal(export.state_dict()[name], average) for name, average in averages.items())
     checkpoint = str(tmp_path / 'checkpoints' / 'latest-rank0.pt')
     assert load_trained_model(checkpoint, weights='raw').spec.weights == 'raw'
@@ -111,7 +111,7 @@ from composer.utils import dist
 
 trainer = train.main(load_config({yaml!r}, {overrides!r}), return_trainer=True, do_train=False)
 model = trainer.state.model
-averages = model.averaged_weights
+averages = model.ema
 layout = all(
     isinstance(p, DTensor) and isinstance(averages.averages[n], DTensor)
     and averages.averages[n].placements == p.placements and averages.averages[n].device_mesh == p.device_mesh
