@@ -78,7 +78,8 @@ def run(tmp_path, name: str, ranks: int, overrides: list[str]) -> dict:
 
 
 @pytest.mark.parametrize(
-    'before, after, strategy', [(2, 1, 'ddp'), (1, 2, 'ddp'), (2, 1, 'fsdp2-sharded'), (1, 2, 'fsdp2-sharded')]
+    'before, after, strategy',
+    [(2, 1, 'ddp'), (1, 2, 'ddp'), (2, 1, 'fsdp2-sharded'), (1, 2, 'fsdp2-sharded')],
 )
 def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_order(
     tiny_dataset, tmp_path, before, after, strategy
