@@ -8,11 +8,13 @@ accumulation) at a tiny width (d_model 32, d_embed 16, 2 heads, vocabulary 512, 
 microbatch 2, 8 microbatches per rank per batch, fp32, 1 thread per rank), so that every op is
 nearly free and what a step costs is its per-op dispatch: Python, hooks and kernel launches,
 as on a GPU at the YAML's microbatch.
-- `bare step`: the same model's own step: forward and backward of each microbatch, then the
-  fused AdamW step (no self-conditioning, clipping or EMA: the floor).
+- `bare step`: the same model's own step (built as `train.py` builds it: the YAML's noise range
+  and conditioning masks), forward and backward of each microbatch, then the fused AdamW step
+  (no self-conditioning, clipping or EMA: the floor).
 - `composer, N rank(s)`: the Trainer that `train.py` builds from the YAML (eval, checkpoints,
   samples and the export off, as they are not per-batch), on N processes over gloo.
-s/batch is the median over the timed batches; aten ops/batch are counted by `torch.profiler`
+s/batch is the mean over the timed batches (the mean, as self-conditioning's per-batch coin makes
+a batch either one pass or two per microbatch); aten ops/batch are counted by `torch.profiler`
 over one batch (that batch is not timed). `vs bare` divides by the bare step; `vs 1 rank`
 divides the 2-rank row by the 1-process row (the same per-rank microbatches).
 """
@@ -20,6 +22,7 @@ divides the 2-rank row by the 1-process row (the same per-rank microbatches).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -36,7 +39,7 @@ sys.path.insert(0, REPO)
 
 WIDTHS = {'d_model': 32, 'd_embed': 16, 'n_heads': 2, 'd_time': 16, 'n_fourier': 16}
 VOCAB, SEQ_LEN, MICROBATCH, MICROBATCHES = 512, 128, 2, 8
-PROFILED = 3  # the batch whose aten ops are counted (untimed)
+PROFILED = range(3, 7)  # the batches whose aten ops are counted, per batch on average (untimed)
 
 
 def aten_ops(profiler: torch.profiler.profile) -> int:
@@ -52,12 +55,16 @@ def profiler() -> torch.profiler.profile:
 def bare_row(config: str, steps: int) -> dict[str, float]:
     """s/batch and aten ops/batch of the model's own step (runs in the row's subprocess)."""
     from cdcd_composer.composer_model import CDCDComposerModel
+    from cdcd_composer.config import load_config, parse_config
     from cdcd_composer.optim import FusedDecoupledAdamW
 
     torch.manual_seed(0)
-    with open(config) as f:
-        model_cfg = yaml.safe_load(f)['model'] | WIDTHS | {'vocab_size': VOCAB}
-    model = CDCDComposerModel(model_cfg)
+    cfg = parse_config(load_config(config, [f'model.{k}={v}' for k, v in WIDTHS.items()]))
+    # The model train.py builds: the YAML's noise range and conditioning masks are its objective.
+    model = CDCDComposerModel(
+        model=dataclasses.asdict(cfg.model) | {'vocab_size': VOCAB}, t_min=cfg.diffusion.t_min,
+        t_max=cfg.diffusion.t_max, masking=cfg.masking, mse_weight=cfg.loss.mse_weight,
+    )  # fmt: skip
     optimizer = FusedDecoupledAdamW(model.parameters(), lr=1e-4)
     microbatches = [{'tokens': torch.randint(0, VOCAB, (MICROBATCH, SEQ_LEN))} for _ in range(MICROBATCHES)]
 
@@ -76,7 +83,7 @@ def bare_row(config: str, steps: int) -> dict[str, float]:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {'seconds': statistics.median(times), 'ops': ops}
+    return {'seconds': statistics.mean(times), 'ops': ops}
 
 
 def trainer_overrides(data_root: str, batches: int, ranks: int, extra: list[str]) -> list[str]:
@@ -104,25 +111,25 @@ def trainer_row(config: str, data_root: str, batches: int, ranks: int, extra: li
     ops: list[int] = []
 
     class Clock(Callback):
-        """Times every batch end; profiles batch PROFILED from its start to its end."""
+        """Times every batch end; profiles the PROFILED batches from the first's start to the last's end."""
 
         def batch_start(self, state, logger) -> None:
-            if int(state.timestamp.batch) == PROFILED - 1:
+            if int(state.timestamp.batch) + 1 == PROFILED.start:
                 self.profiler = profiler().__enter__()
 
         def batch_end(self, state, logger) -> None:
-            if int(state.timestamp.batch) == PROFILED:
+            if int(state.timestamp.batch) == PROFILED[-1]:
                 self.profiler.__exit__(None, None, None)
-                ops.append(aten_ops(self.profiler))
+                ops.append(round(aten_ops(self.profiler) / len(PROFILED)))
             ends.append(time.perf_counter())
 
     cfg = load_config(config, trainer_overrides(data_root, batches, ranks, extra))
     trainer = train.main(cfg, return_trainer=True, do_train=False)
     trainer.state.callbacks.append(Clock())
     trainer.fit()
-    # Interval i ends batch i + 2; the profiled batch and the first ones (warm-up) are not timed.
-    intervals = [b - a for i, (a, b) in enumerate(zip(ends, ends[1:])) if i + 2 != PROFILED and i >= 1]
-    row = {'seconds': statistics.median(intervals), 'ops': ops[0]}
+    # Interval i runs batch i + 2 (1-based); the profiled batches and the first two (warm-up) are not timed.
+    intervals = [b - a for i, (a, b) in enumerate(zip(ends, ends[1:])) if i + 2 not in PROFILED and i >= 1]
+    row = {'seconds': statistics.mean(intervals), 'ops': ops[0]}
     return row if dist.get_global_rank() == 0 else {}
 
 
@@ -176,7 +183,7 @@ def main() -> None:
     p.add_argument('--row', required=True)
     p.add_argument('--bare', action='store_true')
     p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--batches', type=int, default=12)
+    p.add_argument('--batches', type=int, default=24)
     p.add_argument('--ranks', type=int, default=1)
     p.add_argument('--data_root')
     p.add_argument('--set', nargs='+', default=[])

@@ -256,7 +256,7 @@ def main() -> None:
     p.add_argument(
         '--trainer', action='store_true', help='add the Composer Trainer row (train.py) per config'
     )
-    p.add_argument('--batches', type=int, default=12, help='batches of each trainer row (2 warm up)')
+    p.add_argument('--batches', type=int, default=24, help='batches of each trainer row (2 warm up)')
     p.add_argument(
         '--data_root', default=None, help='trainer rows: a converted dataset (default: random tokens)'
     )

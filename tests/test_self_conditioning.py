@@ -6,10 +6,12 @@ import train
 pytestmark = pytest.mark.slow
 
 
-def run_one_step(tiny_config: dict, p: float, masking: bool = True) -> tuple[list[dict], object]:
-    """Trains one batch and records every training-mode call of the denoiser."""
-    cfg = dict(tiny_config, max_duration='1ba', eval_interval='100ba', save_folder=None)
-    cfg['algorithms'] = dict(cfg['algorithms'], self_conditioning={'p': p})
+def run_one_step(
+    tiny_config: dict, p: float, masking: bool = True, per: str = 'batch', batches: int = 1
+) -> tuple[list[dict], object]:
+    """Trains `batches` batches and records every training-mode call of the denoiser."""
+    cfg = dict(tiny_config, max_duration=f'{batches}ba', eval_interval='100ba', save_folder=None)
+    cfg['algorithms'] = dict(cfg['algorithms'], self_conditioning={'p': p, 'per': per})
     if masking:
         cfg['masking'] = {'prefix': 0.5, 'random': 0.5, 'span': 0.0, 'drop': 0.0}
     trainer = train.main(cfg, return_trainer=True, do_train=False)
@@ -19,7 +21,8 @@ def run_one_step(tiny_config: dict, p: float, masking: bool = True) -> tuple[lis
         if module.training:
             tokens, t, mask, self_cond = args
             calls.append({
-                'batch': tokens.shape[0], 'grad_enabled': torch.is_grad_enabled(), 'mask': mask.clone(),
+                'batch': tokens.shape[0], 'step': int(trainer.state.timestamp.batch),
+                'grad_enabled': torch.is_grad_enabled(), 'mask': mask.clone(),
                 'self_cond': self_cond.detach().clone(), 'self_cond_grad': self_cond.requires_grad,
                 't': t.clone(), 'noise': kwargs['noise'].clone(), 'tokens': tokens.clone(),
             })  # fmt: skip
@@ -55,14 +58,37 @@ def test_p1_makes_a_no_grad_pass_then_feeds_its_estimate(tiny_config):
     assert norms.max() <= 16**0.5 + 1e-4
 
 
-def test_p_half_runs_the_extra_pass_on_exactly_half(tiny_config):
-    calls, trainer = run_one_step(tiny_config, 0.5)
+def test_p_half_per_batch_tosses_one_coin_per_batch(tiny_config):
+    calls, trainer = run_one_step(tiny_config, 0.5, batches=8)
+    by_step = {}
+    for call in calls:
+        by_step.setdefault(call['step'], []).append(call)
+    assert sorted(by_step) == list(range(8))
+    heads = []
+    for step_calls in by_step.values():
+        # Heads: a no-grad pass over the whole microbatch, then the training pass; tails: one pass.
+        assert [c['grad_enabled'] for c in step_calls] in ([False, True], [True])
+        assert all(c['batch'] == 8 for c in step_calls)
+        heads.append(len(step_calls) == 2)
+        assert step_calls[-1]['self_cond'].flatten(1).any(-1).all() == heads[-1]
+    assert 0 < sum(heads) < 8  # both outcomes occur in 8 tosses at p = 0.5 with this seed
+    # The coin depends on the seed and the batch index only: a second run tosses the same coins.
+    again, _ = run_one_step(tiny_config, 0.5, batches=8)
+    assert [c['step'] for c in again] == [c['step'] for c in calls]
+    model = trainer.state.model
+    assert model.flops_per_batch({'tokens': calls[-1]['tokens']}) == int(
+        3.5 * model.forward_flops(8, calls[-1]['tokens'].shape[1])
+    )  # expected FLOPs: p extra forwards per example
+
+
+def test_p_half_per_example_runs_the_extra_pass_on_exactly_half(tiny_config):
+    calls, trainer = run_one_step(tiny_config, 0.5, per='example')
     first, second = calls
     assert first['batch'] == 4 and second['batch'] == 8
     with_estimate = second['self_cond'].flatten(1).any(-1)
     assert int(with_estimate.sum()) == 4
     # The choice is reproducible from the seed: a second run chooses the same examples.
-    again, _ = run_one_step(tiny_config, 0.5)
+    again, _ = run_one_step(tiny_config, 0.5, per='example')
     assert torch.equal(again[1]['self_cond'].flatten(1).any(-1), with_estimate)
     model = trainer.state.model
     batch = {'tokens': second['tokens']}
@@ -96,13 +122,36 @@ def test_choice_depends_only_on_seed_batch_and_microbatch():
 
     def choices(algorithm, batch_index, microbatches):
         state = SimpleNamespace(rank_zero_seed=17, timestamp=SimpleNamespace(batch=batch_index))
-        return [torch.randperm(8, generator=algorithm._generator(state))[:4] for _ in range(microbatches)]
+        return [torch.randperm(8, generator=algorithm._example_generator(state))[:4] for _ in range(microbatches)]
 
-    uninterrupted = SelfConditioning(0.5)
+    uninterrupted = SelfConditioning(0.5, per='example')
     for batch_index in range(5):
         expected = choices(uninterrupted, batch_index, 2)
-    resumed = choices(SelfConditioning(0.5), 4, 2)
+    resumed = choices(SelfConditioning(0.5, per='example'), 4, 2)
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
     assert not torch.equal(expected[0], expected[1])  # microbatches draw differently
     with pytest.raises(ValueError, match='self_conditioning.p'):
         SelfConditioning(1.5)
+    with pytest.raises(ValueError, match='self_conditioning.per'):
+        SelfConditioning(0.5, per='rank')
+
+
+def test_batch_coin_is_shared_by_ranks_and_fair():
+    """The per-batch coin ignores the rank and comes up heads for a fraction p of batches."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from cdcd_composer import self_conditioning
+
+    algorithm = self_conditioning.SelfConditioning(0.3)
+
+    def tosses(rank):
+        with mock.patch.object(self_conditioning.dist, 'get_global_rank', return_value=rank):
+            return [
+                algorithm._batch_heads(SimpleNamespace(rank_zero_seed=17, timestamp=SimpleNamespace(batch=b)))
+                for b in range(4000)
+            ]
+
+    on_rank_0 = tosses(0)
+    assert tosses(1) == on_rank_0
+    assert abs(sum(on_rank_0) / 4000 - 0.3) < 0.03  # 4 standard errors
