@@ -92,6 +92,7 @@ class CDCDComposerModel(ComposerModel):
         # Extra no-grad forward passes per training step, as a fraction of the batch; set by the
         # SelfConditioning algorithm so `flops_per_batch` counts them.
         self.extra_forward_fraction = 0.0
+        self._forward_flops: dict[tuple[int, int], int] = {}  # (batch, length) -> forward_flops
         # Set per batch by the `BatchNoiseSeed` callback: the corruption of every microbatch is
         # then a function of (seed, rank, batch, draw), so a resumed run redraws it exactly.
         self.noise_seed: str | None = None
@@ -382,8 +383,10 @@ class CDCDComposerModel(ComposerModel):
 
         Read by Composer's SpeedMonitor.
         """
-        batch_size, seq_len = batch['tokens'].shape
-        return int((3 + self.extra_forward_fraction) * self.forward_flops(batch_size, seq_len))
+        shape = tuple(batch['tokens'].shape)
+        if shape not in self._forward_flops:  # Walks every module: once per shape, not per batch.
+            self._forward_flops[shape] = self.forward_flops(*shape)
+        return int((3 + self.extra_forward_fraction) * self._forward_flops[shape])
 
 
 def _is_per_sequence(module: nn.Module) -> bool:

@@ -73,12 +73,32 @@ def c_noise(t: torch.Tensor) -> torch.Tensor:
     return torch.log(t) / 4.0
 
 
-def rotary(x: torch.Tensor) -> torch.Tensor:
-    """Applies rotary position embeddings (RoFormer) to x: (B, H, L, D_head), D_head even."""
-    _, _, length, d_head = x.shape
-    inv_freq = 10000.0 ** (-torch.arange(0, d_head, 2, device=x.device, dtype=torch.float32) / d_head)
-    angles = torch.arange(length, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (L, D/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+class RotaryTables(NamedTuple):
+    """cos and sin of the rotary angles, each (L, D_head / 2)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rotary_tables(length: int, d_head: int, device: torch.device, dtype: torch.dtype) -> RotaryTables:
+    """cos and sin of the rotary angles (RoFormer), each (L, D_head / 2), float32 math cast to dtype.
+
+    Computed once per forward pass and shared by every layer.
+    """
+    inv_freq = 10000.0 ** (-torch.arange(0, d_head, 2, device=device, dtype=torch.float32) / d_head)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (L, D/2)
+    return RotaryTables(angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def rotary(x: torch.Tensor, tables: RotaryTables | None = None) -> torch.Tensor:
+    """Applies rotary position embeddings (RoFormer) to x: (..., L, D_head), D_head even.
+
+    Consecutive channel pairs (2i, 2i+1) rotate by position * 10000^(-2i / D_head).
+    `tables` (from `rotary_tables`) are computed here when not given.
+    """
+    *_, length, d_head = x.shape
+    cos, sin = tables if tables is not None else rotary_tables(length, d_head, x.device, x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # No-ops when the tables were made for x's dtype.
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -113,11 +133,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, d_model) -> (B, L, d_model)."""
+    def forward(self, x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
+        """x: (B, L, d_model); rope: the forward pass's `rotary_tables`. Returns (B, L, d_model)."""
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
-        q, k = rotary(q), rotary(k)
+        qkv = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
+        q, k = rotary(qkv[:2], rope).unbind(0)  # One rotation for q and k together.
+        v = qkv[2]
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -138,9 +159,9 @@ class Block(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, d_model); time: (B, d_time)."""
-        x = x + self.attn(self.norm_attn(x, time))
+    def forward(self, x: torch.Tensor, time: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
+        """x: (B, L, d_model); time: (B, d_time); rope: the forward pass's `rotary_tables`."""
+        x = x + self.attn(self.norm_attn(x, time), rope)
         return x + self.mlp(self.norm_mlp(x, time))
 
 
@@ -279,8 +300,9 @@ class CDCDTransformer(nn.Module):
         features = torch.cat([scale * x_t * m, clean * (1.0 - m), m, self_cond.to(x_t.dtype) * m], dim=-1)
         h = self.input_projection(features)  # (B, L, d_model)
         time = self.time_embedding(t).to(h.dtype)  # (B, d_time)
+        rope = rotary_tables(h.shape[1], self.config.d_model // self.config.n_heads, h.device, h.dtype)
         for block in self.blocks:
-            h = block(h, time)
+            h = block(h, time, rope)
         logits = self.head(self.norm_out(h, time))
         if self.config.tie_output_head:
             logits = logits @ self.embedding_matrix().t().to(logits.dtype)
