@@ -28,6 +28,7 @@ from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.data.store import check_writable
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.loggers import ResumableProgressBar
+from cdcd_composer.model import compile_denoiser
 from cdcd_composer.noise_seeding import BatchNoiseSeed
 from cdcd_composer.preflight import check_object_stores, check_system
 from cdcd_composer.resume import (
@@ -148,7 +149,7 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
     # Composer warns that a progress bar given in `loggers` ignores its own switches; ours is that bar.
     warnings.filterwarnings('ignore', message='Specifying the ProgressBarLogger via `loggers`')
     try:
-        return Trainer(
+        trainer = Trainer(
             run_name=cfg.run_name,
             model=model,
             # SpeedMonitor counts tokens through the DataSpec (our batches have no `input_ids`).
@@ -178,7 +179,6 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
             load_path=cfg.load_path,
             load_weights_only=cfg.load_weights_only,
             parallelism_config=trainer_parallelism(parallelism),
-            compile_config=cfg.compile_config,
             seed=cfg.seed,
             dist_timeout=cfg.dist_timeout,
         )
@@ -186,6 +186,9 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
         if not (cfg.autoresume or cfg.load_path):
             raise
         raise unloadable_checkpoint(cfg, e) from e
+    if cfg.compile_config is not None:  # After FSDP wrapping, before the first forward.
+        compile_denoiser(model.model, cfg.compile_config)
+    return trainer
 
 
 def main(

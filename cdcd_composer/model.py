@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -337,3 +337,23 @@ def score(x0_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tenso
     x0_hat, x: (B, L, D); t: (B,) per sequence or a scalar tensor for the whole batch.
     """
     return (x0_hat - x) / t.square().reshape(-1, 1, 1)
+
+
+def compile_denoiser(denoiser: CDCDTransformer, options: dict[str, Any]) -> None:
+    """Compiles the denoiser in place with `torch.compile(**options)` (the YAML's `compile_config`).
+
+    What runs the denoiser is compiled: the training pass, self-conditioning's pass, evaluation
+    and sampling (Composer's own `compile_config` compiles only `ComposerModel.forward`, whose
+    seeded draws break its graph, and leaves the others eager). Unsharded, the whole forward is
+    one graph: it has no graph break (`torch._dynamo.explain`, tests/test_model.py). Under FSDP
+    the blocks carry FSDP's hooks, which stay eager: each block's forward is compiled instead
+    (torchtitan's per-block pattern). Modules, parameters and state-dict keys are unchanged, so
+    checkpoints load either way.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(block, FSDPModule) for block in denoiser.blocks):
+        for block in denoiser.blocks:
+            block.forward = torch.compile(block.forward, **options)
+    else:
+        denoiser.forward = torch.compile(denoiser.forward, **options)

@@ -205,6 +205,9 @@ class ReduceOnLastMicrobatch(Callback):
     def before_forward(self, state: State, logger: Logger) -> None:
         """Only the last microbatch's backward reduces."""
         self.remaining -= 1
+        last = self.remaining <= 0
         for module in state.model.modules():  # Composer shards the model's children, not the model.
             if isinstance(module, FSDPModule):
-                module.set_requires_gradient_sync(self.remaining <= 0, recurse=False)
+                module.set_requires_gradient_sync(last, recurse=False)
+                if os.environ.get('CDCD_KEEP_UNSHARDED', '0') == '1':
+                    module.set_reshard_after_backward(last, recurse=False)

@@ -162,3 +162,24 @@ def test_the_model_state_holds_its_time_warp_and_run_spec(wrapper):
     other.time_warp = TimeWarp(1.0, 300.0, n_bins=10)
     with pytest.raises(ValueError, match='trained with a different model config'):
         other.load_state_dict(state, strict=False)
+
+
+@pytest.mark.parametrize('preconditioning', ['cdcd', 'tanh'])
+def test_denoiser_forward_is_one_graph_for_torch_compile(preconditioning):
+    """`compile_config` compiles the whole denoiser: training, self-conditioning and sampling calls."""
+    model = CDCDComposerModel(
+        {'vocab_size': VOCAB, **TINY_MODEL, 'preconditioning': preconditioning},
+        masking={'prefix': 0.5, 'random': 0.5, 'span': 0.0, 'drop': 0.1},
+    )
+    batch = model.corrupt(_batch())
+    denoiser = model.model
+    calls = [
+        ((batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond']), {'noise': batch['noise']}),
+        ((batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond']),
+         {'noise': batch['noise'], 'expected_embedding': True}),
+        ((batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond']),
+         {'x_t': batch['noise'] * 5.0, 'expected_embedding': True}),
+    ]  # fmt: skip
+    for args, kwargs in calls:
+        explained = torch._dynamo.explain(denoiser)(*args, **kwargs)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
