@@ -7,7 +7,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_one_step(
-    tiny_config: dict, p: float, masking: bool = True, per: str = 'batch', batches: int = 1
+    tiny_config: dict, p: float, masking: bool = True, per: str = 'example', batches: int = 1
 ) -> tuple[list[dict], object]:
     """Trains `batches` batches and records every training-mode call of the denoiser."""
     cfg = dict(tiny_config, max_duration=f'{batches}ba', eval_interval='100ba', save_folder=None)
@@ -59,7 +59,7 @@ def test_p1_makes_a_no_grad_pass_then_feeds_its_estimate(tiny_config):
 
 
 def test_p_half_per_batch_tosses_one_coin_per_batch(tiny_config):
-    calls, trainer = run_one_step(tiny_config, 0.5, batches=8)
+    calls, trainer = run_one_step(tiny_config, 0.5, per='batch', batches=8)
     by_step = {}
     for call in calls:
         by_step.setdefault(call['step'], []).append(call)
@@ -73,7 +73,7 @@ def test_p_half_per_batch_tosses_one_coin_per_batch(tiny_config):
         assert step_calls[-1]['self_cond'].flatten(1).any(-1).all() == heads[-1]
     assert 0 < sum(heads) < 8  # both outcomes occur in 8 tosses at p = 0.5 with this seed
     # The coin depends on the seed and the batch index only: a second run tosses the same coins.
-    again, _ = run_one_step(tiny_config, 0.5, batches=8)
+    again, _ = run_one_step(tiny_config, 0.5, per='batch', batches=8)
     assert [c['step'] for c in again] == [c['step'] for c in calls]
     model = trainer.state.model
     assert model.flops_per_batch({'tokens': calls[-1]['tokens']}) == int(
@@ -143,7 +143,7 @@ def test_batch_coin_is_shared_by_ranks_and_fair():
 
     from cdcd_composer import self_conditioning
 
-    algorithm = self_conditioning.SelfConditioning(0.3)
+    algorithm = self_conditioning.SelfConditioning(0.3, per='batch')
 
     def tosses(rank):
         with mock.patch.object(self_conditioning.dist, 'get_global_rank', return_value=rank):
