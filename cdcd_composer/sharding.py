@@ -191,6 +191,14 @@ class ReduceOnLastMicrobatch(Callback):
     Before each training forward this tells FSDP2 whether that microbatch is the batch's last
     (`set_requires_gradient_sync`); the others accumulate unsharded gradients locally, which
     costs one unsharded gradient's memory per rank between the microbatches.
+
+    With `reshard_after_forward: false` (parameters stay gathered from forward to backward) the
+    parameters also stay gathered from one microbatch to the next (`set_reshard_after_backward`),
+    so each unit all-gathers once per batch instead of once per microbatch, at the memory of one
+    unsharded copy of the parameters during the batch; they are resharded after the last
+    backward, before the optimizer step. On 2 CPU ranks in the launch-bound regime this cut
+    cdcd-140m's batch from 0.75 s to 0.56 s (`python bench/train.py --overhead --set
+    parallelism_config.fsdp.reshard_after_forward=false`).
     """
 
     def __init__(self) -> None:
@@ -206,8 +214,9 @@ class ReduceOnLastMicrobatch(Callback):
         """Only the last microbatch's backward reduces."""
         self.remaining -= 1
         last = self.remaining <= 0
+        keep_unsharded = state.fsdp_config is not None and not state.fsdp_config.reshard_after_forward
         for module in state.model.modules():  # Composer shards the model's children, not the model.
             if isinstance(module, FSDPModule):
                 module.set_requires_gradient_sync(last, recurse=False)
-                if os.environ.get('CDCD_KEEP_UNSHARDED', '0') == '1':
+                if keep_unsharded:
                     module.set_reshard_after_backward(last, recurse=False)

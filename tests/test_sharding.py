@@ -72,12 +72,18 @@ from cdcd_composer.config import load_config
 from cdcd_composer.sharding import ReduceOnLastMicrobatch
 from torch.distributed.fsdp import FSDPModule
 
-calls = []
-reduce_scatter = torch.distributed.reduce_scatter_tensor
+calls, gathers = [], []
+reduce_scatter, all_gather = torch.distributed.reduce_scatter_tensor, torch.distributed.all_gather_into_tensor
 def counting(*args, **kwargs):
     calls.append(1)
     return reduce_scatter(*args, **kwargs)
+def counting_gathers(*args, **kwargs):
+    trainer = globals().get('trainer')
+    if trainer is not None and trainer.state.model.training:  # training's gathers, not evaluation's
+        gathers.append(1)
+    return all_gather(*args, **kwargs)
 torch.distributed.reduce_scatter_tensor = counting  # FSDP2 reduces through this
+torch.distributed.all_gather_into_tensor = counting_gathers  # and gathers through this
 
 trainer = train.main(load_config({yaml!r}, sys.argv[1:]), return_trainer=True, do_train=False)
 if os.environ['SYNC'] == 'every':
@@ -90,11 +96,14 @@ for module in trainer.state.model.modules():  # FSDP2's root unit stays unsharde
 weights = {{n: p.full_tensor() for n, p in trainer.state.model.named_parameters()}}
 if dist.get_global_rank() == 0:
     torch.save(weights, {out!r} + os.environ['SYNC'] + '.pt')
-    json.dump(len(calls), open({out!r} + os.environ['SYNC'] + '.json', 'w'))
+    json.dump([len(calls), len(gathers)], open({out!r} + os.environ['SYNC'] + '.json', 'w'))
 """
 
 
-def test_fsdp2_reduces_once_per_batch_and_trains_the_same_weights(tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize('reshard_after_forward', ['true', 'false'])
+def test_fsdp2_reduces_once_per_batch_and_trains_the_same_weights(
+    tiny_dataset, tmp_path, monkeypatch, reshard_after_forward
+):
     script = tmp_path / 'accumulate.py'
     yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
     script.write_text(
@@ -104,13 +113,18 @@ def test_fsdp2_reduces_once_per_batch_and_trains_the_same_weights(tiny_dataset, 
         *tiny_overrides(tiny_dataset, tmp_path), 'save_folder=null', 'max_duration=3ba',
         'eval_interval=100ba', 'callbacks.training_samples=false', 'global_train_batch_size=16',
         'device_train_microbatch_size=2',
-        'parallelism_config.fsdp.reshard_after_forward=true',
+        f'parallelism_config.fsdp.reshard_after_forward={reshard_after_forward}',
     ]  # fmt: skip
     for sync in ('every', 'last'):
         monkeypatch.setenv('SYNC', sync)
         launch_two_ranks(script, overrides, tmp_path)
     calls = {sync: json.loads((tmp_path / f'w-{sync}.json').read_text()) for sync in ('every', 'last')}
-    assert calls['every'] == 4 * calls['last'] > 0  # 4 microbatches per rank: one reduction per batch
+    (reduced_every, gathered_every), (reduced_last, gathered_last) = calls['every'], calls['last']
+    assert reduced_every == 4 * reduced_last > 0  # 4 microbatches per rank: one reduction per batch
+    if reshard_after_forward == 'false':  # Parameters stay gathered across the batch's microbatches.
+        assert gathered_every == 4 * gathered_last > 0
+    else:  # Gathered again for every forward and backward.
+        assert gathered_every == gathered_last > 0
     every, last = (torch.load(tmp_path / f'w-{sync}.pt') for sync in ('every', 'last'))
     assert every.keys() == last.keys()
     assert all(torch.allclose(every[k], last[k], atol=1e-6) for k in every)  # the same sums, reordered
