@@ -32,7 +32,6 @@ import tempfile
 import time
 
 import torch
-import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

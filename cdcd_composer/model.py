@@ -81,7 +81,7 @@ class RotaryTables(NamedTuple):
 
 
 def rotary_tables(length: int, d_head: int, device: torch.device, dtype: torch.dtype) -> RotaryTables:
-    """cos and sin of the rotary angles (RoFormer), each (L, D_head / 2), float32 math cast to dtype.
+    """Cos and sin of the rotary angles (RoFormer), each (L, D_head / 2), float32 math cast to dtype.
 
     Computed once per forward pass and shared by every layer.
     """

@@ -51,7 +51,9 @@ class SelfConditioning(Algorithm):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f'algorithms.self_conditioning.p={p} must lie in [0, 1]')
         if per not in GRANULARITIES:
-            raise ValueError(f'algorithms.self_conditioning.per={per!r} must be one of {", ".join(GRANULARITIES)}')
+            raise ValueError(
+                f'algorithms.self_conditioning.per={per!r} must be one of {", ".join(GRANULARITIES)}'
+            )
         self.p, self.per = p, per
         self._microbatch = (-1, 0)  # (batch index, microbatch index within it)
 
@@ -88,7 +90,9 @@ class SelfConditioning(Algorithm):
         chosen = chosen[: round(self.p * size)].sort().values.to(batch['tokens'].device, non_blocking=True)
         self_cond = torch.zeros_like(batch['self_cond'])
         if len(chosen):
-            subset = {key: batch[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')}
+            subset = {
+                key: batch[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
+            }
             self_cond[chosen] = self._estimate(model, subset, state)
         return self_cond
 

@@ -122,7 +122,9 @@ def test_choice_depends_only_on_seed_batch_and_microbatch():
 
     def choices(algorithm, batch_index, microbatches):
         state = SimpleNamespace(rank_zero_seed=17, timestamp=SimpleNamespace(batch=batch_index))
-        return [torch.randperm(8, generator=algorithm._example_generator(state))[:4] for _ in range(microbatches)]
+        return [
+            torch.randperm(8, generator=algorithm._example_generator(state))[:4] for _ in range(microbatches)
+        ]
 
     uninterrupted = SelfConditioning(0.5, per='example')
     for batch_index in range(5):
