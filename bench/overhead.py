@@ -39,6 +39,7 @@ sys.path.insert(0, REPO)
 WIDTHS = {'d_model': 32, 'd_embed': 16, 'n_heads': 2, 'd_time': 16, 'n_fourier': 16}
 VOCAB, SEQ_LEN, MICROBATCH, MICROBATCHES = 512, 128, 2, 8
 PROFILED = range(3, 7)  # the batches whose aten ops are counted, per batch on average (untimed)
+MIN_BATCHES = PROFILED[-1] + 1  # the warm-up and profiled batches, then at least one timed batch
 
 
 def aten_ops(profiler: torch.profiler.profile) -> int:
@@ -145,6 +146,8 @@ def run_subprocess(cmd: list[str]) -> dict[str, float]:
 
 def print_table(args: argparse.Namespace, config_path, random_token_dataset) -> None:
     """Runs the rows of every config and prints them (`bench/train.py` passes its helpers)."""
+    if args.batches < MIN_BATCHES:
+        raise SystemExit(f'--batches {args.batches}: the overhead rows need at least {MIN_BATCHES} batches')
     configs = args.configs or ['cdcd-5m', 'cdcd-140m']
     me = os.path.abspath(__file__)
     launcher = os.path.join(os.path.dirname(sys.executable), 'composer')

@@ -38,7 +38,7 @@ def test_overhead_rows_put_the_composer_path_on_1_and_2_ranks_beside_the_bare_st
         '--configs',
         'cdcd-tiny',
         '--batches',
-        '5',
+        '8',
         '--steps',
         '1',
     ]
