@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,eval]'  # eval: the default judge's gguf and accelerate
 	touch $@
 
 install: $(VENV)/.installed

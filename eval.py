@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', default=None, help='write the report as JSON here')
     p.add_argument(
-        '--trust_checkpoint', action='store_true', help='unpickle a .pt even from an untrusted place'
+        '--trust_checkpoint',
+        action='store_true',
+        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
     )
     add_weights_argument(p)
     args = p.parse_args(argv)

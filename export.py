@@ -1,7 +1,7 @@
 """Exports a Composer checkpoint as a weights-only export (safetensors + JSON + tokenizer).
 
     python export.py runs/x/checkpoints/latest-rank0.pt runs/x/export
-    python export.py s3://bucket/runs/x/checkpoints/ep0-ba800-rank0.pt s3://bucket/x/export --trust_checkpoint
+    python export.py s3://bucket/runs/x/checkpoints/ep0-ba800-rank0.pt s3://bucket/x/export
 
 The export loads without unpickling anything (`generate.py`, `eval.py`).
 """
@@ -20,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('checkpoint', help='a .pt checkpoint written by train.py (local or object store)')
     p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
-    p.add_argument('--trust_checkpoint', action='store_true', help='unpickle even from an untrusted location')
+    p.add_argument(
+        '--trust_checkpoint',
+        action='store_true',
+        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
+    )
     add_weights_argument(p)
     args = p.parse_args(argv)
     try:

@@ -3,11 +3,11 @@
     python generate.py runs/cdcd-tiny/export --num_samples 8 --steps 200
     python generate.py runs/cdcd-tiny/export --prompt "Once upon a time" --tau 0.9
     python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
-    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --trust_checkpoint --heun --steps 100
+    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --heun --steps 100
 
 MODEL is a weights-only export (directory or object-store prefix; written at the end of
-training, or by `python export.py`) or a Composer `.pt` checkpoint (a pickle:
-refused from untrusted locations unless --trust_checkpoint).
+training, or by `python export.py`) or a Composer `.pt` checkpoint (a pickle, read weights-only:
+one holding other types is refused unless --trust_checkpoint).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument('--device', default='cpu')
     p.add_argument(
-        '--trust_checkpoint', action='store_true', help='unpickle a .pt even from an untrusted place'
+        '--trust_checkpoint',
+        action='store_true',
+        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
     )
     add_weights_argument(p)
     return p.parse_args(argv)

@@ -46,6 +46,7 @@ from cdcd_composer.sharding import (
     parallelism_for_world,
     trainer_parallelism,
 )
+from cdcd_composer.trust import UntrustedCheckpoint, guard_checkpoint_loads, refusal
 
 log = logging.getLogger('train')
 
@@ -182,6 +183,8 @@ def build_trainer(cfg: TrainConfig, meta: DatasetMetadata) -> Trainer:
             seed=cfg.seed,
             dist_timeout=cfg.dist_timeout,
         )
+    except UntrustedCheckpoint as e:  # Composer loads a copy: name the checkpoint itself
+        raise refusal(resume_from or cfg.load_path, e.reason, e.flag) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         if not (cfg.autoresume or cfg.load_path):
             raise
@@ -226,6 +229,7 @@ def run(cfg: TrainConfig, meta: DatasetMetadata, do_train: bool = True) -> Train
         # Streaming needs the process group before the datasets are built.
         dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
     fix_fsdp2_on_cpu()
+    guard_checkpoint_loads(cfg.trust_checkpoint)  # autoresume and load_path: weights-only unpickling
     use_node_shm_namespace()
     clean_shared_memory(cfg.data.root, cfg.data.local_cache, (cfg.data.train_split, cfg.data.eval_split))
     trainer = build_trainer(cfg, meta)

@@ -1,8 +1,8 @@
 """Loading a trained model from an export or a Composer checkpoint, local or on an object store.
 
 Both hold the state of one `CDCDComposerModel` (weights, time warp, run spec). An export loads
-without unpickling anything; a Composer `.pt` checkpoint is a pickle, loaded only from a
-trusted location or when the caller says it trusts it (see `cdcd_composer.trust`).
+without unpickling anything; a Composer `.pt` checkpoint is a pickle, read by the weights-only
+unpickler (see `cdcd_composer.trust`), from anywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cdcd_composer.data.store import is_remote
 from cdcd_composer.ema import WEIGHT_CHOICES
 from cdcd_composer.export import load_export, model_from_state
 from cdcd_composer.time_warping import TimeWarp
-from cdcd_composer.trust import load_local_pickle, refusal, unpickle, untrusted_reason
+from cdcd_composer.trust import guard_sharded_loads, load_checkpoint_file, untrusted_cause
 
 
 def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDComposerModel:
@@ -28,23 +28,22 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
     `weights`: 'ema', the averaged weights where the run kept them (else the raw ones), or 'raw'.
 
     Raises:
-        ValueError: missing, untrusted without `trust`, or not written by this recipe's `train.py`.
+        ValueError: missing, holding types outside the allowlist without `trust`, or not written by
+            this recipe's `train.py`.
     """
     if is_sharded_checkpoint(path):
         checkpoint: dict[str, Any] = load_sharded_checkpoint(path, trust)
     elif not is_remote(path) and not os.path.isfile(path):
         raise ValueError(f'checkpoint {path!r} not found; pass a .pt file or an export directory')
     elif is_remote(path):
-        if not trust:
-            raise refusal(path, untrusted_reason(path) or '')
         from composer.utils import get_file
 
         with tempfile.TemporaryDirectory() as workdir:
             local = os.path.join(workdir, os.path.basename(path))
             get_file(path, local, progress_bar=False)
-            checkpoint = unpickle(local, path)
+            checkpoint = load_checkpoint_file(local, path, trust)
     else:
-        checkpoint = load_local_pickle(path, trust)
+        checkpoint = load_checkpoint_file(path, path, trust)
     try:
         state = checkpoint['state']['model']
     except (KeyError, TypeError):
@@ -62,26 +61,26 @@ def is_sharded_checkpoint(path: str) -> bool:
 def load_sharded_checkpoint(path: str, trust: bool) -> dict[str, Any]:
     """A sharded checkpoint folder (every rank's shards) gathered into one full checkpoint dict.
 
-    Its files hold pickles too, so each must pass the trust check.
+    Its files hold pickles too, read without running code (`guard_sharded_loads`).
 
     Raises:
-        ValueError: a file of it is untrusted and not `trust`, or the folder is damaged.
+        ValueError: it holds types outside the allowlists and not `trust`, or the folder is damaged.
     """
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    guard_sharded_loads(trust)
     folder = os.path.realpath(path)
-    for name in sorted(os.listdir(folder)):
-        reason = untrusted_reason(os.path.join(folder, name))
-        if reason and not trust:
-            raise refusal(os.path.join(path, name), reason)
     with tempfile.TemporaryDirectory() as workdir:
         full = os.path.join(workdir, 'checkpoint.pt')
         try:
             dcp_to_torch_save(folder, full)
-        except Exception as e:  # DCP raises bare exceptions of many kinds for a damaged folder.
+        except (Exception, CheckpointException) as e:  # DCP raises many kinds for a damaged folder
+            if untrusted_cause(e):
+                raise untrusted_cause(e) from None
             first = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
             raise ValueError(f'{path} is not a readable sharded checkpoint ({first}); use another') from None
-        return unpickle(full, path)
+        return load_checkpoint_file(full, path, trust)
 
 
 def check_device(device: str) -> None:
@@ -105,7 +104,7 @@ def load_trained_model(
         path: Export directory, `.pt` file, or their object-store URIs.
         device: Where to put the model.
         warp: Keep the fitted time warp (False: a uniform one, for comparison).
-        trust: Unpickle a `.pt` checkpoint even from an untrusted location.
+        trust: Fully unpickle a `.pt` checkpoint that holds types outside the allowlist.
         weights: 'ema': the moving averages where the run kept them (else the raw weights);
             'raw': the weights as trained. `model.spec.weights` says which were loaded.
 

@@ -115,6 +115,11 @@ class Judge:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+        except ImportError as e:
+            raise ValueError(
+                f'cannot load judge {name_or_path!r}: {str(e).splitlines()[0][:150]}; '
+                "pip install -e '.[eval]' (make install does) or pass --judge none"
+            ) from e
         except (OSError, ValueError) as e:
             raise ValueError(f'cannot load judge {name_or_path!r}: {str(e)[:200]}') from e
         self.model.to(device).eval()

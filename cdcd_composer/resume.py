@@ -15,7 +15,7 @@ import zipfile
 
 from cdcd_composer.config import TrainConfig
 from cdcd_composer.data.store import DatasetRoot, is_remote
-from cdcd_composer.trust import refusal, untrusted_reason
+from cdcd_composer.trust import outside_allowlist, refusal
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,11 @@ def is_sharded_checkpoint_path(path: str) -> bool:
     return os.path.isdir(path) if not is_remote(path) and os.path.exists(path) else not path.endswith('.pt')
 
 
-def trust_flag(folder: str) -> str:
-    """' trust_checkpoint=true' for an object-store folder (its pickles need it as a load_path)."""
-    return ' trust_checkpoint=true' if is_remote(folder) else ''
-
-
 def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
     """The one-line error for a checkpoint that cannot be loaded, naming the way out."""
     folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
     older = checkpoints_in(folder)[:-1] if folder else []
-    way_out = (
-        f'set load_path={folder}/{older[-1]}{trust_flag(folder)} to resume from the one before'
-        if older
-        else 'start afresh'
-    )
+    way_out = f'set load_path={folder}/{older[-1]} to resume from the one before' if older else 'start afresh'
     return ValueError(
         f'cannot load the checkpoint to resume from ({type(error).__name__}: '
         f'{str(error).splitlines()[0][:120] if str(error) else ""}); it is damaged: delete it and its '
@@ -137,7 +128,9 @@ def looks_like_a_checkpoint(path: str) -> bool:
 
 
 def check_load_path(cfg: TrainConfig) -> None:
-    """A load_path exists and, being a pickle, is trusted (see `untrusted_reason`).
+    """A load_path exists and, being a pickle, names only the allowlisted types (`cdcd_composer.trust`).
+
+    Read without unpickling; the load itself is weights-only as well (`guard_composer_loads`).
 
     Raises:
         ValueError: one line naming the path and the fix.
@@ -151,8 +144,7 @@ def check_load_path(cfg: TrainConfig) -> None:
             f'load_path {cfg.load_path} is not a PyTorch checkpoint: pass a .pt file (or sharded checkpoint '
             'folder) written by train.py'
         )
-    reason = (
-        untrusted_reason(cfg.load_path) if is_remote(cfg.load_path) or os.path.isfile(cfg.load_path) else None
-    )
-    if reason and not cfg.trust_checkpoint:
+    outside = outside_allowlist(cfg.load_path) if os.path.isfile(cfg.load_path) else []
+    if outside and not cfg.trust_checkpoint:
+        reason = f'it holds {", ".join(outside[:3])}, outside the checkpoint allowlist'
         raise refusal(cfg.load_path, reason, flag='trust_checkpoint=true')

@@ -42,10 +42,10 @@ class SamplerSettings:
 
     def __post_init__(self) -> None:
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
-        if self.time_shift is not None and (not self.time_shift >= 0 or self.heun):
+        if self.time_shift is not None and (not 0 <= self.time_shift < math.inf or self.heun):
             raise ValueError(
-                f'time shift (--time_shift) {self.time_shift} must be a number >= 0 and works with Euler '
-                'steps only'
+                f'time shift (--time_shift) {self.time_shift} must be a finite number >= 0 and works with '
+                'Euler steps only'
             )
         if not 0 < self.score_temperature < math.inf:
             raise ValueError(

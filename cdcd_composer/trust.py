@@ -1,102 +1,254 @@
-"""Whether a pickle may be unpickled: a Composer `.pt` checkpoint can run arbitrary code when loaded.
+"""Reading pickled checkpoints without letting them run code.
 
-A checkpoint is trusted by default only when it is a local file owned by you and writable by no
-one else, in directories only you (or root) can change; otherwise the caller must say it trusts
-it (`--trust_checkpoint`, `trust_checkpoint=true`).
+A Composer `.pt` checkpoint is a pickle, and unpickling can call any function the file names,
+wherever the file came from. So every read of one, ours and Composer's (autoresume, `load_path`,
+`generate.py`, `eval.py`, `export.py`), goes through torch's weights-only unpickler
+(`torch.load(weights_only=True)`): it builds tensors, containers, numbers and strings, plus the
+few types this recipe's checkpoints hold (`checkpoint_globals`: numpy arrays of the RNG states,
+a timedelta, torch's version string), and refuses a file that names anything else. Only then
+does the trust flag (`--trust_checkpoint`, `trust_checkpoint=true`) matter: it allows a full
+unpickle of such a file, for one you wrote with other types and trust.
 """
 
 from __future__ import annotations
 
-import os
+import datetime
+import functools
+import io
 import pickle
-import stat
-from typing import Any
+import re
+import zipfile
+from typing import IO, Any
 
+import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 
-from cdcd_composer.data.store import is_remote
-
-
-def _ancestors(path: str) -> list[str]:
-    """The directories above `path`, nearest first, up to the root."""
-    found, current = [], os.path.dirname(path)
-    while True:
-        found.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            return found
-        current = parent
+NUMPY_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                np.float16, np.float32, np.float64)  # fmt: skip
 
 
-def _unsafe_directory(directory: str) -> str | None:
-    """Why others could swap what `directory` holds (None: only you or root can).
+def checkpoint_globals() -> list[Any]:
+    """The types beyond torch's own that a Composer checkpoint of this recipe holds.
 
-    As ssh checks the path to its keys: owned by you or root, and writable by no one else,
-    unless the sticky bit keeps others from replacing your files (as in /tmp).
+    numpy arrays (the RNG states Composer saves), their numeric dtypes, `datetime.timedelta` (the
+    run's wall clock) and `TorchVersion` (the metadata). None of them can call code when built.
     """
-    info = os.stat(directory)
-    if hasattr(os, 'getuid') and info.st_uid not in (os.getuid(), 0):
-        return f'its directory {directory} is owned by another user'
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        return f'others can write to its directory {directory}'
+    from numpy._core.multiarray import _reconstruct
+
+    dtypes = [type(np.dtype(kind)) for kind in NUMPY_DTYPES]
+    return [np.ndarray, np.dtype, _reconstruct, *dtypes, datetime.timedelta, TorchVersion]
+
+
+class UntrustedCheckpoint(ValueError):
+    """The one-line refusal to unpickle `path` because of `reason`, naming the way out (`flag`)."""
+
+    def __init__(self, path: str, reason: str, flag: str) -> None:
+        self.reason, self.flag = reason, flag
+        super().__init__(
+            f'refusing to unpickle {path} because {reason}: a pickle can run arbitrary code. Pass {flag} '
+            'only if you trust it, or use a weights-only export (python export.py CHECKPOINT OUT_DIR)'
+        )
+
+
+def untrusted_cause(error: BaseException) -> UntrustedCheckpoint | None:
+    """The refusal inside `error`, if any.
+
+    Itself, in its cause chain, or among the per-rank failures of a `torch.distributed.checkpoint`
+    `CheckpointException` (whose items are (exception, stack) pairs).
+    """
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UntrustedCheckpoint):
+            return current
+        pending += [current.__cause__, current.__context__]
+        for failure in getattr(current, 'failures', {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
     return None
 
 
-def untrusted_reason(path: str, info: os.stat_result | None = None) -> str | None:
-    """Why a pickle at `path` is not trusted by default (None: a local file only you can write).
+def refusal(path: str, reason: str, flag: str = '--trust_checkpoint') -> UntrustedCheckpoint:
+    """The one-line refusal to unpickle `path`, naming the way out."""
+    return UntrustedCheckpoint(path, reason, flag)
+
+
+def outside_allowlist(path: str) -> list[str]:
+    """The globals a local `torch.save` file names beyond the checkpoint allowlist.
+
+    Read without unpickling. Empty: weights-only loading accepts it (or it is no zip archive, and
+    loading it says what it is).
+    """
+    try:
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError):
+        return []  # not a zip checkpoint: loading it says what it is
+    allowed = {f'{g.__module__}.{g.__qualname__}' for g in checkpoint_globals()}
+    return [name for name in named if name not in allowed]
+
+
+def load_checkpoint_file(
+    source: str | IO[bytes], path: str, trust: bool, flag: str = '--trust_checkpoint'
+) -> Any:
+    """`torch.load` of a full checkpoint, weights-only unless `trust`.
 
     Args:
-        path: Local path or object-store URI.
-        info: `os.fstat` of the already opened file, so the file checked is the file loaded
-            (default: `os.stat(path)`).
+        source: A local file path or an open binary file.
+        path: The name to report (a local path or the object-store URI it came from).
+        trust: Allow a full unpickle of a file holding types outside the allowlist.
+        flag: The way to say `trust`, for the refusal.
+
+    Raises:
+        ValueError: one line: the file names types outside the allowlist (and not `trust`), or it
+            is no PyTorch checkpoint.
     """
-    if is_remote(path):
-        return 'it comes from an object store'
-    info = os.stat(path) if info is None else info
-    if hasattr(os, 'getuid') and info.st_uid != os.getuid():
-        return 'it is owned by another user'
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return 'others can write to it'
-    # The link's directories and the target's: either lets someone else swap the file.
-    for directory in dict.fromkeys(_ancestors(os.path.abspath(path)) + _ancestors(os.path.realpath(path))):
-        reason = _unsafe_directory(directory)
-        if reason:
-            return reason
-    return None
+    try:
+        return weights_only_load(source, path, trust, flag)
+    except UntrustedCheckpoint:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise not_a_checkpoint(path, e) from None
 
 
-def refusal(path: str, reason: str, flag: str = '--trust_checkpoint') -> ValueError:
-    """The one-line refusal to unpickle `path`, naming the way out."""
+def weights_only_load(source: str | IO[bytes], path: str, trust: bool, flag: str) -> Any:
+    """`torch.load` to the CPU, weights-only with the allowlist unless `trust`.
+
+    Raises:
+        ValueError: the file names a type outside the allowlist and not `trust` (one line).
+        Whatever `torch.load` raises for a damaged file.
+    """
+    if trust:
+        return torch.load(source, map_location='cpu', weights_only=False)
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            return torch.load(source, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'GLOBAL (\S+) was not|but got (.+)', str(e))
+        if not found:  # not a forbidden type: a damaged file
+            raise
+        found = next(g for g in found.groups() if g).strip()
+        raise refusal(path, f'it holds {found}, outside the checkpoint allowlist', flag) from None
+
+
+def not_a_checkpoint(path: str, error: Exception) -> ValueError:
+    """The one-line error for a file that is no PyTorch checkpoint."""
+    first = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
     return ValueError(
-        f'refusing to unpickle {path} because {reason}: a pickle can run arbitrary code. Pass {flag} if '
-        'you trust it, or use a weights-only export (python export.py CHECKPOINT OUT_DIR)'
+        f'{path} is not a PyTorch checkpoint ({first}); pass a .pt written by train.py or an export directory'
     )
 
 
-def load_local_pickle(path: str, trust: bool) -> Any:
-    """Unpickles a local checkpoint, checking the very file it reads.
+def guard_checkpoint_loads(trust: bool) -> None:
+    """Every checkpoint read in this process, `.pt` or sharded, ours or Composer's: weights-only."""
+    guard_composer_loads(trust)
+    guard_sharded_loads(trust)
 
-    The file is opened once; ownership and permissions are checked on that descriptor
-    (`fstat`) and the pickle is read from it, so a file swapped in after the check is never
-    loaded.
 
-    Raises:
-        ValueError: untrusted and not `trust`.
+def guard_composer_loads(trust: bool) -> None:
+    """Makes every checkpoint Composer reads (autoresume, `load_path`) weights-only, unless `trust`.
+
+    Composer 0.32.1 reads every checkpoint file with `_torch_load_with_validation`, which calls
+    `torch.load(weights_only=False)` (composer/utils/checkpoint.py; composer/checkpoint/load.py
+    imports it by name). Both references are replaced; a pinned Composer without them fails here,
+    naming this patch, rather than loading unguarded.
     """
-    with open(os.path.realpath(path), 'rb') as f:
-        reason = untrusted_reason(path, os.fstat(f.fileno()))
-        if reason and not trust:
-            raise refusal(path, reason)
-        return unpickle(f, path)
+    import composer.checkpoint.load as new_loader
+    import composer.utils.checkpoint as loader
+
+    for module in (loader, new_loader):
+        original = getattr(module, '_torch_load_with_validation', None)
+        if original is None:
+            raise RuntimeError(
+                f'cdcd_composer.trust.guard_composer_loads: {module.__name__} has no '
+                '_torch_load_with_validation (Composer changed); update the patch before loading checkpoints'
+            )
+        original = getattr(original, '__wrapped__', original)
+        module._torch_load_with_validation = _guarded(original, trust)
 
 
-def unpickle(source: Any, path: str) -> Any:
-    """`torch.load` of a full checkpoint; a file that is not one fails in one line naming it."""
-    try:
-        return torch.load(source, map_location='cpu', weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-        raise ValueError(
-            f'{path} is not a PyTorch checkpoint ({first}); pass a .pt written by train.py or an export '
-            'directory'
-        ) from None
+def _guarded(original: Any, trust: bool) -> Any:
+    """Composer's loader with its `torch.load` made weights-only unless `trust`."""
+    from composer.utils.checkpoint import _ensure_valid_checkpoint
+
+    @functools.wraps(original)
+    def load(checkpoint_filepath: Any, map_location: str) -> Any:
+        validated = str(_ensure_valid_checkpoint(checkpoint_filepath))  # Composer's own validation hook
+        # A damaged file raises what torch.load raises: train.py names the way out (resume.py).
+        return weights_only_load(validated, str(checkpoint_filepath), trust, flag='trust_checkpoint=true')
+
+    return load
+
+
+DCP_METADATA_GLOBALS = {
+    *(('torch.distributed.checkpoint.metadata', name) for name in (
+        'Metadata', 'MetadataIndex', 'StorageMeta', 'TensorProperties', 'TensorStorageMetadata',
+        'BytesStorageMetadata', 'ChunkStorageMetadata', '_MEM_FORMAT_ENCODING')),
+    ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'),
+    ('torch.serialization', '_get_layout'), ('pathlib', 'PosixPath'),
+}  # fmt: skip
+
+
+class DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a sharded checkpoint's `.metadata`: DCP's own dataclasses, sizes and dtypes only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowlisted class `module.name`; anything else is refused (nothing is imported)."""
+        if (module, name) in DCP_METADATA_GLOBALS or (
+            module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        where = getattr(self, 'path', '.metadata')
+        raise refusal(where, f'it holds {module}.{name}, outside the sharded-checkpoint allowlist')
+
+
+class _RestrictedPickle:
+    """The `pickle` module as DCP's filesystem reader sees it: `load` is `DCPMetadataUnpickler`'s."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(file: IO[bytes]) -> Any:
+        unpickler = DCPMetadataUnpickler(file)
+        unpickler.path = getattr(file, 'name', '.metadata')
+        return unpickler.load()
+
+
+def guard_sharded_loads(trust: bool) -> None:
+    """Makes torch.distributed.checkpoint read a sharded checkpoint without running code, unless `trust`.
+
+    torch 2.7 unpickles a sharded checkpoint's `.metadata` with plain `pickle.load`
+    (`FileSystemReader.read_metadata`) and its non-tensor entries with `torch.load(weights_only=False)`
+    (`DefaultLoadPlanner.load_bytes`); Composer's sharded resume and `dcp_to_torch_save` use both.
+    The first gets `DCPMetadataUnpickler`, the second the weights-only load with the checkpoint
+    allowlist. A torch without them fails here, naming this patch.
+    """
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    if not isinstance(getattr(filesystem, 'pickle', None), (type(pickle), _RestrictedPickle)) or not hasattr(
+        default_planner.DefaultLoadPlanner, 'load_bytes'
+    ):
+        raise RuntimeError(
+            'cdcd_composer.trust.guard_sharded_loads: torch.distributed.checkpoint changed (no '
+            'filesystem.pickle or DefaultLoadPlanner.load_bytes); update the patch before loading checkpoints'
+        )
+    planner = default_planner.DefaultLoadPlanner
+    original = getattr(planner.load_bytes, '__wrapped__', planner.load_bytes)
+    if trust:
+        filesystem.pickle, planner.load_bytes = pickle, original
+        return
+    filesystem.pickle = _RestrictedPickle()
+
+    @functools.wraps(original)
+    def load_bytes(self: Any, read_item: Any, value: Any) -> None:
+        entry = f'the sharded checkpoint entry {read_item.dest_index.fqn}'
+        loaded = weights_only_load(value, entry, trust=False, flag='trust_checkpoint=true')
+        value = io.BytesIO()
+        torch.save(loaded, value)  # the original stores what it loads: hand it the accepted bytes
+        value.seek(0)
+        original(self, read_item, value)
+
+    planner.load_bytes = load_bytes

@@ -423,6 +423,20 @@ def test_the_converter_never_replaces_a_users_folder(tmp_path, tokenizer_dir, pa
     assert (out / part / 'notes.txt').read_text() == 'mine'
 
 
+@pytest.mark.parametrize('name', ['manifest.json', 'cdcd_dataset.json', 'cdcd_config.json'])
+@pytest.mark.parametrize('overwrite', [False, True])
+def test_a_users_file_named_like_ours_does_not_make_the_folder_ours(tmp_path, tokenizer_dir, name, overwrite):
+    """Only the `.cdcd-owned` marker says the converter wrote a folder: a user's own manifest.json
+    (or any file our formats also use) does not."""
+    src = write_text(tmp_path / 'all.txt', STORIES)
+    out = tmp_path / 'ds'
+    (out / 'train').mkdir(parents=True)
+    (out / 'train' / name).write_text('{"mine": true}')
+    with pytest.raises(ValueError, match=r'ds/train already exists and was not written by this converter'):
+        convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), overwrite=overwrite)
+    assert (out / 'train' / name).read_text() == '{"mine": true}'
+
+
 def test_a_users_temporary_folder_survives_a_conversion(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'all.txt', STORIES)
     out = tmp_path / 'ds'

@@ -38,6 +38,25 @@ def test_the_export_cli_never_replaces_the_run_folder(tiny_dataset, tmp_path, ca
     assert export_main([str(checkpoint), str(out / 'export')]) == 0
 
 
+@pytest.mark.parametrize('name', ['manifest.json', 'cdcd_dataset.json', 'cdcd_config.json'])
+def test_a_users_file_named_like_ours_does_not_make_the_folder_ours(tiny_dataset, tmp_path, name, capsys):
+    """Only the `.cdcd-owned` marker makes a folder ours: the export CLI and the export callback
+    refuse a folder holding the user's own file of a name our formats use."""
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / name).write_text('{"mine": true}')
+    out = tmp_path / 'run'
+    overrides = [*tiny_overrides(tiny_dataset, out), f'callbacks.export_weights.folder={mine}']
+    trainer = train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides), True, do_train=False)
+    with pytest.raises(StoreError, match=r'mine holds files cdcd-composer did not write'):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
+    train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), tiny_overrides(tiny_dataset, out)))
+    assert export_main([str(out / 'checkpoints' / 'latest-rank0.pt'), str(mine)]) == 2
+    assert 'mine holds files cdcd-composer did not write' in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == [name] and (mine / name).read_text() == '{"mine": true}'
+
+
 def test_a_save_folder_under_a_file_is_named_before_training(tiny_config, tmp_path):
     (tmp_path / 'runs').write_text('a file where a folder should be')
     cfg = dict(tiny_config, save_folder=str(tmp_path / 'runs' / 'checkpoints'))

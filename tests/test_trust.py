@@ -1,8 +1,13 @@
-"""A malicious pickle never runs without the explicit trust flag, on any path that unpickles."""
+"""No pickle runs code without the explicit trust flag, on any path that reads a checkpoint.
+
+Every read is weights-only (`cdcd_composer.trust`): a malicious pickle is refused wherever it
+lies and whoever owns it, and a real checkpoint loads from anywhere.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ import torch
 import eval as eval_cli
 import generate
 import train
-from cdcd_composer import trust as checkpoint
+from cdcd_composer import trust
 from cdcd_composer.config import parse_config
 from export import main as export_main
 
@@ -27,18 +32,27 @@ class Payload:
 
 
 def write_evil(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({'state': Payload(marker)}, path)
     return path
 
 
-@pytest.fixture
-def evil(tmp_path: Path) -> tuple[Path, Path]:
-    """A malicious checkpoint in a directory anyone can write to, and its marker file."""
-    shared = tmp_path / 'shared'
-    shared.mkdir()
-    shared.chmod(0o777)  # world-writable, no sticky bit: anyone could have put it there
+PLACES = ['private', 'world-writable directory', 'another user']
+
+
+def plant(tmp_path: Path, place: str, name: str = 'evil.pt') -> tuple[Path, Path]:
+    """A malicious checkpoint in `place` and its marker file (which must never appear)."""
+    folder = tmp_path / place.replace(' ', '-')
+    folder.mkdir()
+    if place == 'world-writable directory':
+        folder.chmod(0o777)  # no sticky bit: anyone could have put it there
     marker = tmp_path / 'marker'
-    return write_evil(shared / 'evil.pt', marker), marker
+    pt = write_evil(folder / name, marker)
+    if place == 'another user':
+        if os.geteuid() != 0:
+            pytest.skip('chown to another user needs root')
+        os.chown(pt, 65534, 65534)
+    return pt, marker
 
 
 def loaders(pt: Path, tiny_dataset: Path, tmp_path: Path) -> dict:
@@ -50,22 +64,26 @@ def loaders(pt: Path, tiny_dataset: Path, tmp_path: Path) -> dict:
     }  # fmt: skip
 
 
+@pytest.mark.parametrize('place', PLACES)
 @pytest.mark.parametrize('entry', ['generate.py', 'eval.py', 'export'])
-def test_untrusted_pickle_never_runs_without_the_flag(evil, entry, tiny_dataset, tmp_path, capsys):
-    pt, marker = evil
+def test_a_malicious_cli_argument_never_runs_without_the_flag(entry, place, tiny_dataset, tmp_path, capsys):
+    pt, marker = plant(tmp_path, place)
     run = loaders(pt, tiny_dataset, tmp_path)[entry]
     assert run() == 2
     err = capsys.readouterr().err
-    assert f'others can write to its directory {pt.parent}' in err and '--trust_checkpoint' in err
-    assert not marker.exists()
+    assert f'refusing to unpickle {pt} because it holds' in err and '--trust_checkpoint' in err, err
+    assert len(err.strip().splitlines()) == 1 and not marker.exists()
     # The payload is live: with the flag it runs (then the file is refused as no checkpoint of ours).
     assert run('--trust_checkpoint') == 2
     assert marker.exists()
 
 
-def test_train_load_path_is_checked_before_composer_sees_it(evil, tiny_config):
-    pt, marker = evil
-    with pytest.raises(ValueError, match='refusing to unpickle .* its directory .* trust_checkpoint=true'):
+@pytest.mark.parametrize('place', PLACES)
+def test_a_malicious_load_path_is_refused_before_composer_sees_it(place, tiny_config, tmp_path):
+    pt, marker = plant(tmp_path, place)
+    with pytest.raises(
+        ValueError, match=r'refusing to unpickle .* holds builtins.exec.* trust_checkpoint=true'
+    ):
         train.validate(parse_config(dict(tiny_config, load_path=str(pt))))
     assert not marker.exists()
     missing = dict(tiny_config, load_path=str(pt.parent / 'nope.pt'))
@@ -74,28 +92,31 @@ def test_train_load_path_is_checked_before_composer_sees_it(evil, tiny_config):
     train.validate(parse_config(dict(tiny_config, load_path=str(pt), trust_checkpoint=True)))  # accepted
 
 
-def test_a_file_swapped_after_the_check_is_not_the_one_loaded(tmp_path, monkeypatch):
-    good, evil_path, marker = tmp_path / 'good.pt', tmp_path / 'evil.pt', tmp_path / 'marker'
-    torch.save({'state': 'good'}, good)
-    write_evil(evil_path, marker)
-    checked = checkpoint.untrusted_reason
-
-    def check_then_swap(path, info=None):
-        reason = checked(path, info)
-        os.replace(evil_path, good)  # an attacker wins the race right after the check
-        return reason
-
-    monkeypatch.setattr(checkpoint, 'untrusted_reason', check_then_swap)
-    assert checkpoint.load_local_pickle(str(good), trust=False) == {'state': 'good'}
+@pytest.mark.parametrize('name', ['latest-rank0.pt', 'ep0-ba2-rank0.pt'])
+@pytest.mark.parametrize('place', PLACES)
+def test_a_malicious_checkpoint_autoresume_finds_never_runs(name, place, tiny_config, tmp_path):
+    """The pointer autoresume follows, or a timestamped checkpoint it falls back to, planted in the
+    save folder: Composer itself reads it, through the weights-only guard."""
+    pt, marker = plant(tmp_path, place, name)
+    cfg = dict(tiny_config, save_folder=str(pt.parent), autoresume=True)
+    with pytest.raises(ValueError, match=f'refusing to unpickle .*{name} because it holds exec'):
+        train.main(cfg)
     assert not marker.exists()
 
 
-def test_a_world_writable_pickle_in_a_safe_directory_is_refused(tmp_path):
-    pt = tmp_path / 'model.pt'
-    torch.save({'state': 1}, pt)
-    pt.chmod(0o666)
-    with pytest.raises(ValueError, match='others can write to it:'):
-        checkpoint.load_local_pickle(str(pt), trust=False)
+def test_the_allowlist_holds_every_type_of_a_real_checkpoint(tiny_config, tmp_path):
+    """A checkpoint train.py wrote (EMA, self-conditioning, time warp, RNG states) loads weights-only,
+    from anywhere, by Composer's resume and by our loader."""
+    cfg = dict(tiny_config, algorithms=dict(tiny_config['algorithms'], ema={'half_life': '2ba'}))
+    train.main(cfg)
+    pt = tmp_path / 'checkpoints' / 'latest-rank0.pt'
+    assert trust.outside_allowlist(str(pt)) == []
+    state = trust.load_checkpoint_file(str(pt), str(pt), trust=False)
+    assert state['state']['timestamp'] and 'rng' in state
+    pt.resolve().chmod(0o666)  # where it lies says nothing about what it holds
+    assert generate.main([str(pt), '--steps', '1', '--num_samples', '1']) == 0
+    resumed = train.main(dict(cfg, max_duration='6ba', autoresume=True), return_trainer=True)
+    assert int(resumed.state.timestamp.batch) == 6
 
 
 def test_a_text_file_given_as_a_checkpoint_is_one_line(tmp_path, capsys):
@@ -104,3 +125,36 @@ def test_a_text_file_given_as_a_checkpoint_is_one_line(tmp_path, capsys):
     assert generate.main([str(pt), '--steps', '1', '--num_samples', '1']) == 2
     err = capsys.readouterr().err
     assert 'notes.pt is not a PyTorch checkpoint' in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_composer_guard_fails_loudly_when_its_target_is_gone(monkeypatch):
+    import composer.utils.checkpoint as loader
+
+    monkeypatch.delattr(loader, '_torch_load_with_validation')
+    with pytest.raises(RuntimeError, match='guard_composer_loads: composer.utils.checkpoint has no'):
+        trust.guard_composer_loads(trust=False)
+
+
+def sharded_folder(tmp_path: Path, marker: Path, where: str) -> Path:
+    """A sharded (DCP) checkpoint whose `.metadata`, or one of whose non-tensor entries, runs code."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / f'evil-{where}'
+    entry = Payload(marker) if where == 'entry' else 1
+    dcp.save({'state': {'model': {'w': torch.zeros(2)}, 'x': entry}}, checkpoint_id=str(folder), no_dist=True)
+    if where == 'metadata':
+        (folder / '.metadata').write_bytes(pickle.dumps(Payload(marker)))
+    return folder
+
+
+@pytest.mark.parametrize('where', ['metadata', 'entry'])
+def test_a_malicious_sharded_checkpoint_never_runs_without_the_flag(where, tmp_path, capsys):
+    marker = tmp_path / 'marker'
+    folder = sharded_folder(tmp_path, marker, where)
+    assert not marker.exists()  # saving it ran nothing
+    assert generate.main([str(folder), '--steps', '1', '--num_samples', '1']) == 2
+    err = capsys.readouterr().err
+    assert 'refusing to unpickle' in err and 'exec' in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+    assert generate.main([str(folder), '--steps', '1', '--num_samples', '1', '--trust_checkpoint']) == 2
+    assert marker.exists()  # the payload is live

@@ -7,9 +7,9 @@ renamed into place; in an object store the split's old markers are deleted befor
 are uploaded, so at every moment a reader sees either a complete split or none.
 
 Nothing this package did not write is ever deleted: every directory it writes carries an owner
-marker (`.cdcd-owned`), and replacing a directory without one (or without the files earlier
-versions wrote) is refused with one line naming it. A local root is locked while a conversion
-writes it (`lock`), so a second one fails fast instead of sweeping the first one's staging.
+marker (`.cdcd-owned`), and replacing a directory without one is refused with one line naming
+it, whatever else it holds. A local root is locked while a conversion writes it (`lock`), so a
+second one fails fast instead of sweeping the first one's staging.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = 'manifest.json'
 TEMP_PREFIX = '.tmp-'
 OWNER_MARKER = '.cdcd-owned'  # in every directory this package writes: it may replace them
-# What directories written before the marker existed hold: a split's or the tokenizer's
-# manifest, an export's config.
-LEGACY_OWNER_FILES = (MANIFEST_FILE, 'cdcd_config.json')
 LOCK_FILE = '.cdcd-lock'
 
 
@@ -197,10 +194,10 @@ class DatasetRoot:
             if not os.path.isdir(path) or os.path.islink(path):
                 return False
             names = os.listdir(path)
-            return not names or any(n in names for n in (OWNER_MARKER, *LEGACY_OWNER_FILES))
+            return not names or OWNER_MARKER in names
         prefix = self._key(rel).strip('/') + '/'
         names = {key[len(prefix) :] for key in self.store.list_objects(prefix) if key.startswith(prefix)}
-        return not names or any(n in names for n in (OWNER_MARKER, *LEGACY_OWNER_FILES))
+        return not names or OWNER_MARKER in names
 
     def check_replaceable(self, rel: str) -> None:
         """Raises when replacing `rel` would delete something this package did not write.
