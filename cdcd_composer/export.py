@@ -99,10 +99,24 @@ def select_weights(state: dict[str, Any], weights: str, where: str) -> dict[str,
             )
         if weights == 'ema' and spec.weights == 'raw':
             log.info('%s holds no averaged weights (trained without algorithms.ema): the raw ones', where)
-        return state
+        return check_finite(state, where)
     if weights == 'ema':
         state.update(averages)
-    return {**state, EXTRA_STATE: dataclasses.replace(spec, weights=weights).to_json()}
+    return check_finite({**state, EXTRA_STATE: dataclasses.replace(spec, weights=weights).to_json()}, where)
+
+
+def check_finite(state: dict[str, Any], where: str) -> dict[str, Any]:
+    """`state`, once every floating tensor in it is finite (NaN or inf weights sample garbage).
+
+    Raises:
+        ValueError: one line naming the first non-finite tensor and the way out.
+    """
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(
+                f'{where}: {name} holds NaN or inf (the run diverged there); use an earlier checkpoint'
+            )
+    return state
 
 
 def write_export(out: str, state: dict[str, Any], weights: str = 'ema') -> None:

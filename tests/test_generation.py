@@ -399,3 +399,34 @@ def test_the_default_judges_dependencies_are_installed_and_a_missing_one_is_one_
     ) as e:
         Judge('x')
     assert '\n' not in str(e.value)
+
+
+def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from cdcd_composer.export import file_sha256
+    from cdcd_composer.trust import load_checkpoint_file
+    from export import main as export_main
+
+    export = tmp_path / 'export'
+    shutil.copytree(trained_run / 'export', export)
+    weights = load_file(export / 'model.safetensors')
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    weights[name][0] = math.nan
+    save_file(weights, export / 'model.safetensors')
+    config = json.loads((export / 'cdcd_config.json').read_text())
+    (export / 'cdcd_config.json').write_text(
+        json.dumps(config | {'weights_sha256': file_sha256(str(export / 'model.safetensors'))})
+    )
+    assert generate.main([str(export), '--num_samples', '1', '--steps', '2']) == 2
+    err = capsys.readouterr().err
+    assert f'{name} holds NaN or inf' in err and len(err.strip().splitlines()) == 1, err
+
+    pt = trained_run / 'checkpoints' / 'latest-rank0.pt'
+    state = load_checkpoint_file(str(pt), str(pt), trust=False)
+    model_state = state['state']['model']
+    key = next(k for k, v in model_state.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    model_state[key] = torch.full_like(model_state[key], math.inf)
+    torch.save(state, tmp_path / 'diverged.pt')
+    assert export_main([str(tmp_path / 'diverged.pt'), str(tmp_path / 'out')]) == 2
+    assert 'holds NaN or inf' in capsys.readouterr().err and not (tmp_path / 'out').exists()
