@@ -8,6 +8,7 @@ state and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -140,12 +141,19 @@ class CDCDComposerModel(ComposerModel):
     def set_extra_state(self, state: Any) -> None:
         """Checks a checkpoint's spec against this run's, which stays (but for its `weights`).
 
-        A resumed run must not inherit another architecture or tokenizer silently.
+        A resumed run must not inherit another architecture, tokenizer or canvas silently.
 
         Raises:
-            ValueError: the checkpoint was trained with another model config.
+            ValueError: the checkpoint was trained with another model config, or on data with
+                another tokenizer or sequence length.
         """
         loaded = RunSpec.from_json(state)
+        differs = data_difference(loaded, self.spec)
+        if differs:
+            raise ValueError(
+                f'the checkpoint was trained on data with {differs} than data.root has now; resume on the '
+                'data it was trained on, or start afresh in another save_folder'
+            )
         if loaded.model != self.config:
             raise ValueError(
                 'the checkpoint was trained with a different model config; '
@@ -441,3 +449,27 @@ def _load_averages(module: CDCDComposerModel, state_dict: dict[str, Any], prefix
         return
     params = module.ema.params
     module.ema.reset({name: state_dict.get(prefix + name, p) for name, p in params.items()})
+
+
+def data_difference(checkpoint: RunSpec, run: RunSpec) -> str | None:
+    """What of the data a checkpoint was trained on differs from this run's (None: the same).
+
+    The tokenizer is compared by its model (vocabulary and merges), the canvas by its length and
+    special ids; a dataset converted again with the same tokenizer and length is the same data.
+    """
+    if checkpoint.dataset is None or run.dataset is None:
+        return None
+    before, now = checkpoint.dataset, run.dataset
+    if before.seq_len != now.seq_len:
+        return f'another seq_len ({before.seq_len} tokens, not {now.seq_len})'
+    ids = ('vocab_size', 'bos_id', 'eos_id', 'pad_id')
+    if any(getattr(before, k) != getattr(now, k) for k in ids) or _tokenizer_model(
+        checkpoint
+    ) != _tokenizer_model(run):
+        return 'another tokenizer'
+    return None
+
+
+def _tokenizer_model(spec: RunSpec) -> Any:
+    """The tokenizer's model section (vocabulary, merges), or None without a tokenizer."""
+    return None if spec.tokenizer is None else json.loads(spec.tokenizer['tokenizer']).get('model')

@@ -309,3 +309,24 @@ def test_an_unpointed_run_in_a_bucket_resumes_from_its_newest_complete_checkpoin
                             save_folder=f's3://{bucket}/runs/{{run_name}}/checkpoints'))  # fmt: skip
     train.resolve_autoresume(cfg)
     assert cfg.load_path == f's3://{bucket}/runs/cut/checkpoints/ep0-ba4-rank0.pt'
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'seq_len': 64}, r'another seq_len \(96 tokens, not 64\)'),
+    ({'train_tokenizer': 400}, 'another tokenizer'),
+])  # fmt: skip
+def test_resuming_on_data_converted_again_differently_is_refused(tiny_config, tmp_path, change, message):
+    """The same command after the data was converted again with another tokenizer or canvas must not
+    train the checkpoint on token ids it never saw (a tokenizer trained again is another tokenizer)."""
+    from data_prep.convert_tinystories import convert
+
+    cfg = dict(tiny_config, autoresume=True, save_interval='2ba', max_duration='2ba')
+    train.main(cfg)
+    again = tmp_path / 'again'
+    settings = dict(source='synthetic', seq_len=96, num_train=256, num_val=64, train_tokenizer=512)
+    convert(out_root=str(again), **(settings | change))
+    longer = dict(cfg, max_duration='4ba', data=dict(cfg['data'], root=str(again)))
+    with pytest.raises(ValueError, match=f'trained on data with {message} than data.root has now'):
+        train.main(longer)
+    resumed = train.main(dict(cfg, max_duration='4ba'), return_trainer=True)  # on its own data: resumes
+    assert int(resumed.state.timestamp.batch) == 4
