@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,14 +116,94 @@ class TrainConfig:
                 raise ValueError(
                     f'{key}={value!r} is not a Composer time string; write e.g. 500ba, 2ep or 1000000tok'
                 ) from None
-        if self.global_train_batch_size <= 0:
-            raise ValueError(f'global_train_batch_size={self.global_train_batch_size} must be positive')
         if self.autoresume and not self.run_name:
             raise ValueError('autoresume=true needs a fixed run_name (set run_name: my-run)')
         if self.autoresume and not self.save_folder:
             # save_folder=null keeps no checkpoints, so there is nothing to resume from: a YAML's
             # `autoresume: true` stays out of the way of a one-off run.
             self.autoresume = False
+
+
+def _positive(v: Any) -> bool:
+    return 0 < v < math.inf  # NaN fails every comparison, so it is refused too
+
+
+def _non_negative(v: Any) -> bool:
+    return 0 <= v < math.inf
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+SHUFFLE_ALGOS = ('py1e', 'py1b', 'py1br', 'py1s', 'py2s', 'naive')  # Streaming 0.13's shuffles
+DEVICES = ('cpu', 'gpu', 'mps')  # what Composer's get_device accepts here (null: GPU when present)
+# Ranges the types alone do not say: (key, check, what it must be); checked before any work.
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ('global_train_batch_size', _positive, 'a positive integer'),
+    ('device_train_microbatch_size', lambda v: not isinstance(v, int) or v > 0,  # strings: validate()
+     "a positive integer, 'auto' or null (the whole per-device batch)"),
+    ('device_eval_batch_size', _positive, 'a positive integer'),
+    ('dist_timeout', _positive, 'a positive number of seconds'),
+    ('upload_attempts', _positive, 'a positive integer'),
+    ('data.num_workers', _non_negative, 'an integer >= 0'),
+    ('data.num_canonical_nodes', _optional(_positive), 'a positive integer or null'),
+    ('data.shuffle_algo', lambda v: v in SHUFFLE_ALGOS, f'one of {", ".join(SHUFFLE_ALGOS)}'),
+    ('diffusion.t_min', _positive, 'a positive finite number'),
+    ('diffusion.t_max', _positive, 'a positive finite number above diffusion.t_min'),
+    ('loss.mse_weight', _non_negative, 'a finite number >= 0'),
+    ('device', lambda v: v is None or v in DEVICES, f'null or one of {", ".join(DEVICES)}'),
+)  # fmt: skip
+OPTIMIZER_RANGES = (
+    ('lr', _positive, 'a positive finite number'), ('eps', _positive, 'a positive finite number'),
+    ('weight_decay', _non_negative, 'a finite number >= 0'),
+)  # fmt: skip
+POSITIVE_TIMES = ('max_duration', 'eval_interval', 'save_interval', 'console_log_interval')
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every value in its range (`RANGES`), before any work starts.
+
+    Raises:
+        ValueError: one line naming the key, its value and what it must be.
+    """
+    for key, check, what in RANGES:
+        value = _attribute(cfg, key)
+        try:
+            ok = check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f'{key}={value!r} must be {what}')
+    if not cfg.diffusion.t_max > cfg.diffusion.t_min:
+        raise ValueError(
+            f'diffusion.t_max={cfg.diffusion.t_max} must be above diffusion.t_min={cfg.diffusion.t_min}'
+        )
+    for key in POSITIVE_TIMES:
+        if Time.from_timestring(getattr(cfg, key)).value <= 0:
+            raise ValueError(f'{key}={getattr(cfg, key)!r} must be a positive duration, e.g. 500ba')
+    # Numbers only: the registry names a value that is no finite number (`registry.check_value`).
+    numbers = {k: v for k, v in cfg.optimizer.items() if _is_finite_number(v)}
+    for name, check, what in OPTIMIZER_RANGES:
+        if name in numbers and not check(numbers[name]):
+            raise ValueError(f'optimizer.{name}={numbers[name]!r} must be {what}')
+    betas = cfg.optimizer.get('betas')
+    if (
+        isinstance(betas, list)
+        and all(map(_is_finite_number, betas))
+        and not (len(betas) == 2 and all(0 <= b < 1 for b in betas))
+    ):
+        raise ValueError(f'optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.99]')
+
+
+def _is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _attribute(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split('.'):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _type_name(tp: Any) -> str:
@@ -188,6 +270,8 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     if not isinstance(raw, dict):
         raise ValueError(f'the config must be a mapping of keys to values, got {raw!r}')
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
     except OmegaConfBaseException as e:
         raise _one_line(e, raw) from None
+    check_ranges(cfg)
+    return cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         weights = (self.prefix, self.random, self.span)
-        if min(weights) < 0 or sum(weights) <= 0:
+        if not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:  # NaN fails `0 <= w`
             raise ValueError(f'masking weights prefix/random/span must be >= 0 and not all 0, got {weights}')
         if not 0.0 <= self.drop <= 1.0:
             raise ValueError(f'masking.drop={self.drop} must lie in [0, 1]')

@@ -40,14 +40,19 @@ class CDCDConfig:
         for name, choices in (('preconditioning', PRECONDITIONINGS), ('embedding_norm', EMBEDDING_NORMS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of {", ".join(choices)}')
+        for name in ('vocab_size', 'd_embed', 'd_model', 'n_layers', 'n_heads', 'n_fourier', 'd_time'):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f'model.{name}={getattr(self, name)} must be positive')
+        for name in ('mlp_ratio', 'embed_init_std'):  # `not 0 < x < inf`: NaN is refused too
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f'model.{name}={getattr(self, name)} must be a positive finite number')
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f'model.dropout={self.dropout} must lie in [0, 1)')
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f'model.d_model={self.d_model} must split into '
                 f'model.n_heads={self.n_heads} heads of even width'
             )
-        for name in ('vocab_size', 'd_embed', 'd_model', 'n_layers', 'n_heads', 'n_fourier', 'd_time'):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f'model.{name}={getattr(self, name)} must be positive')
 
 
 def skip_and_out(preconditioning: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,40 @@ def test_config_errors_name_the_key(tiny_config, override, message):
     assert '\n' not in str(exc.value)
 
 
+@pytest.mark.parametrize('override, message', [
+    # Out of range: silent garbage or a traceback before, one line naming the key now.
+    ('model.n_heads=0', 'model.n_heads=0 must be positive'),
+    ('model.mlp_ratio=-1', 'model.mlp_ratio=-1.0 must be a positive finite number'),
+    ('model.mlp_ratio=.nan', 'model.mlp_ratio=nan must be a positive finite number'),
+    ('model.embed_init_std=-0.1', 'model.embed_init_std=-0.1 must be a positive finite number'),
+    ('model.dropout=1.5', 'model.dropout=1.5 must lie in [0, 1)'),
+    ('device_train_microbatch_size=0', 'device_train_microbatch_size=0 must be a positive integer'),
+    ('device_train_microbatch_size=-2', 'device_train_microbatch_size=-2 must be a positive integer'),
+    ('device_eval_batch_size=0', 'device_eval_batch_size=0 must be a positive integer'),
+    ('max_duration=0ba', "max_duration='0ba' must be a positive duration"),
+    ('eval_interval=0ba', "eval_interval='0ba' must be a positive duration"),
+    ('save_interval=0ba', "save_interval='0ba' must be a positive duration"),
+    ('optimizer.weight_decay=-1', 'optimizer.weight_decay=-1 must be a finite number >= 0'),
+    ('optimizer.lr=0', 'optimizer.lr=0 must be a positive finite number'),
+    ('optimizer.betas=[0.9]', 'optimizer.betas=[0.9] must be two numbers in [0, 1)'),
+    ('optimizer.betas=[0.9,1.5]', 'optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)'),
+    ('masking={prefix: .nan}', 'masking weights prefix/random/span must be >= 0'),
+    ('dist_timeout=-5', 'dist_timeout=-5.0 must be a positive number of seconds'),
+    ('data.num_canonical_nodes=0', 'data.num_canonical_nodes=0 must be a positive integer or null'),
+    ('data.shuffle_algo=random', "data.shuffle_algo='random' must be one of py1e"),
+    ('data.num_workers=-1', 'data.num_workers=-1 must be an integer >= 0'),
+    ('device=tpu', "device='tpu' must be null or one of cpu, gpu, mps"),
+    ('diffusion.t_max=0.5', 'diffusion.t_max=0.5 must be above diffusion.t_min=1.0'),
+    ('diffusion.t_min=.inf', 'diffusion.t_min=inf must be a positive finite number'),
+    ('loss.mse_weight=-1', 'loss.mse_weight=-1.0 must be a finite number >= 0'),
+])  # fmt: skip
+def test_out_of_range_values_fail_by_key_before_any_work(override, message):
+    raw = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), ['variables.data_root=x', override])
+    with pytest.raises(ValueError) as exc:
+        parse_config(raw)
+    assert message in str(exc.value) and '\n' not in str(exc.value), str(exc.value)
+
+
 @pytest.mark.parametrize(
     'override, message',
     [
