@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from composer import algorithms, callbacks, loggers, optim
+from composer.core import Time, TimeUnit
 from torch import nn
 
 from cdcd_composer.ema import EMA
@@ -99,6 +100,7 @@ def check_kwargs(kind: str, name: str, kwargs: dict[str, Any], skip: tuple[str, 
     for key, value in kwargs.items():
         if key in by_name:
             check_value(f'{kind}.{name}.{key}', value, by_name[key].default)
+            check_by_parameter_name(f'{kind}.{name}.{key}', key, value)
     bound = {p.name for p in params if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
     missing = sorted(bound - set(kwargs) - {p.name for p in params if p.kind is p.VAR_POSITIONAL})
     if missing:
@@ -125,6 +127,28 @@ def check_value(key: str, value: Any, default: Any) -> None:
     elif isinstance(default, (tuple, list)) and default and all(_is_number(v) for v in default):
         if not isinstance(value, (tuple, list)) or not all(_is_number(v) and math.isfinite(v) for v in value):
             raise ValueError(f'{key}={value!r} must be a list of finite numbers like {list(default)}')
+
+
+# Parameters whose name says their range, in every registered class (Composer's and ours).
+CHOICES = {'clipping_type': ('adaptive', 'norm', 'value')}
+
+
+def check_by_parameter_name(key: str, parameter: str, value: Any) -> None:
+    """Fails by key name on a value outside what the parameter's name says.
+
+    `*interval` (a Composer time string or a number of batches) must be a positive duration:
+    `0ba` never fires, or fires on every batch. Names with a fixed set of values (`CHOICES`)
+    must be one of them.
+    """
+    if parameter.endswith('interval') and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            positive = Time.from_input(value, TimeUnit.BATCH).value > 0
+        except (ValueError, TypeError):
+            raise ValueError(f'{key}={value!r} is not a Composer time string; write e.g. 500ba') from None
+        if not positive:
+            raise ValueError(f'{key}={value!r} must be a positive duration, e.g. 500ba')
+    if parameter in CHOICES and value not in CHOICES[parameter]:
+        raise ValueError(f'{key}={value!r} must be one of {", ".join(CHOICES[parameter])}')
 
 
 def build(kind: str, name: str, kwargs: dict[str, Any] | None) -> Any:
