@@ -46,6 +46,10 @@ def _level_name(t: float) -> str:
     return f'{t:g}'.replace('.', '_')
 
 
+MAX_SAMPLING_STEPS = 100_000
+SAMPLING_MEMORY = 2 << 30  # bytes of activations per solver batch when no batch_size is given
+
+
 class CDCDComposerModel(ComposerModel):
     """CDCD trained by score interpolation: cross-entropy of the clean tokens given x_t = e + t * eps.
 
@@ -320,12 +324,17 @@ class CDCDComposerModel(ComposerModel):
             request: A prompt or infilling template for every sample (default unconditional).
             given: Per-sample conditioning instead: (given_tokens, generate_mask), each (N, L).
             seed: Batch `i` (starting at sample `i`) draws its initial noise with seed + i.
-            batch_size: Samples per solver batch (default all at once).
+            batch_size: Samples per solver batch (default: as many as fit `SAMPLING_MEMORY`).
             warp: Timesteps from the fitted time warp (False: evenly spaced in t).
             on_step: Called after each solver step of each batch (progress bars).
         """
         if num_samples <= 0 or steps <= 0:
             raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
+        if steps > MAX_SAMPLING_STEPS:
+            raise ValueError(
+                f'{steps} solver steps would run for days to no gain; use at most {MAX_SAMPLING_STEPS:,} '
+                '(a few hundred reach the ODE solution)'
+            )
         spec, denoiser = self.spec, self.model
         settings = settings or SamplerSettings(self_conditioning=spec.self_conditioned)
         if given is None:
@@ -334,7 +343,7 @@ class CDCDComposerModel(ComposerModel):
         curve = self.time_warp if warp else TimeWarp(spec.t_min, spec.t_max)
         timesteps = curve.sampling_timesteps(steps)
         device = next(denoiser.parameters()).device
-        batch_size = batch_size or num_samples
+        batch_size = batch_size or self.sampling_batch_size()
         rows = []
         for i in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - i)
@@ -357,6 +366,16 @@ class CDCDComposerModel(ComposerModel):
                 )
             )
         return torch.cat(rows)
+
+    def sampling_batch_size(self) -> int:
+        """Samples per solver batch whose largest activations fit `SAMPLING_MEMORY` bytes.
+
+        Per sample and token a step holds the fp32 logits (vocab_size) and a few d_model-wide
+        activations; a larger request is sampled in batches of this size, never allocated at once.
+        """
+        config = self.model.config
+        per_sample = self.spec.data.seq_len * (config.vocab_size + 16 * config.d_model) * 4
+        return max(1, SAMPLING_MEMORY // per_sample)
 
     def generate(
         self, num_samples: int, steps: int = 200, settings: SamplerSettings | None = None, **kwargs: Any

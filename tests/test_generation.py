@@ -430,3 +430,22 @@ def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_p
     torch.save(state, tmp_path / 'diverged.pt')
     assert export_main([str(tmp_path / 'diverged.pt'), str(tmp_path / 'out')]) == 2
     assert 'holds NaN or inf' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+
+
+def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps_are_refused(
+    trained_run, monkeypatch
+):
+    import cdcd_composer.composer_model as composer_model
+
+    model = load_trained_model(str(trained_run / 'export'))
+    spec = model.spec
+    per_sample = spec.data.seq_len * (spec.model.vocab_size + 16 * spec.model.d_model) * 4
+    monkeypatch.setattr(composer_model, 'SAMPLING_MEMORY', 2 * per_sample)  # two samples per batch
+    assert model.sampling_batch_size() == 2
+    sizes, original = [], composer_model.sample
+    monkeypatch.setattr(composer_model, 'sample', lambda *a, **k: sizes.append(a[2]) or original(*a, **k))
+    batched = model.generate_tokens(5, steps=2, seed=3)
+    assert sizes == [2, 2, 1]
+    assert torch.equal(batched, model.generate_tokens(5, steps=2, seed=3, batch_size=2))
+    with pytest.raises(ValueError, match='1000000000 solver steps would run for days'):
+        model.generate_tokens(1, steps=1_000_000_000)
