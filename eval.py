@@ -28,6 +28,7 @@ from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.data.loaders import build_dataloader, check_split, fetch_dataset_files
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity
+from cdcd_composer.outputs import check_output_file, write_output_file
 from cdcd_composer.sampler import SamplerSettings, decode_samples
 
 
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps) < 1:
         p.error(f'--steps must all be at least 1, got {args.steps}')
     try:
+        if args.out:
+            check_output_file(args.out)
         model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint, weights=args.weights)
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)
         report = evaluate(
@@ -204,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     report['command'] = ' '.join(sys.argv)
     print(markdown(report))
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(report, f, indent=2)
+        try:
+            write_output_file(args.out, lambda f: json.dump(report, f, indent=2))
+        except ValueError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
     return 0
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 from tqdm import tqdm
 
 from cdcd_composer.checkpoint import add_weights_argument, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
+from cdcd_composer.outputs import check_output_file, write_output_file
 from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import SamplerSettings
 
@@ -65,19 +65,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_output_file(path: str) -> None:
-    """`--out` can be written, checked before any sampling (not after it)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(
-            f'--out {path} is a directory; give a file name such as {path.rstrip("/")}/samples.jsonl'
-        )
-    if not os.path.isdir(folder):
-        raise ValueError(f'--out {path}: folder {folder} does not exist; create it first')
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f'--out {path} is not writable; choose another path')
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; failures are one line on stderr."""
     args = parse_args(argv)
@@ -119,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         record = {
             k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'heun', 'tau', 'guidance', 'seed')
         }
-        with open(args.out, 'w') as f:
+
+        def write(f) -> None:
             for i, text in enumerate(texts):
                 f.write(
                     json.dumps({'text': text, 'index': i, **record}) + '\n'
                     if args.out.endswith('.jsonl')
                     else text + '\n\n'
                 )
+
+        try:
+            write_output_file(args.out, write)
+        except ValueError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
     return 0
 
 

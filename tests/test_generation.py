@@ -449,3 +449,21 @@ def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps
     assert torch.equal(batched, model.generate_tokens(5, steps=2, seed=3, batch_size=2))
     with pytest.raises(ValueError, match='1000000000 solver steps would run for days'):
         model.generate_tokens(1, steps=1_000_000_000)
+
+
+def test_eval_checks_its_output_path_before_any_work_and_a_failed_write_is_one_line(
+    trained_run, tiny_dataset, tmp_path, capsys
+):
+    export = str(trained_run / 'export')
+    common = ['--data_root', str(tiny_dataset), '--judge', 'none', '--num_samples', '1', '--steps', '1']
+    missing = tmp_path / 'no-such-folder' / 'report.json'
+    assert eval_cli.main([export, *common, '--out', str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert 'does not exist; create it first' in err and len(err.strip().splitlines()) == 1
+    # A device that fails every write (as a full disk does): one line naming the path.
+    assert generate.main([export, '--num_samples', '1', '--steps', '1', '--out', '/dev/full']) == 2
+    err = capsys.readouterr().err
+    assert (
+        '--out /dev/full: writing failed (No space left on device)' in err
+        and len(err.strip().splitlines()) == 1
+    )
