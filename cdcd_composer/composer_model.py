@@ -330,6 +330,8 @@ class CDCDComposerModel(ComposerModel):
         """
         if num_samples <= 0 or steps <= 0:
             raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
+        if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed
+            raise ValueError(f'seed (--seed) {seed} must lie in [0, 2^63 - 1 - num_samples]')
         if steps > MAX_SAMPLING_STEPS:
             raise ValueError(
                 f'{steps} solver steps would run for days to no gain; use at most {MAX_SAMPLING_STEPS:,} '

@@ -449,6 +449,9 @@ def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps
     assert torch.equal(batched, model.generate_tokens(5, steps=2, seed=3, batch_size=2))
     with pytest.raises(ValueError, match='1000000000 solver steps would run for days'):
         model.generate_tokens(1, steps=1_000_000_000)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=rf'seed \(--seed\) {seed} must lie in'):
+            model.generate_tokens(1, steps=1, seed=seed)
 
 
 def test_eval_checks_its_output_path_before_any_work_and_a_failed_write_is_one_line(
