@@ -247,7 +247,19 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str,
         if '=' not in item:
             raise ValueError(f'override {item!r} is not key=value (e.g. optimizer.lr=3e-4)')
     try:
-        cfg = OmegaConf.merge(OmegaConf.load(yaml_path), OmegaConf.from_dotlist(list(overrides or [])))
+        try:
+            cfg = OmegaConf.load(yaml_path)
+        except OSError as e:  # OmegaConf says "Invalid loaded object type" of a file holding a scalar
+            if 'Invalid loaded object type' not in str(e):
+                raise ValueError(f'cannot read config file {yaml_path}: {e.strerror or e}') from None
+            cfg = None
+        if not OmegaConf.is_dict(cfg):
+            raise ValueError(
+                f'{yaml_path} holds a {"list" if OmegaConf.is_list(cfg) else "single value"}; a config is a '
+                'mapping of keys to values at the top level (model:, data:, ...)'
+            )
+        for item in overrides or []:
+            cfg = _merge_override(cfg, item)
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ValueError(f'{yaml_path}: {str(e).splitlines()[0]}') from None
@@ -256,9 +268,33 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str,
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
         raise ValueError(f'{yaml_path} is not valid YAML{where}: {problem}') from None
-    if not isinstance(resolved, dict):
-        raise ValueError(f'{yaml_path} must hold a mapping of keys to values at the top level')
     return resolved
+
+
+def _merge_override(cfg: Any, item: str) -> Any:
+    """`cfg` with one `key=value` override; a value of another shape than the YAML's names the key.
+
+    Raises:
+        ValueError: e.g. `loggers.file=[a,b]` where the YAML holds a mapping.
+    """
+    key = item.split('=', 1)[0]
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        if 'Cannot merge' not in str(e):
+            raise
+        current = OmegaConf.select(cfg, key)
+        shape = (
+            'a mapping'
+            if OmegaConf.is_dict(current)
+            else 'a list'
+            if OmegaConf.is_list(current)
+            else 'a value'
+        )
+        raise ValueError(
+            f'override {item!r}: {key} is {shape} in the YAML; give {shape} of the same shape (e.g. '
+            f'{key}.sub=value), or {key}=null to drop it'
+        ) from None
 
 
 def parse_config(raw: dict[str, Any]) -> TrainConfig:

@@ -175,3 +175,21 @@ def test_false_switches_off_a_yaml_entry(tiny_config):
     assert 'time_warp_refit' not in enabled(cfg.callbacks)
     assert enabled(cfg.callbacks)['lr_monitor'] == {}
     assert enabled({'a': None, 'b': True, 'c': {'x': 1}}) == {'a': {}, 'b': {}, 'c': {'x': 1}}
+
+
+@pytest.mark.parametrize('text, message', [
+    ('- a\n- b\n', 'holds a list; a config is a mapping of keys to values'),
+    ('42\n', 'holds a single value; a config is a mapping of keys to values'),
+])  # fmt: skip
+def test_a_yaml_that_is_no_mapping_is_one_line(tmp_path, text, message):
+    path = tmp_path / 'x.yaml'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(str(path))
+
+
+def test_an_override_of_another_shape_names_the_key():
+    with pytest.raises(ValueError) as exc:
+        load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), ['loggers.file=[a,b]'])
+    assert "override 'loggers.file=[a,b]': loggers.file is a mapping in the YAML" in str(exc.value)
+    assert '\n' not in str(exc.value)
