@@ -100,7 +100,7 @@ def check_kwargs(kind: str, name: str, kwargs: dict[str, Any], skip: tuple[str, 
     for key, value in kwargs.items():
         if key in by_name:
             check_value(f'{kind}.{name}.{key}', value, by_name[key].default)
-            check_by_parameter_name(f'{kind}.{name}.{key}', key, value)
+            check_by_parameter_name(f'{kind}.{name}.{key}', key, value, by_name[key].annotation)
     bound = {p.name for p in params if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
     missing = sorted(bound - set(kwargs) - {p.name for p in params if p.kind is p.VAR_POSITIONAL})
     if missing:
@@ -133,13 +133,21 @@ def check_value(key: str, value: Any, default: Any) -> None:
 CHOICES = {'clipping_type': ('adaptive', 'norm', 'value')}
 
 
-def check_by_parameter_name(key: str, parameter: str, value: Any) -> None:
-    """Fails by key name on a value outside what the parameter's name says.
+def check_by_parameter_name(key: str, parameter: str, value: Any, annotation: Any = None) -> None:
+    """Fails by key name on a value outside what the parameter's name (or annotation) says.
 
-    `*interval` (a Composer time string or a number of batches) must be a positive duration:
+    A parameter annotated with Composer's `Time` (e.g. a scheduler's `t_warmup`) takes a time
+    string. `*interval` (a time string or a number of batches) must be a positive duration:
     `0ba` never fires, or fires on every batch. Names with a fixed set of values (`CHOICES`)
     must be one of them.
     """
+    if 'Time' in str(annotation) and isinstance(value, str):
+        try:
+            Time.from_timestring(value)
+        except ValueError:
+            raise ValueError(
+                f'{key}={value!r} is not a Composer time string; write e.g. 500ba or 0.1dur'
+            ) from None
     if parameter.endswith('interval') and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             positive = Time.from_input(value, TimeUnit.BATCH).value > 0

@@ -90,6 +90,7 @@ def test_out_of_range_values_fail_by_key_before_any_work(override, message):
         ('callbacks.time_warp_refit.n_bin=8', 'unknown key callbacks.time_warp_refit.n_bin; valid keys'),
         ('callbacks.time_warp_refit.interval=0ba', "interval='0ba' must be a positive duration"),
         ('callbacks.training_samples.interval=0ba', "training_samples.interval='0ba' must be a positive"),
+        ('scheduler.t_warmup=abc', "t_warmup='abc' is not a Composer time string"),
         ('algorithms.gradient_clipping.clipping_type=l3', "clipping_type='l3' must be one of adaptive, norm"),
         ('parallelism_config.fsdp.sharding=hybrid', 'unknown key parallelism_config.fsdp.sharding; valid'),
         ('parallelism_config.fsdp.data_parallel_shard_degree=2',
