@@ -96,3 +96,21 @@ def test_shared_memory_clean_up_removes_only_this_runs_stale_registrations(tmp_p
         SharedMemory(name(0, 'locals'), False, auto_cleanup=False).shm.unlink()
         monkeypatch.delenv(loaders.SHM_NAMESPACE_ENV)
         loaders.use_node_shm_namespace()  # back to node0 for the tests that follow
+
+
+@pytest.mark.parametrize('index, message', [
+    ('[1, 2]', 'is not an MDS index (no list of shards)'),
+    ('{"version": 2}', 'is not an MDS index (no list of shards)'),
+    ('{"shards": [{"column_names": ["tokens"]}]}', 'shard 0 lacks raw_data/zip_data with a basename'),
+    ('{"shards": [{"raw_data": {"basename": "x.mds"}}]}', 'shard 0 lacks raw_data/zip_data'),
+    ('not json', 'cannot be read'),
+    (b'\xff\xfe', 'cannot be read'),
+])  # fmt: skip
+def test_a_malformed_index_is_one_line_naming_the_file(tiny_dataset, tmp_path, index, message):
+    shutil.copytree(tiny_dataset / 'train', tmp_path / 'train')
+    path = tmp_path / 'train' / 'index.json'
+    path.write_bytes(index if isinstance(index, bytes) else index.encode())
+    with pytest.raises(ValueError) as exc:
+        check_split(str(tmp_path), 'train')
+    assert str(path) in str(exc.value) and message in str(exc.value) and '--overwrite' in str(exc.value)
+    assert '\n' not in str(exc.value)

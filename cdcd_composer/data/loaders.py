@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,15 +69,41 @@ def check_split(root: str, split: str) -> None:
                 f'{path} not found: data.root {root!r} has no {split!r} split; create it with '
                 f'`python data_prep/convert_tinystories.py --out_root {root}` or fix data.root'
             )
-        with open(path) as f:
-            index = json.load(f)
-    for shard in index['shards']:
+        try:
+            with open(path) as f:
+                index = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
+            raise ValueError(f'{path} cannot be read ({getattr(e, "strerror", None) or e}); {fix}') from None
+    for shard in index_shards(index, f'{where}/index.json', fix):
         files = [info for info in (shard.get('zip_data'), shard['raw_data']) if info]
         if is_remote(root):
             if not any(info['basename'] in listed for info in files):
                 raise ValueError(f'{where}/{files[0]["basename"]} is missing; {fix}')
             continue
         _check_local_shard(where, files, fix)
+
+
+def index_shards(index: Any, where: str, fix: str) -> list[dict]:
+    """The shards of an MDS `index.json`, once it has the shape Streaming reads.
+
+    Each shard needs `raw_data` (and optionally `zip_data`) with a `basename` and a size in `bytes`.
+
+    Raises:
+        ValueError: one line naming the file, what is wrong and the fix.
+    """
+    shards = index.get('shards') if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise ValueError(f'{where} is not an MDS index (no list of shards); {fix}')
+    for i, shard in enumerate(shards):
+        forms = [shard.get('raw_data'), shard.get('zip_data')] if isinstance(shard, dict) else [None]
+        if not all(
+            isinstance(info, dict)
+            and isinstance(info.get('basename'), str)
+            and isinstance(info.get('bytes'), int)
+            for info in forms[:1] + [f for f in forms[1:] if f is not None]
+        ):
+            raise ValueError(f'{where}: shard {i} lacks raw_data/zip_data with a basename and bytes; {fix}')
+    return shards
 
 
 def _check_local_shard(where: str, files: list[dict], fix: str) -> None:
