@@ -114,3 +114,29 @@ def test_a_malformed_index_is_one_line_naming_the_file(tiny_dataset, tmp_path, i
         check_split(str(tmp_path), 'train')
     assert str(path) in str(exc.value) and message in str(exc.value) and '--overwrite' in str(exc.value)
     assert '\n' not in str(exc.value)
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda m: m.pop('seq_len'), "lacks the key 'seq_len'"),
+    (lambda m: m.update(vocab_size='many'), "vocab_size='many' is not a int"),
+    (lambda m: m.update(pad_id=10**6), 'pad_id=1000000 is outside the vocabulary'),
+    (lambda m: m.update(seq_len=0), 'must be positive'),
+])  # fmt: skip
+def test_a_damaged_dataset_description_is_one_line_naming_the_key(tiny_dataset, tmp_path, change, message):
+    import json
+
+    from cdcd_composer.data.metadata import DatasetMetadata
+
+    root = tmp_path / 'ds'
+    shutil.copytree(tiny_dataset, root)
+    blob = json.loads((root / 'cdcd_dataset.json').read_text())
+    change(blob)
+    (root / 'cdcd_dataset.json').write_text(json.dumps(blob))
+    with pytest.raises(ValueError) as exc:
+        DatasetMetadata.load(str(root))
+    assert (
+        'cdcd_dataset.json: ' in str(exc.value) and message in str(exc.value) and '\n' not in str(exc.value)
+    )
+    (root / 'cdcd_dataset.json').write_text('[1]')
+    with pytest.raises(ValueError, match='holds no mapping of keys'):
+        DatasetMetadata.load(str(root))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -53,7 +54,8 @@ class DatasetMetadata:
         """Reads `root/cdcd_dataset.json` (local path).
 
         Raises:
-            ValueError: the file is missing (no dataset, or an interrupted conversion).
+            ValueError: the file is missing (no dataset, or an interrupted conversion), unreadable,
+                or lacks a key or has one of the wrong type (one line naming the file and the key).
         """
         path = os.path.join(root, METADATA_FILE)
         if not os.path.isfile(path):
@@ -61,8 +63,38 @@ class DatasetMetadata:
                 f'{path} not found: data root {root!r} is not a complete dataset; create it with '
                 f'`python data_prep/convert_tinystories.py --out_root {root}` (or rerun an interrupted one)'
             )
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        fix = f'rebuild it with `python data_prep/convert_tinystories.py --out_root {root} --overwrite`'
+        try:
+            with open(path) as f:
+                blob = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f'{path} cannot be read ({getattr(e, "strerror", None) or e}); {fix}') from None
+        problem = schema_problem(blob)
+        if problem:
+            raise ValueError(f'{path}: {problem}; {fix}')
+        return cls.from_json(blob)
+
+
+# The keys every cdcd_dataset.json holds, and their JSON types; the ids must be >= 0, sizes > 0.
+SCHEMA = {'seq_len': int, 'vocab_size': int, 'bos_id': int, 'eos_id': int, 'pad_id': int, 'layout': str,
+          'source': str, 'tokenizer': str, 'num_examples': dict, 'num_truncated': dict}  # fmt: skip
+
+
+def schema_problem(blob: Any) -> str | None:
+    """What makes `blob` no `cdcd_dataset.json` (None: it is one)."""
+    if not isinstance(blob, dict):
+        return 'it holds no mapping of keys'
+    for key, kind in SCHEMA.items():
+        if key not in blob:
+            return f'it lacks the key {key!r}'
+        if not isinstance(blob[key], kind) or isinstance(blob[key], bool):
+            return f'{key}={blob[key]!r} is not a {kind.__name__}'
+    if blob['seq_len'] <= 0 or blob['vocab_size'] <= 0:
+        return f'seq_len={blob["seq_len"]} and vocab_size={blob["vocab_size"]} must be positive'
+    for key in ('bos_id', 'eos_id', 'pad_id'):
+        if not 0 <= blob[key] < blob['vocab_size']:
+            return f'{key}={blob[key]} is outside the vocabulary (vocab_size={blob["vocab_size"]})'
+    return None
 
 
 def check_tokenizer(meta: DatasetMetadata, tokenizer: PreTrainedTokenizerBase, whose: str, root: str) -> None:
