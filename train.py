@@ -34,6 +34,7 @@ from cdcd_composer.preflight import check_object_stores, check_system
 from cdcd_composer.resume import (
     check_load_path,
     checkpoint_to_resume,
+    checkpoints_in,
     is_sharded_checkpoint_path,
     resolve_autoresume,
     unloadable_checkpoint,
@@ -252,7 +253,29 @@ def cli(argv: list[str]) -> None:
         trainer = run(cfg, meta, do_train=False)
     except ValueError as e:  # e.g. a damaged checkpoint to resume from
         sys.exit(f'error: {e}')
-    trainer.fit()
+    fit_or_say_where_it_stopped(trainer, cfg)
+
+
+def fit_or_say_where_it_stopped(trainer: Trainer, cfg: TrainConfig) -> None:
+    """`trainer.fit()`; on Ctrl-C, one line: the batch reached, the newest checkpoint, how to go on.
+
+    Raises:
+        SystemExit: interrupted (exit status 130, as a shell reports SIGINT).
+    """
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        batch = int(trainer.state.timestamp.batch)
+        folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
+        newest = checkpoints_in(folder)[-1:] if folder else []
+        if not newest:
+            where = 'no checkpoint was kept, so a rerun starts afresh'
+        elif cfg.autoresume:
+            where = f'the newest checkpoint is {folder}/{newest[0]}: the same command resumes from it'
+        else:
+            where = f'the newest checkpoint is {folder}/{newest[0]}: add autoresume=true to resume from it'
+        print(f'interrupted at batch {batch}; {where}', file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == '__main__':
