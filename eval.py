@@ -96,6 +96,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """The full report: CE curve, data figures, and one row per (kind, steps, tau)."""
     val = validation_tokens(model, data_root, local_cache, max(num_samples, 4 * batch_size))
+    if len(val) < num_samples:  # each sample row is scored against (and prompted by) a real story
+        raise ValueError(
+            f'--num_samples {num_samples} is more than the {len(val)} validation stories in {data_root}; '
+            f'use at most {len(val)}'
+        )
     t_min, t_max = model.spec.t_min, model.spec.t_max
     levels = sorted({*(t for t in EVAL_NOISE_LEVELS if t_min <= t <= t_max), t_min, t_max})
     curve = cross_entropy_curve(model, val.split(batch_size), levels)

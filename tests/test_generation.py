@@ -468,3 +468,10 @@ def test_eval_checks_its_output_path_before_any_work_and_a_failed_write_is_one_l
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if 'error' in line]  # the rest: the progress bar
     assert len(errors) == 1 and '--out /dev/full: writing failed (No space left on device)' in errors[0]
+
+
+def test_eval_refuses_more_samples_than_validation_stories(trained_run, tiny_dataset, capsys):
+    argv = [str(trained_run / 'export'), '--data_root', str(tiny_dataset), '--judge', 'none', '--steps', '1']
+    assert eval_cli.main([*argv, '--num_samples', '100000000']) == 2
+    err = capsys.readouterr().err
+    assert '--num_samples 100000000 is more than the 64 validation stories' in err and '\n' not in err.strip()
