@@ -70,7 +70,15 @@ def model_from_state(state: dict[str, Any], where: str, weights: str = 'ema') ->
     state = select_weights(state, weights, where)
     spec = RunSpec.from_json(state[EXTRA_STATE])
     model = CDCDComposerModel.from_spec(spec, n_bins=state[f'{WARP_PREFIX}masses'].numel())
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:  # missing, unexpected or misshapen tensors
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:150]
+        raise ValueError(
+            f'{where}: its tensors do not fit its run spec ({type(e).__name__}: {detail}); export the '
+            'checkpoint again'
+        ) from None
     return model.eval()
 
 
@@ -215,5 +223,13 @@ def load_export(path: str, weights: str = 'ema') -> CDCDComposerModel:
     with tempfile.TemporaryDirectory() as tmp:
         local = root.fetch_directory('', tmp) if is_remote(path) else path
         config = read_export_config(local, path.rstrip('/'))
-        state: dict[str, Any] = load_file(os.path.join(local, EXPORT_WEIGHTS))
+        try:
+            state: dict[str, Any] = load_file(os.path.join(local, EXPORT_WEIGHTS))
+        except (
+            Exception
+        ) as e:  # safetensors raises its own SafetensorError (no public class) for a bad header
+            raise ValueError(
+                f'{path}/{EXPORT_WEIGHTS} is no readable safetensors file ({str(e)[:120]}); export the '
+                'checkpoint again'
+            ) from None
     return model_from_state({**state, EXTRA_STATE: config['spec']}, path, weights)

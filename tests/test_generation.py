@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,41 @@ def damage_spec_without_model(export: Path) -> None:
     (export / 'cdcd_config.json').write_text(json.dumps({**config, 'spec': json.dumps(spec)}))
 
 
+def resigned(change) -> Callable[[Path], None]:
+    """A damage to the weights that also updates their checksum (what a buggy writer would leave)."""
+    from safetensors.torch import load_file, save_file
+
+    from cdcd_composer.export import file_sha256
+
+    def damage(export: Path) -> None:
+        path = export / 'model.safetensors'
+        if change is None:
+            path.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{not a header}')
+        else:
+            weights = load_file(path)
+            change(weights)
+            save_file(weights, path)
+        config = json.loads((export / 'cdcd_config.json').read_text())
+        (export / 'cdcd_config.json').write_text(
+            json.dumps({**config, 'weights_sha256': file_sha256(str(path))})
+        )
+
+    return damage
+
+
+def _drop_a_tensor(weights: dict) -> None:
+    weights.pop('time_warp.fit_heights')
+
+
+def _cut_a_matrix(weights: dict) -> None:
+    name = next(k for k, v in weights.items() if v.ndim == 2)
+    weights[name] = weights[name][:1].clone()
+
+
 @pytest.mark.parametrize('damage, message', [
+    (resigned(_drop_a_tensor), 'its tensors do not fit its run spec (KeyError'),
+    (resigned(_cut_a_matrix), 'its tensors do not fit its run spec (RuntimeError: size mismatch'),
+    (resigned(None), 'model.safetensors is no readable safetensors file'),
     (damage_flip_a_weight_byte, 'model.safetensors does not match the checksum'),
     (damage_extra_key, 'cdcd_config.json is not an export config'),
     (damage_spec_without_model, 'cdcd_config.json holds no valid run spec'),
