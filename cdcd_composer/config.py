@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import string
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ def check_ranges(cfg: TrainConfig) -> None:
     for key in POSITIVE_TIMES:
         if Time.from_timestring(getattr(cfg, key)).value <= 0:
             raise ValueError(f'{key}={getattr(cfg, key)!r} must be a positive duration, e.g. 500ba')
+    check_paths(cfg)
     # Numbers only: the registry names a value that is no finite number (`registry.check_value`).
     numbers = {k: v for k, v in cfg.optimizer.items() if _is_finite_number(v)}
     for name, check, what in OPTIMIZER_RANGES:
@@ -194,6 +196,46 @@ def check_ranges(cfg: TrainConfig) -> None:
         and not (len(betas) == 2 and all(0 <= b < 1 for b in betas))
     ):
         raise ValueError(f'optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.99]')
+
+
+def placeholders(template: str) -> set[str]:
+    """The `{name}` fields of a format string (a malformed one: ValueError)."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+# Composer fills these in a logger's file name (format_name_with_dist); save_folder gets run_name.
+FILE_LOGGER_FIELDS = {'run_name', 'rank', 'local_rank', 'node_rank', 'world_size', 'local_world_size'}
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """`save_folder` and the file log name only placeholders that are filled in; the log is a file.
+
+    Raises:
+        ValueError: one line naming the key, the placeholder and the fix.
+    """
+    file_logger = cfg.loggers.get('file')
+    filename = file_logger.get('filename') if isinstance(file_logger, dict) else None
+    for key, template, allowed in (('save_folder', cfg.save_folder, {'run_name'}),
+                                   ('loggers.file.filename', filename, FILE_LOGGER_FIELDS)):  # fmt: skip
+        if not isinstance(template, str):
+            continue
+        try:
+            unknown = placeholders(template) - allowed
+        except ValueError as e:
+            raise ValueError(
+                f'{key}={template!r} is no valid name pattern ({e}); write e.g. runs/{{run_name}}'
+            ) from None
+        if unknown:
+            raise ValueError(
+                f'{key}={template!r} uses {{{sorted(unknown)[0]}}}, which nothing fills in; use only '
+                + ', '.join(f'{{{name}}}' for name in sorted(allowed))
+            )
+    if isinstance(filename, str):
+        fields = dict.fromkeys(FILE_LOGGER_FIELDS, 0) | {'run_name': cfg.run_name or 'run'}
+        if os.path.isdir(filename.format(**fields)):
+            raise ValueError(
+                f'loggers.file.filename={filename!r} is a directory; name a file in it, e.g. logs.txt'
+            )
 
 
 def _is_finite_number(v: Any) -> bool:

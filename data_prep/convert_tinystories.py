@@ -36,6 +36,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from streaming.base.util import bytes_to_int
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
@@ -123,6 +124,12 @@ def check_options(opt: ConvertOptions) -> None:
             raise ValueError(f'--{name} must be positive, got {getattr(opt, name)}')
     if opt.num_workers is not None and opt.num_workers < 0:
         raise ValueError(f'--num_workers must be >= 0, got {opt.num_workers}')
+    try:
+        shard_bytes = bytes_to_int(opt.size_limit)
+    except ValueError:
+        shard_bytes = 0
+    if shard_bytes < 1 << 10:  # Streaming writes a shard per example below a few bytes
+        raise ValueError(f'--size_limit {opt.size_limit!r} must be a size of at least 1kb, e.g. 64mb')
     if opt.source == 'files':
         if not opt.train_files:
             raise ValueError('--source files needs --train_files FILE_OR_GLOB [...]')

@@ -517,3 +517,21 @@ def test_a_tokenizer_file_that_is_not_a_vocabulary_is_one_line(tmp_path, content
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f'--tokenizer {bad} is not a' in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize('size, out', [('0', 'must be a size of at least 1kb'), ('lots', 'must be a size')])
+def test_a_shard_size_limit_that_is_no_size_is_one_line(tmp_path, size, out, capsys):
+    argv = [
+        '--source',
+        'synthetic',
+        '--out_root',
+        str(tmp_path / 'ds'),
+        '--num_train',
+        '10',
+        '--num_val',
+        '5',
+    ]
+    assert main([*argv, '--size_limit', size]) == 2
+    err = capsys.readouterr().err
+    assert f'--size_limit {size!r} {out}' in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'ds').exists()
