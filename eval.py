@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            'interrupted while evaluating: no report was printed or written; rerun to evaluate',
+            file=sys.stderr,
+        )
+        return 130
     report['command'] = ' '.join(sys.argv)
     print(markdown(report))
     if args.out:

@@ -85,19 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         self_cond = {'auto': model.spec.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
         settings = dataclasses.replace(settings, self_conditioning=self_cond)
         request = Request(args.prompt, args.template, args.blank_length)
-        bar = tqdm(total=args.steps, desc='sampling', unit='step')
-        texts = model.generate(
-            args.num_samples,
-            args.steps,
-            settings,
-            request=request,
-            seed=args.seed,
-            on_step=lambda _: bar.update(),
-        )
-        bar.close()
+        with tqdm(total=args.steps, desc='sampling', unit='step') as bar:  # closed on any way out
+            texts = model.generate(
+                args.num_samples,
+                args.steps,
+                settings,
+                request=request,
+                seed=args.seed,
+                on_step=lambda _: bar.update(),
+            )
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('interrupted while sampling: nothing was printed or written; rerun to sample', file=sys.stderr)
+        return 130
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
     if model.spec.data.source == 'synthetic':

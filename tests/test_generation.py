@@ -510,3 +510,24 @@ def test_eval_refuses_more_samples_than_validation_stories(trained_run, tiny_dat
     assert eval_cli.main([*argv, '--num_samples', '100000000']) == 2
     err = capsys.readouterr().err
     assert '--num_samples 100000000 is more than the 64 validation stories' in err and '\n' not in err.strip()
+
+
+def test_ctrl_c_in_generate_and_eval_is_one_line_and_writes_nothing(
+    trained_run, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    from cdcd_composer.composer_model import CDCDComposerModel
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CDCDComposerModel, 'generate', interrupted)
+    export, out = str(trained_run / 'export'), tmp_path / 'out.txt'
+    assert generate.main([export, '--num_samples', '1', '--steps', '1', '--out', str(out)]) == 130
+    argv = [export, '--data_root', str(tiny_dataset), '--judge', 'none', '--num_samples', '1', '--steps', '1']
+    assert eval_cli.main([*argv, '--out', str(tmp_path / 'r.json')]) == 130
+    errors = [line for line in capsys.readouterr().err.splitlines() if 'interrupted' in line]
+    assert errors == [
+        'interrupted while sampling: nothing was printed or written; rerun to sample',
+        'interrupted while evaluating: no report was printed or written; rerun to evaluate',
+    ]
+    assert not out.exists() and not (tmp_path / 'r.json').exists()
