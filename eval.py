@@ -25,7 +25,7 @@ import torch
 from cdcd_composer.checkpoint import add_weights_argument, load_trained_model
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
 from cdcd_composer.data.grammar import recognised_fraction
-from cdcd_composer.data.loaders import build_dataloader, check_split, fetch_dataset_files
+from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity
 from cdcd_composer.outputs import check_output_file, write_output_file
@@ -36,8 +36,9 @@ def validation_tokens(
     model: CDCDComposerModel, data_root: str, local_cache: str | None, limit: int
 ) -> torch.Tensor:
     """Up to `limit` validation examples (n, L), in order; checks the data matches the model."""
-    check_split(data_root, 'val')
+    encodings = check_split(data_root, 'val')
     meta = DatasetMetadata.load(fetch_dataset_files(data_root, local_cache))
+    check_canvas(data_root, 'val', encodings, meta.seq_len, meta.token_dtype)
     seq_len = model.spec.data.seq_len
     if meta.vocab_size != model.config.vocab_size or meta.seq_len != seq_len:
         raise ValueError(

@@ -19,6 +19,7 @@ from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import TrainConfig, load_config, parse_config
 from cdcd_composer.data.loaders import (
     build_dataloader,
+    check_canvas,
     check_split,
     clean_shared_memory,
     fetch_dataset_files,
@@ -59,9 +60,12 @@ def validate(cfg: TrainConfig) -> DatasetMetadata:
     checkpoint (`resolve_autoresume` sets `cfg.load_path`).
     """
     registry.check_sections(cfg)
-    check_split(cfg.data.root, cfg.data.train_split)
-    check_split(cfg.data.root, cfg.data.eval_split)
+    splits = {
+        split: check_split(cfg.data.root, split) for split in (cfg.data.train_split, cfg.data.eval_split)
+    }
     meta = DatasetMetadata.load(fetch_dataset_files(cfg.data.root, cfg.data.local_cache))
+    for split, encodings in splits.items():
+        check_canvas(cfg.data.root, split, encodings, meta.seq_len, meta.token_dtype)
     check_object_stores(cfg)
     if cfg.save_folder is not None:
         check_writable(cfg.save_folder.format(run_name=cfg.run_name or 'run'), 'save_folder')

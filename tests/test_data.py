@@ -140,3 +140,24 @@ def test_a_damaged_dataset_description_is_one_line_naming_the_key(tiny_dataset, 
     (root / 'cdcd_dataset.json').write_text('[1]')
     with pytest.raises(ValueError, match='holds no mapping of keys'):
         DatasetMetadata.load(str(root))
+
+
+def test_a_description_that_states_another_seq_len_than_the_shards_is_refused(
+    tiny_dataset, tiny_config, tmp_path
+):
+    import json
+
+    from cdcd_composer.config import parse_config
+    from train import validate
+
+    root = tmp_path / 'ds'
+    shutil.copytree(tiny_dataset, root)
+    blob = json.loads((root / 'cdcd_dataset.json').read_text())
+    (root / 'cdcd_dataset.json').write_text(json.dumps(blob | {'seq_len': blob['seq_len'] // 2}))
+    cfg = dict(tiny_config, data=dict(tiny_config['data'], root=str(root)))
+    with pytest.raises(ValueError) as exc:
+        validate(parse_config(cfg))
+    message = str(exc.value)
+    encoding = f'ndarray:{blob["token_dtype"]}:{blob["seq_len"]}'
+    assert f'holds examples encoded as {encoding}, but cdcd_dataset.json says' in message
+    assert '\n' not in message

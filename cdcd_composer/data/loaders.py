@@ -40,7 +40,7 @@ class StoryDataset(StreamingDataset):
         return {'tokens': torch.from_numpy(sample['tokens'].astype(np.int64))}
 
 
-def check_split(root: str, split: str) -> None:
+def check_split(root: str, split: str) -> set[str]:
     """Fails fast, before any model is built, when a split is missing, incomplete or corrupt.
 
     Locally every shard must exist with the size and xxh64 hash its `index.json` records (a
@@ -50,6 +50,10 @@ def check_split(root: str, split: str) -> None:
     Args:
         root: Dataset root (local path or object-store URI).
         split: Split directory name.
+
+    Returns:
+        The MDS encodings of its `tokens` column (e.g. {'ndarray:uint16:128'}), for
+        `check_canvas` once the dataset's description is read.
 
     Raises:
         ValueError: one line naming the split or shard and the fix.
@@ -74,13 +78,32 @@ def check_split(root: str, split: str) -> None:
                 index = json.load(f)
         except (OSError, ValueError) as e:  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
             raise ValueError(f'{path} cannot be read ({getattr(e, "strerror", None) or e}); {fix}') from None
+    encodings = set()
     for shard in index_shards(index, f'{where}/index.json', fix):
+        names, kinds = shard.get('column_names') or [], shard.get('column_encodings') or []
+        encodings |= {kind for name, kind in zip(names, kinds) if name == 'tokens'}
         files = [info for info in (shard.get('zip_data'), shard['raw_data']) if info]
         if is_remote(root):
             if not any(info['basename'] in listed for info in files):
                 raise ValueError(f'{where}/{files[0]["basename"]} is missing; {fix}')
             continue
         _check_local_shard(where, files, fix)
+    return encodings
+
+
+def check_canvas(root: str, split: str, encodings: set[str], seq_len: int, token_dtype: str) -> None:
+    """The split's shards hold the examples `cdcd_dataset.json` describes (length and dtype).
+
+    Raises:
+        ValueError: one line naming the split, both shapes and the fix.
+    """
+    expected = f'ndarray:{token_dtype}:{seq_len}'
+    if encodings and encodings != {expected}:
+        raise ValueError(
+            f'{root.rstrip("/")}/{split} holds examples encoded as {", ".join(sorted(encodings))}, but '
+            f'cdcd_dataset.json says {seq_len} {token_dtype} tokens ({expected}); rebuild it with '
+            f'`python data_prep/convert_tinystories.py --out_root {root} --overwrite`'
+        )
 
 
 def index_shards(index: Any, where: str, fix: str) -> list[dict]:
