@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -89,8 +90,8 @@ class CDCDComposerModel(ComposerModel):
         self_conditioning: float | None = None,
     ) -> None:
         super().__init__()
-        if mse_weight < 0:
-            raise ValueError(f'loss.mse_weight={mse_weight:g} must be >= 0')
+        if not 0 <= mse_weight < math.inf:  # NaN fails the comparison too
+            raise ValueError(f'loss.mse_weight={mse_weight:g} must be >= 0 and finite')
         self.mse_weight = mse_weight
         self.masking = MaskingConfig(**masking) if isinstance(masking, dict) else masking
         self.pad_id = dataset.pad_id if dataset is not None else pad_id

@@ -152,7 +152,6 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('data.shuffle_algo', lambda v: v in SHUFFLE_ALGOS, f'one of {", ".join(SHUFFLE_ALGOS)}'),
     ('diffusion.t_min', _positive, 'a positive finite number'),
     ('diffusion.t_max', _positive, 'a positive finite number above diffusion.t_min'),
-    ('loss.mse_weight', _non_negative, 'a finite number >= 0'),
     ('device', lambda v: v is None or v in DEVICES, f'null or one of {", ".join(DEVICES)}'),
 )  # fmt: skip
 OPTIMIZER_RANGES = (
