@@ -210,6 +210,7 @@ def build_dataloader(
         if dist.get_local_rank() == 0:
             decompress_local_split(local)
         dist.barrier()
+    release_probed_shared_memory()
     dataset = StoryDataset(
         remote=remote,
         local=local,
@@ -251,6 +252,33 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
     store.fetch_file(METADATA_FILE, os.path.join(local_cache, METADATA_FILE))
     store.fetch_directory(TOKENIZER_DIR, os.path.join(local_cache, TOKENIZER_DIR))
     return local_cache
+
+
+def release_probed_shared_memory() -> None:
+    """Lets Streaming's search for a free shared-memory prefix close the blocks it only looks at.
+
+    Streaming 0.13's `prefix._check_and_find` attaches to every registered prefix's block to read
+    it, through a `SharedMemory` that registers its cleanup with `atexit`, so each attach holds a
+    file descriptor until the process ends: about 500 per dataset on a machine with a few hundred
+    stale prefixes, which runs a long process (a test session, a notebook) out of descriptors.
+    Blocks attached (create=False) here skip the `atexit` hook, so the builtin `SharedMemory`
+    closes them once dropped; blocks created keep it. A Streaming without that name fails here,
+    naming this patch.
+    """
+    original = getattr(streaming_prefix, 'SharedMemory', None)
+    if original is None:
+        raise RuntimeError(
+            'cdcd_composer.data.loaders.release_probed_shared_memory: streaming.base.shared.prefix has no '
+            'SharedMemory (Streaming changed); update the patch'
+        )
+    original = getattr(original, '__wrapped__', original)
+
+    def attach_or_create(name: str | None = None, create: bool | None = None, size: int = 0,
+                         auto_cleanup: bool = True) -> SharedMemory:  # fmt: skip
+        return original(name, create, size, auto_cleanup=auto_cleanup and create is not False)
+
+    attach_or_create.__wrapped__ = original  # type: ignore[attr-defined]
+    streaming_prefix.SharedMemory = attach_or_create  # type: ignore[attr-defined]
 
 
 def use_node_shm_namespace() -> str:
