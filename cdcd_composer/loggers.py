@@ -13,6 +13,8 @@ from typing import Any
 from composer.core import State
 from composer.loggers import FileLogger, Logger, ProgressBarLogger
 
+from cdcd_composer import workarounds
+
 
 class AppendingFileLogger(FileLogger):
     """`loggers.file`: Composer's `FileLogger`, appending to an existing log unless `overwrite=true`.
@@ -23,6 +25,10 @@ class AppendingFileLogger(FileLogger):
     Here `overwrite=false` (the default) appends, so one file holds the whole run, each start
     marked by Composer's config header; `overwrite=true` starts the file afresh.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        workarounds.require('AppendingFileLogger')
+        super().__init__(*args, **kwargs)
 
     def init(self, state: State, logger: Logger) -> None:
         """Opens the log for appending (or truncates it with `overwrite=true`) and flushes the queue."""
@@ -49,6 +55,10 @@ class ResumableProgressBar(ProgressBarLogger):
     train_pbar`: a one-process FSDP2 run (cdcd-140m on one GPU) could not resume. The bars
     are rebuilt from the run's timestamp anyway, so there is nothing to keep.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        workarounds.require('ResumableProgressBar')
+        super().__init__(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         """The same keys at every save and load, holding nothing."""

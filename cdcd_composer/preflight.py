@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from cdcd_composer.config import TrainConfig
-from cdcd_composer.data.store import DatasetRoot, is_remote
 from cdcd_composer.sharding import check_sharding, fsdp_version
+from cdcd_composer.storage import Folder, is_remote
 
 
 def check_system(cfg: TrainConfig) -> None:
@@ -47,7 +47,7 @@ def check_object_stores(cfg: TrainConfig) -> None:
     """
     if cfg.save_folder is not None and is_remote(cfg.save_folder):
         folder = cfg.save_folder.format(run_name=cfg.run_name or 'run')
-        DatasetRoot(folder.split('{')[0])  # Raises StoreError naming the URI when unreachable.
+        Folder(folder.split('{')[0])  # Raises StorageError naming the URI when unreachable.
     if cfg.load_path is not None and is_remote(cfg.load_path):
-        if not DatasetRoot(cfg.load_path.rsplit('/', 1)[0]).exists(cfg.load_path.rsplit('/', 1)[1]):
+        if not Folder(cfg.load_path.rsplit('/', 1)[0]).exists(cfg.load_path.rsplit('/', 1)[1]):
             raise ValueError(f'load_path {cfg.load_path} not found: check the URI')

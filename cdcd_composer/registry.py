@@ -7,17 +7,14 @@ import math
 from typing import Any
 
 import torch
-from composer import algorithms, callbacks, loggers, optim
+from composer import loggers, optim
 from composer.core import Time, TimeUnit
 from torch import nn
 
-from cdcd_composer.ema import EMA
-from cdcd_composer.export_weights import ExportWeights
+from cdcd_composer.algorithms import ALGORITHMS
+from cdcd_composer.callbacks import CALLBACKS
 from cdcd_composer.loggers import AppendingFileLogger
 from cdcd_composer.optim import FusedDecoupledAdamW
-from cdcd_composer.self_conditioning import SelfConditioning
-from cdcd_composer.time_warp_refit import TimeWarpRefit
-from cdcd_composer.training_samples import TrainingSamples
 
 OPTIMIZERS: dict[str, type] = {
     'decoupled_adamw': optim.DecoupledAdamW,
@@ -29,21 +26,6 @@ SCHEDULERS: dict[str, type] = {
     'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
     'linear_decay_with_warmup': optim.LinearWithWarmupScheduler,
     'constant_with_warmup': optim.ConstantWithWarmupScheduler,
-}
-ALGORITHMS: dict[str, type] = {
-    'gradient_clipping': algorithms.GradientClipping,
-    'ema': EMA,  # Composer's EMA cannot hold FSDP2's DTensors (see cdcd_composer.ema)
-    'self_conditioning': SelfConditioning,
-}
-CALLBACKS: dict[str, type] = {
-    'speed_monitor': callbacks.SpeedMonitor,
-    'lr_monitor': callbacks.LRMonitor,
-    'memory_monitor': callbacks.MemoryMonitor,
-    'optimizer_monitor': callbacks.OptimizerMonitor,
-    'runtime_estimator': callbacks.RuntimeEstimator,
-    'time_warp_refit': TimeWarpRefit,
-    'training_samples': TrainingSamples,
-    'export_weights': ExportWeights,
 }
 LOGGERS: dict[str, type] = {
     'file': AppendingFileLogger,  # Composer's, appending (a resumed run keeps its log)

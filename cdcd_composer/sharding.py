@@ -14,21 +14,19 @@ The YAML keys are those of Composer's FSDP1 `FSDPConfig`, under `parallelism_con
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-import torch.distributed
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+from cdcd_composer import workarounds
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +51,9 @@ class HybridShardConfig(FSDP2Config):
     data_parallel_shard_degree: int = -1
     data_parallel_replicate_degree: int | None = None
 
-
-def fix_fsdp2_on_cpu() -> None:
-    """Fixes two torch 2.7 FSDP2 defects that only CPU runs (gloo, CPU streams) meet; GPUs are untouched.
-
-    1. FSDP2 reduces fp32 and bf16 gradients with `ReduceOp.AVG`. Gloo's `reduce_scatter_tensor`
-       silently sums instead (pytorch/pytorch#162338: every gradient comes out world-size times too
-       large, which Adam mostly hides but gradient clipping does not), and gloo's `all_reduce` rejects
-       AVG, so HSDP's cross-replica reduction fails. On gloo groups FSDP2 is sent down the path it has
-       for fp16 reductions: SUM collectives, then one division by the data-parallel size. NCCL groups
-       keep `ReduceOp.AVG`.
-    2. `torch.cpu.Stream.record_event` returns None, and HSDP asserts an event after its cross-replica
-       all-reduce. CPU collectives here complete before they return, so an always-complete
-       `torch.cpu.Event` is the truth.
-
-    Idempotent; every rank calls it before building the model.
-    """
-    original = _fsdp_collectives._get_gradient_divide_factors
-    if not getattr(original, 'sums_on_gloo', False):
-
-        @functools.wraps(original)
-        def divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=''):
-            if torch.distributed.get_backend(reduce_scatter_group) != 'gloo':
-                return original(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
-            replicas = all_reduce_group.size() if all_reduce_group is not None else 1
-            # A pre-divide factor of 1 selects ReduceOp.SUM for both collectives and divides nothing first.
-            return 1.0, float(reduce_scatter_group.size() * replicas)
-
-        divide_factors.sums_on_gloo = True
-        _fsdp_collectives._get_gradient_divide_factors = divide_factors
-    if torch.cpu.Stream().record_event() is None:
-        torch.cpu.Stream.record_event = lambda self: torch.cpu.Event()
+    def __post_init__(self) -> None:
+        workarounds.require('HybridShardConfig')
+        super().__post_init__()
 
 
 def trainer_parallelism(parallelism: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py, generate.py and data_prep/ live at the top level.
 
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401 - fixtures
 
+from cdcd_composer.commands.convert import convert  # noqa: E402
 from cdcd_composer.config import load_config  # noqa: E402
-from data_prep.convert_tinystories import convert  # noqa: E402
 
 TINY_MODEL = {'d_embed': 16, 'd_model': 32, 'n_layers': 2, 'n_heads': 2, 'n_fourier': 8, 'd_time': 16}
 

@@ -17,13 +17,11 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from composer.callbacks import CheckpointSaver  # noqa: E402
 from composer.core import Callback  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
-import train  # noqa: E402
+from cdcd_composer.commands import train  # noqa: E402
 from cdcd_composer.config import load_config  # noqa: E402
 
 

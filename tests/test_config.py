@@ -4,8 +4,8 @@ import sys
 import pytest
 from conftest import REPO
 
+from cdcd_composer.commands.train import validate
 from cdcd_composer.config import load_config, parse_config
-from train import validate
 
 
 @pytest.mark.parametrize('name', ['cdcd-tiny', 'cdcd-char', 'cdcd-5m', 'cdcd-140m'])

@@ -18,17 +18,17 @@ import pytest
 import torch
 from conftest import REPO
 
+from cdcd_composer.commands import convert as convert_tinystories
+from cdcd_composer.commands.convert import convert, main
+from cdcd_composer.commands.train import main as train_main
+from cdcd_composer.commands.train import validate as train_validate
 from cdcd_composer.config import parse_config
 from cdcd_composer.data.grammar import StoryGrammar
 from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split
 from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.sources import is_carved
-from cdcd_composer.data.store import DatasetRoot, StoreError
 from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer, tokenizer_sha256
-from data_prep import convert_tinystories
-from data_prep.convert_tinystories import convert, main
-from train import main as train_main
-from train import validate as train_validate
+from cdcd_composer.storage import Folder, StorageError
 
 STORIES = list(StoryGrammar(seed=3).stories(60))
 SEQ_LEN = 48
@@ -452,8 +452,8 @@ def test_a_users_temporary_folder_survives_a_conversion(tmp_path, tokenizer_dir)
 def test_a_second_conversion_into_the_same_root_fails_fast_naming_the_holder(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'all.txt', STORIES)
     out = tmp_path / 'ds'
-    with DatasetRoot(str(out)).lock():  # as if another conversion were writing it
-        with pytest.raises(StoreError, match=r'ds is being written by another process \(pid \d+, lock'):
+    with Folder(str(out)).lock():  # as if another conversion were writing it
+        with pytest.raises(StorageError, match=r'ds is being written by another process \(pid \d+, lock'):
             convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
     convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))  # the lock is released
 

@@ -71,10 +71,11 @@ def test_shared_memory_clean_up_removes_only_this_runs_stale_registrations(tmp_p
     from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _pack_locals
 
+    from cdcd_composer import workarounds
     from cdcd_composer.data import loaders
 
-    monkeypatch.setenv(loaders.SHM_NAMESPACE_ENV, f'test{os.getpid()}')
-    loaders.use_node_shm_namespace()
+    monkeypatch.setenv(workarounds.SHM_NAMESPACE_ENV, f'test{os.getpid()}')
+    workarounds.streaming_node_namespace()
     name = loaders.streaming_prefix._get_path
     cache, other = tmp_path / 'cache', tmp_path / 'other-job'
     blocks = []
@@ -94,8 +95,8 @@ def test_shared_memory_clean_up_removes_only_this_runs_stale_registrations(tmp_p
         for block in blocks:
             block.shm.close()
         SharedMemory(name(0, 'locals'), False, auto_cleanup=False).shm.unlink()
-        monkeypatch.delenv(loaders.SHM_NAMESPACE_ENV)
-        loaders.use_node_shm_namespace()  # back to node0 for the tests that follow
+        monkeypatch.delenv(workarounds.SHM_NAMESPACE_ENV)
+        workarounds.streaming_node_namespace()  # back to node0 for the tests that follow
 
 
 @pytest.mark.parametrize('index, message', [
@@ -147,8 +148,8 @@ def test_a_description_that_states_another_seq_len_than_the_shards_is_refused(
 ):
     import json
 
+    from cdcd_composer.commands.train import validate
     from cdcd_composer.config import parse_config
-    from train import validate
 
     root = tmp_path / 'ds'
     shutil.copytree(tiny_dataset, root)

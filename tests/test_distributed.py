@@ -7,24 +7,23 @@ import pytest
 import torch
 from conftest import REPO, launch_two_ranks, two_rank_overrides
 
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoints.loading import load_trained_model
 
 pytestmark = pytest.mark.slow
 
 DRIVER = """
 import os, sys, torch
-sys.path.insert(0, {repo!r})
-import train
+from cdcd_composer.commands import train
 from composer.core import Callback
 from composer.utils import dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from cdcd_composer.time_warp_refit import TimeWarpRefit
+from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.config import load_config
 from cdcd_composer.model import Block
-from cdcd_composer.training_samples import TrainingSamples
+from cdcd_composer.callbacks.training_samples import TrainingSamples
 
 class Record(Callback):
     def __init__(self):

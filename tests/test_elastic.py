@@ -18,12 +18,11 @@ pytestmark = pytest.mark.slow
 
 DRIVER = """
 import hashlib, os, sys, torch
-sys.path.insert(0, {repo!r})
-import train
+from cdcd_composer.commands import train
 from composer.core import Callback
 from composer.utils import dist
 from cdcd_composer.config import load_config
-from cdcd_composer.time_warp_refit import TimeWarpRefit
+from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
 
 class RecordOrder(Callback):
     '''Per global batch, the hashes of its samples in rank order (saved by rank 0).'''

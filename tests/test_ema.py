@@ -11,11 +11,12 @@ import torch
 from conftest import REPO, launch_two_ranks, tiny_overrides
 from torch import nn
 
-import train
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.algorithms import EMA
+from cdcd_composer.averaged_weights import AveragedWeights
+from cdcd_composer.checkpoints.loading import load_trained_model
+from cdcd_composer.commands import train
+from cdcd_composer.commands.export import main as export_main
 from cdcd_composer.config import load_config
-from cdcd_composer.ema import EMA, AveragedWeights
-from export import main as export_main
 
 
 def test_averages_follow_the_closed_form_and_swap_in_place():
@@ -102,10 +103,9 @@ def test_a_run_without_ema_exports_its_raw_weights_under_either_choice(tiny_data
 
 FSDP2_LAYOUT = """
 import json, sys
-sys.path.insert(0, {repo!r})
 import torch
 from torch.distributed.tensor import DTensor
-import train
+from cdcd_composer.commands import train
 from cdcd_composer.config import load_config
 from composer.utils import dist
 

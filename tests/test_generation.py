@@ -15,16 +15,15 @@ import pytest
 import torch
 from conftest import REPO, TINY_MODEL
 
-import eval as eval_cli
-import generate
-import train
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoints.loading import load_trained_model
+from cdcd_composer.checkpoints.trust import outside_allowlist
+from cdcd_composer.commands import evaluate as eval_cli
+from cdcd_composer.commands import generate, train
 from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
 from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.prompting import prompt_canvas, template_canvas
 from cdcd_composer.sampler import SamplerSettings, sample
-from cdcd_composer.trust import outside_allowlist
 
 L = 96
 
@@ -388,7 +387,7 @@ def test_generate_checks_device_and_output_before_sampling(
 
 
 def test_export_and_generate_through_s3(trained_run, s3_env, tmp_path, capsys):
-    from export import main as export_main
+    from cdcd_composer.commands.export import main as export_main
 
     bucket = s3_env()
     checkpoint = trained_run / 'checkpoints' / 'latest-rank0.pt'
@@ -439,9 +438,9 @@ def test_the_default_judges_dependencies_are_installed_and_a_missing_one_is_one_
 def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
+    from cdcd_composer.checkpoints.trust import load_checkpoint_file
+    from cdcd_composer.commands.export import main as export_main
     from cdcd_composer.export import file_sha256
-    from cdcd_composer.trust import load_checkpoint_file
-    from export import main as export_main
 
     export = tmp_path / 'export'
     shutil.copytree(trained_run / 'export', export)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import train
+from cdcd_composer.commands import train
 
 pytestmark = pytest.mark.slow
 

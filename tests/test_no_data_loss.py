@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from conftest import REPO, tiny_overrides
 
-import train
+from cdcd_composer.commands import train
+from cdcd_composer.commands.export import main as export_main
 from cdcd_composer.config import load_config, parse_config
-from cdcd_composer.data.store import StoreError
-from export import main as export_main
+from cdcd_composer.storage import StorageError
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_an_export_into_the_run_folder_is_refused_before_training(tiny_dataset, 
     overrides = [*tiny_overrides(tiny_dataset, out), f'callbacks.export_weights.folder={out}']
     cfg = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides)
     trainer = train.main(cfg, return_trainer=True, do_train=False)  # the file logger has written logs.txt
-    with pytest.raises(StoreError, match=r'run holds files cdcd-composer did not write'):
+    with pytest.raises(StorageError, match=r'run holds files cdcd-composer did not write'):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0  # refused at FIT_START, before any step
     assert (out / 'logs.txt').exists()
@@ -48,7 +48,7 @@ def test_a_users_file_named_like_ours_does_not_make_the_folder_ours(tiny_dataset
     out = tmp_path / 'run'
     overrides = [*tiny_overrides(tiny_dataset, out), f'callbacks.export_weights.folder={mine}']
     trainer = train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides), True, do_train=False)
-    with pytest.raises(StoreError, match=r'mine holds files cdcd-composer did not write'):
+    with pytest.raises(StorageError, match=r'mine holds files cdcd-composer did not write'):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0
     train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), tiny_overrides(tiny_dataset, out)))

@@ -8,14 +8,13 @@ import pytest
 import torch
 from conftest import REPO, TINY_MODEL
 
-import generate
-import train
+from cdcd_composer.commands import generate, train
+from cdcd_composer.commands.convert import convert
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import load_config
 from cdcd_composer.data.tokenization import byte_tokenizer, load_tokenizer
 from cdcd_composer.model import CDCDConfig, CDCDTransformer, skip_and_out
 from cdcd_composer.sampler import SamplerSettings, sample
-from data_prep.convert_tinystories import convert
 
 VOCAB = 50
 

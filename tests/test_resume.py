@@ -18,9 +18,9 @@ from conftest import REPO, kill_when_paused, tiny_overrides
 from s3_server import free_port
 from safetensors.torch import load_file
 
-import train
+from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
+from cdcd_composer.commands import train
 from cdcd_composer.config import parse_config
-from cdcd_composer.time_warp_refit import TimeWarpRefit
 
 pytestmark = pytest.mark.slow
 
@@ -318,7 +318,7 @@ def test_an_unpointed_run_in_a_bucket_resumes_from_its_newest_complete_checkpoin
 def test_resuming_on_data_converted_again_differently_is_refused(tiny_config, tmp_path, change, message):
     """The same command after the data was converted again with another tokenizer or canvas must not
     train the checkpoint on token ids it never saw (a tokenizer trained again is another tokenizer)."""
-    from data_prep.convert_tinystories import convert
+    from cdcd_composer.commands.convert import convert
 
     cfg = dict(tiny_config, autoresume=True, save_interval='2ba', max_duration='2ba')
     train.main(cfg)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import train
+from cdcd_composer.commands import train
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_choice_depends_only_on_seed_batch_and_microbatch():
     """A fresh algorithm (as after a resume) picks the same examples at the same batch."""
     from types import SimpleNamespace
 
-    from cdcd_composer.self_conditioning import SelfConditioning
+    from cdcd_composer.algorithms.self_conditioning import SelfConditioning
 
     def choices(algorithm, batch_index, microbatches):
         state = SimpleNamespace(rank_zero_seed=17, timestamp=SimpleNamespace(batch=batch_index))
@@ -143,7 +143,7 @@ def test_batch_coin_is_shared_by_ranks_and_fair():
     from types import SimpleNamespace
     from unittest import mock
 
-    from cdcd_composer import self_conditioning
+    from cdcd_composer.algorithms import self_conditioning
 
     algorithm = self_conditioning.SelfConditioning(0.3, per='batch')
 

@@ -1,5 +1,5 @@
 """FSDP2 on CPU (gloo) averages gradients like the single-process step on the whole batch, for the 1-D
-mesh and for HSDP's 2-D mesh; `fix_fsdp2_on_cpu` is what makes it so in torch 2.7."""
+mesh and for HSDP's 2-D mesh; `workarounds.gloo_gradient_reductions` is what makes it so in torch 2.7."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ GRADIENTS = """
 import copy, json, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-sys.path.insert(0, {repo!r})
-from cdcd_composer.sharding import fix_fsdp2_on_cpu
+from cdcd_composer import workarounds
 
 dist.init_process_group('gloo')
 
@@ -40,8 +39,9 @@ def gradient_ratios(mesh_shape):
     return ratios
 
 ratios = {{'unfixed': gradient_ratios((2,))}}
-fix_fsdp2_on_cpu()
-fix_fsdp2_on_cpu()  # idempotent
+workarounds.gloo_gradient_reductions()
+workarounds.cpu_stream_events()
+workarounds.gloo_gradient_reductions()  # idempotent
 ratios['fsdp'] = gradient_ratios((2,))
 ratios['hsdp'] = gradient_ratios((2, 1))  # 2 replicas of a 1-rank shard group: the cross-node all-reduce
 if dist.get_rank() == 0:
@@ -64,9 +64,8 @@ def test_fsdp2_on_gloo_averages_gradients_over_ranks_and_replicas(tmp_path):
 
 ACCUMULATION = """
 import json, os, sys, torch
-sys.path.insert(0, {repo!r})
 import torch.distributed
-import train
+from cdcd_composer.commands import train
 from composer.utils import dist
 from cdcd_composer.config import load_config
 from cdcd_composer.sharding import ReduceOnLastMicrobatch

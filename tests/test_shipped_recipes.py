@@ -21,10 +21,10 @@ from conftest import REPO, kill_when_paused
 from safetensors.torch import load_file
 from shipped import BATCHES, EVAL_EVERY, SAVE_EVERY, SHIPPED, shipped_yaml, shrunk_overrides
 
-import eval as eval_cli
-import generate
-from data_prep.convert_tinystories import convert
-from export import main as export_main
+from cdcd_composer.commands import evaluate as eval_cli
+from cdcd_composer.commands import generate
+from cdcd_composer.commands.convert import convert
+from cdcd_composer.commands.export import main as export_main
 
 pytestmark = pytest.mark.slow
 

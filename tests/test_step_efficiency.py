@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from composer.core import Event, Precision
 from composer.optim import DecoupledAdamW
 
+from cdcd_composer.algorithms.self_conditioning import SelfConditioning
+from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.optim import FusedDecoupledAdamW
-from cdcd_composer.self_conditioning import SelfConditioning
-from cdcd_composer.time_warp_refit import TimeWarpRefit
 
 TINY = {
     'vocab_size': 50,

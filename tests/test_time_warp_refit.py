@@ -5,9 +5,9 @@ import pytest
 import torch
 from composer.core import Callback
 
-import train
-from cdcd_composer.checkpoint import load_trained_model
-from cdcd_composer.time_warp_refit import TimeWarpRefit
+from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
+from cdcd_composer.checkpoints.loading import load_trained_model
+from cdcd_composer.commands import train
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from conftest import REPO
 
-import generate
-import train
-from cdcd_composer.checkpoint import load_trained_model
+from cdcd_composer.checkpoints.loading import load_trained_model
+from cdcd_composer.commands import generate, train
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.sampler import decode_samples, sample
 

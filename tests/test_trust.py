@@ -1,6 +1,6 @@
 """No pickle runs code without the explicit trust flag, on any path that reads a checkpoint.
 
-Every read is weights-only (`cdcd_composer.trust`): a malicious pickle is refused wherever it
+Every read is weights-only (`cdcd_composer.checkpoints.trust`): a malicious pickle is refused wherever it
 lies and whoever owns it, and a real checkpoint loads from anywhere.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as eval_cli
-import generate
-import train
-from cdcd_composer import trust
+from cdcd_composer import workarounds
+from cdcd_composer.checkpoints import trust
+from cdcd_composer.commands import evaluate as eval_cli
+from cdcd_composer.commands import generate, train
+from cdcd_composer.commands.export import main as export_main
 from cdcd_composer.config import parse_config
-from export import main as export_main
 
 
 class Payload:
@@ -131,8 +131,8 @@ def test_the_composer_guard_fails_loudly_when_its_target_is_gone(monkeypatch):
     import composer.utils.checkpoint as loader
 
     monkeypatch.delattr(loader, '_torch_load_with_validation')
-    with pytest.raises(RuntimeError, match='guard_composer_loads: composer.utils.checkpoint has no'):
-        trust.guard_composer_loads(trust=False)
+    with pytest.raises(RuntimeError, match='weights_only_composer_loads: composer.utils.checkpoint has no'):
+        workarounds.weights_only_composer_loads(trust=False)
 
 
 def sharded_folder(tmp_path: Path, marker: Path, where: str) -> Path:

@@ -22,12 +22,12 @@ from streaming.base.shared import prefix as streaming_prefix
 from streaming.base.shared.prefix import _unpack_locals
 from torch.utils.data import DataLoader
 
+from cdcd_composer import workarounds
 from cdcd_composer.data.metadata import METADATA_FILE, TOKENIZER_DIR
-from cdcd_composer.data.store import DatasetRoot, is_remote
+from cdcd_composer.storage import Folder, is_remote
 
 log = logging.getLogger(__name__)
 
-SHM_NAMESPACE_ENV = 'CDCD_SHM_NAMESPACE'
 FILELOCKS = (BARRIER_FILELOCK, CACHE_FILELOCK)
 
 
@@ -60,7 +60,7 @@ def check_split(root: str, split: str) -> set[str]:
     """
     fix = f'rebuild it with `python data_prep/convert_tinystories.py --out_root {root} --overwrite`'
     if is_remote(root):
-        store, where = DatasetRoot(root), f'{root.rstrip("/")}/{split}'
+        store, where = Folder(root), f'{root.rstrip("/")}/{split}'
         index = store.read_json(f'{split}/index.json')
         if index is None:
             raise ValueError(f'{where}/index.json not found: no {split!r} split under data.root; {fix}')
@@ -210,7 +210,7 @@ def build_dataloader(
         if dist.get_local_rank() == 0:
             decompress_local_split(local)
         dist.barrier()
-    release_probed_shared_memory()
+    workarounds.streaming_releases_probed_blocks()
     dataset = StoryDataset(
         remote=remote,
         local=local,
@@ -243,7 +243,7 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
         return root
     if local_cache is None:
         raise ValueError(f'data.local_cache is required for the remote data.root {root!r}')
-    store = DatasetRoot(root)
+    store = Folder(root)
     if store.read_json(METADATA_FILE) is None:
         raise ValueError(
             f'{root}/{METADATA_FILE} not found: data.root is not a complete dataset; create it with '
@@ -252,60 +252,6 @@ def fetch_dataset_files(root: str, local_cache: str | None) -> str:
     store.fetch_file(METADATA_FILE, os.path.join(local_cache, METADATA_FILE))
     store.fetch_directory(TOKENIZER_DIR, os.path.join(local_cache, TOKENIZER_DIR))
     return local_cache
-
-
-def release_probed_shared_memory() -> None:
-    """Lets Streaming's search for a free shared-memory prefix close the blocks it only looks at.
-
-    Streaming 0.13's `prefix._check_and_find` attaches to every registered prefix's block to read
-    it, through a `SharedMemory` that registers its cleanup with `atexit`, so each attach holds a
-    file descriptor until the process ends: about 500 per dataset on a machine with a few hundred
-    stale prefixes, which runs a long process (a test session, a notebook) out of descriptors.
-    Blocks attached (create=False) here skip the `atexit` hook, so the builtin `SharedMemory`
-    closes them once dropped; blocks created keep it. A Streaming without that name fails here,
-    naming this patch.
-    """
-    original = getattr(streaming_prefix, 'SharedMemory', None)
-    if original is None:
-        raise RuntimeError(
-            'cdcd_composer.data.loaders.release_probed_shared_memory: streaming.base.shared.prefix has no '
-            'SharedMemory (Streaming changed); update the patch'
-        )
-    original = getattr(original, '__wrapped__', original)
-
-    def attach_or_create(name: str | None = None, create: bool | None = None, size: int = 0,
-                         auto_cleanup: bool = True) -> SharedMemory:  # fmt: skip
-        return original(name, create, size, auto_cleanup=auto_cleanup and create is not False)
-
-    attach_or_create.__wrapped__ = original  # type: ignore[attr-defined]
-    streaming_prefix.SharedMemory = attach_or_create  # type: ignore[attr-defined]
-
-
-def use_node_shm_namespace() -> str:
-    """Gives this node's Streaming shared memory and file locks names of their own, `node{NODE_RANK}_...`.
-
-    Streaming names them `{prefix:06}_{name}` and every node's local leader picks the same first
-    free prefix, which assumes one node per host: two nodes on one machine (a simulated cluster,
-    or two jobs' nodes packed on one host) create the same names and crash. With the node rank in
-    every name (or `$CDCD_SHM_NAMESPACE` when set), each node has its own set; the ranks of one
-    node still share theirs. Forked DataLoader workers inherit it.
-
-    Returns:
-        The namespace.
-    """
-    import streaming.base.dataset
-    import streaming.base.util
-
-    namespace = os.environ.get(SHM_NAMESPACE_ENV) or f'node{os.environ.get("NODE_RANK", "0")}'
-    original = getattr(streaming_prefix._get_path, '__wrapped__', streaming_prefix._get_path)
-
-    def namespaced(prefix_int: int, name: str) -> str:
-        return f'{namespace}_{original(prefix_int, name)}'
-
-    namespaced.__wrapped__ = original  # type: ignore[attr-defined]
-    for module in (streaming_prefix, streaming.base.dataset, streaming.base.util):
-        module._get_path = namespaced  # type: ignore[attr-defined]
-    return namespace
 
 
 def clean_shared_memory(root: str, local_cache: str | None, splits: tuple[str, ...]) -> None:
@@ -324,6 +270,7 @@ def clean_shared_memory(root: str, local_cache: str | None, splits: tuple[str, .
         local_cache: Its local cache (`data.local_cache`), for an object-store root.
         splits: The splits this run reads.
     """
+    workarounds.require('clean_shared_memory')
     if is_remote(root) and local_cache is not None and dist.get_local_rank() == 0:
         ours = {os.path.abspath(os.path.join(local_cache, split)) for split in splits}
         for prefix_int in _registered_prefixes():

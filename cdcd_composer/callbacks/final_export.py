@@ -10,10 +10,10 @@ from composer.core import Callback, State
 from composer.loggers import Logger, MLFlowLogger, WandBLogger
 from composer.utils import dist
 
+from cdcd_composer.averaged_weights import WEIGHT_CHOICES
 from cdcd_composer.composer_model import unwrap_model
-from cdcd_composer.data.store import DatasetRoot, check_writable, is_remote
-from cdcd_composer.ema import WEIGHT_CHOICES
 from cdcd_composer.export import split_folder, write_export
+from cdcd_composer.storage import Folder, check_writable, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def log_export_artifact(destination: Any, folder: str, run_name: str) -> None:
         wandb.log_artifact(artifact)
 
 
-class ExportWeights(Callback):
+class FinalExport(Callback):
     """Writes the model's state as a weights-only export at `FIT_END` (see `cdcd_composer.export`).
 
     Under FSDP every rank takes part in gathering the full state dict; rank 0 writes it, and
@@ -65,7 +65,7 @@ class ExportWeights(Callback):
             out = self.folder.format(run_name=state.run_name)
             check_writable(out, 'callbacks.export_weights.folder')
             parent, name = split_folder(out)
-            DatasetRoot(parent).check_replaceable(name)
+            Folder(parent).check_replaceable(name)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         """Gathers the full state dict and writes the export."""

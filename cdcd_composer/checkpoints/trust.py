@@ -13,8 +13,6 @@ unpickle of such a file, for one you wrote with other types and trust.
 from __future__ import annotations
 
 import datetime
-import functools
-import io
 import pickle
 import re
 import zipfile
@@ -141,47 +139,6 @@ def not_a_checkpoint(path: str, error: Exception) -> ValueError:
     )
 
 
-def guard_checkpoint_loads(trust: bool) -> None:
-    """Every checkpoint read in this process, `.pt` or sharded, ours or Composer's: weights-only."""
-    guard_composer_loads(trust)
-    guard_sharded_loads(trust)
-
-
-def guard_composer_loads(trust: bool) -> None:
-    """Makes every checkpoint Composer reads (autoresume, `load_path`) weights-only, unless `trust`.
-
-    Composer 0.32.1 reads every checkpoint file with `_torch_load_with_validation`, which calls
-    `torch.load(weights_only=False)` (composer/utils/checkpoint.py; composer/checkpoint/load.py
-    imports it by name). Both references are replaced; a pinned Composer without them fails here,
-    naming this patch, rather than loading unguarded.
-    """
-    import composer.checkpoint.load as new_loader
-    import composer.utils.checkpoint as loader
-
-    for module in (loader, new_loader):
-        original = getattr(module, '_torch_load_with_validation', None)
-        if original is None:
-            raise RuntimeError(
-                f'cdcd_composer.trust.guard_composer_loads: {module.__name__} has no '
-                '_torch_load_with_validation (Composer changed); update the patch before loading checkpoints'
-            )
-        original = getattr(original, '__wrapped__', original)
-        module._torch_load_with_validation = _guarded(original, trust)
-
-
-def _guarded(original: Any, trust: bool) -> Any:
-    """Composer's loader with its `torch.load` made weights-only unless `trust`."""
-    from composer.utils.checkpoint import _ensure_valid_checkpoint
-
-    @functools.wraps(original)
-    def load(checkpoint_filepath: Any, map_location: str) -> Any:
-        validated = str(_ensure_valid_checkpoint(checkpoint_filepath))  # Composer's own validation hook
-        # A damaged file raises what torch.load raises: train.py names the way out (resume.py).
-        return weights_only_load(validated, str(checkpoint_filepath), trust, flag='trust_checkpoint=true')
-
-    return load
-
-
 DCP_METADATA_GLOBALS = {
     *(('torch.distributed.checkpoint.metadata', name) for name in (
         'Metadata', 'MetadataIndex', 'StorageMeta', 'TensorProperties', 'TensorStorageMetadata',
@@ -202,53 +159,3 @@ class DCPMetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         where = getattr(self, 'path', '.metadata')
         raise refusal(where, f'it holds {module}.{name}, outside the sharded-checkpoint allowlist')
-
-
-class _RestrictedPickle:
-    """The `pickle` module as DCP's filesystem reader sees it: `load` is `DCPMetadataUnpickler`'s."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(pickle, name)
-
-    @staticmethod
-    def load(file: IO[bytes]) -> Any:
-        unpickler = DCPMetadataUnpickler(file)
-        unpickler.path = getattr(file, 'name', '.metadata')
-        return unpickler.load()
-
-
-def guard_sharded_loads(trust: bool) -> None:
-    """Makes torch.distributed.checkpoint read a sharded checkpoint without running code, unless `trust`.
-
-    torch 2.7 unpickles a sharded checkpoint's `.metadata` with plain `pickle.load`
-    (`FileSystemReader.read_metadata`) and its non-tensor entries with `torch.load(weights_only=False)`
-    (`DefaultLoadPlanner.load_bytes`); Composer's sharded resume and `dcp_to_torch_save` use both.
-    The first gets `DCPMetadataUnpickler`, the second the weights-only load with the checkpoint
-    allowlist. A torch without them fails here, naming this patch.
-    """
-    from torch.distributed.checkpoint import default_planner, filesystem
-
-    if not isinstance(getattr(filesystem, 'pickle', None), (type(pickle), _RestrictedPickle)) or not hasattr(
-        default_planner.DefaultLoadPlanner, 'load_bytes'
-    ):
-        raise RuntimeError(
-            'cdcd_composer.trust.guard_sharded_loads: torch.distributed.checkpoint changed (no '
-            'filesystem.pickle or DefaultLoadPlanner.load_bytes); update the patch before loading checkpoints'
-        )
-    planner = default_planner.DefaultLoadPlanner
-    original = getattr(planner.load_bytes, '__wrapped__', planner.load_bytes)
-    if trust:
-        filesystem.pickle, planner.load_bytes = pickle, original
-        return
-    filesystem.pickle = _RestrictedPickle()
-
-    @functools.wraps(original)
-    def load_bytes(self: Any, read_item: Any, value: Any) -> None:
-        entry = f'the sharded checkpoint entry {read_item.dest_index.fqn}'
-        loaded = weights_only_load(value, entry, trust=False, flag='trust_checkpoint=true')
-        value = io.BytesIO()
-        torch.save(loaded, value)  # the original stores what it loads: hand it the accepted bytes
-        value.seek(0)
-        original(self, read_item, value)
-
-    planner.load_bytes = load_bytes

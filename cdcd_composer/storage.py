@@ -1,10 +1,9 @@
-"""A dataset root on local disk or in an object store, and atomic writes of MDS splits into it.
+"""A folder on local disk or in an object store: a dataset root, a checkpoint folder, an export.
 
-Completeness is marked, never assumed: a split is complete when its `manifest.json` exists (it
-is written after the shards and `index.json`), the dataset when `cdcd_dataset.json` exists
-(written after everything else). Locally a split is written to a hidden temporary sibling and
-renamed into place; in an object store the split's old markers are deleted before its shards
-are uploaded, so at every moment a reader sees either a complete split or none.
+Small files (JSON, directories) are read and written through it, and directories are replaced
+atomically: locally a directory is written to a hidden temporary sibling and renamed into place;
+in an object store its old completeness marker goes before its new objects are uploaded, so at
+every moment a reader sees either a complete directory or none.
 
 Nothing this package did not write is ever deleted: every directory it writes carries an owner
 marker (`.cdcd-owned`), and replacing a directory without one is refused with one line naming
@@ -23,18 +22,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
-from streaming import MDSWriter
-
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = 'manifest.json'
+MANIFEST_FILE = 'manifest.json'  # a directory's completeness marker: written (uploaded) last
 TEMP_PREFIX = '.tmp-'
 OWNER_MARKER = '.cdcd-owned'  # in every directory this package writes: it may replace them
 LOCK_FILE = '.cdcd-lock'
 
 
-class StoreError(ValueError):
+class StorageError(ValueError):
     """The dataset root cannot be read or written; the message names the URI and the fix."""
 
 
@@ -57,7 +53,7 @@ def check_writable(path: str, what: str) -> None:
         what: The setting that names it, for the message (e.g. 'save_folder').
 
     Raises:
-        StoreError: one line naming the folder.
+        StorageError: one line naming the folder.
     """
     if is_remote(path):
         return
@@ -65,20 +61,20 @@ def check_writable(path: str, what: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise StoreError(f'{what} {path}: {existing} is a file, not a folder; choose another {what}')
+        raise StorageError(f'{what} {path}: {existing} is a file, not a folder; choose another {what}')
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise StoreError(f'{what} {path}: {existing} is not writable; choose a folder you can write to')
+        raise StorageError(f'{what} {path}: {existing} is not writable; choose a folder you can write to')
 
 
-class DatasetRoot:
-    """Small-file access (JSON, directories) to a dataset root, local or remote.
+class Folder:
+    """Small-file access (JSON, directories) to a folder, local or remote.
 
     Args:
         uri: Local directory or object-store URI (`s3://bucket/prefix`); credentials and
             `S3_ENDPOINT_URL` come from the environment.
 
     Raises:
-        StoreError: the object store or bucket cannot be reached.
+        StorageError: the object store or bucket cannot be reached.
     """
 
     def __init__(self, uri: str):
@@ -92,7 +88,7 @@ class DatasetRoot:
                 self.prefix = parse_uri(self.uri)[2].strip('/')
                 self.store.list_objects(self._key(''))  # Reachability and bucket check.
             except Exception as e:  # noqa: BLE001 - botocore/libcloud raise many types.
-                raise StoreError(
+                raise StorageError(
                     f'cannot reach {self.uri}: {type(e).__name__}: {str(e).splitlines()[0][:200]} '
                     '(check the bucket name, credentials and S3_ENDPOINT_URL)'
                 ) from e
@@ -171,7 +167,7 @@ class DatasetRoot:
             return
         client = getattr(self.store, 'client', None)
         if client is None or not hasattr(client, 'delete_object'):
-            raise StoreError(f'cannot delete from {self.uri}: remove {self.join(rel)} by hand, then rerun')
+            raise StorageError(f'cannot delete from {self.uri}: remove {self.join(rel)} by hand, then rerun')
         for key in self.store.list_objects(self._key(rel)):
             if key == self._key(rel) or key.startswith(self._key(rel) + '/'):
                 client.delete_object(Bucket=self.store.bucket, Key=key)
@@ -203,10 +199,10 @@ class DatasetRoot:
         """Raises when replacing `rel` would delete something this package did not write.
 
         Raises:
-            StoreError: one line naming the path and the fix.
+            StorageError: one line naming the path and the fix.
         """
         if not self.owns(rel):
-            raise StoreError(
+            raise StorageError(
                 f'{self.join(rel)} holds files cdcd-composer did not write (no {OWNER_MARKER} marker) and '
                 'would be deleted: move them away or choose another folder'
             )
@@ -281,13 +277,13 @@ class DatasetRoot:
         roots are not locked.
 
         Raises:
-            StoreError: another process holds the lock.
+            StorageError: another process holds the lock.
         """
         if self.store is not None:
             yield
             return
         if os.path.exists(self.uri) and not os.path.isdir(self.uri):
-            raise StoreError(f'{self.uri} is a file, not a directory: choose another folder')
+            raise StorageError(f'{self.uri} is a file, not a directory: choose another folder')
         os.makedirs(self.uri, exist_ok=True)
         path = os.path.join(self.uri, LOCK_FILE)
         with open(path, 'a+') as f:
@@ -296,7 +292,7 @@ class DatasetRoot:
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or 'unknown'
-                raise StoreError(
+                raise StorageError(
                     f'{self.uri} is being written by another process (pid {holder}, lock {path}): wait for '
                     'it to finish or choose another folder'
                 ) from None
@@ -308,70 +304,3 @@ class DatasetRoot:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class SplitWriter:
-    """Writes examples of one split as MDS shards (zstd, xxh64) and commits them atomically.
-
-    Use as a context manager: shards go to a staging location while the block runs;
-    `commit(manifest)` finishes them, writes `manifest.json` and moves the split into place.
-    Leaving the block without a commit (an exception, Ctrl-C) commits nothing.
-
-    Args:
-        root: Where the split goes.
-        split: Split name ('train', 'val').
-        seq_len: Tokens per example.
-        dtype: 'uint16' or 'int32'.
-        size_limit: Shard size limit before compression (Streaming's syntax, e.g. '64mb').
-    """
-
-    def __init__(self, root: DatasetRoot, split: str, seq_len: int, dtype: str, size_limit: str = '64mb'):
-        self.root, self.split, self.seq_len, self.dtype = root, split, seq_len, dtype
-        self.size_limit = size_limit
-        self.carry = np.zeros(0, dtype)
-        self.examples = 0
-
-    def __enter__(self) -> SplitWriter:
-        root = self.root
-        root.check_replaceable(self.split)
-        columns = {'tokens': f'ndarray:{self.dtype}:{self.seq_len}'}
-        kwargs = dict(columns=columns, compression='zstd', hashes=['xxh64'], size_limit=self.size_limit)
-        self.staging = root.new_staging(self.split)
-        if root.store is None:
-            self.writer = MDSWriter(out=self.staging, **kwargs)  # it wants an empty directory
-            mark_owned(self.staging)
-        else:
-            # Old objects go first: from here on the split is visibly incomplete until commit.
-            root.remove(self.split)
-            self.writer = MDSWriter(out=(self.staging, root.join(self.split)), **kwargs)
-            marker = os.path.join(tempfile.mkdtemp(prefix='cdcd-marker-'), OWNER_MARKER)
-            mark_owned(os.path.dirname(marker))
-            root.upload(marker, f'{self.split}/{OWNER_MARKER}')
-            shutil.rmtree(os.path.dirname(marker))
-        return self
-
-    def write_examples(self, examples: np.ndarray) -> None:
-        """Writes complete examples, shape (n, seq_len)."""
-        for row in examples:
-            self.writer.write({'tokens': row})
-        self.examples += len(examples)
-
-    def write_stream(self, stream: np.ndarray) -> None:
-        """Packs a token stream into full windows; the remainder waits for the next stream."""
-        stream = np.concatenate([self.carry, stream])
-        full = len(stream) // self.seq_len * self.seq_len
-        self.write_examples(stream[:full].reshape(-1, self.seq_len))
-        self.carry = stream[full:]
-
-    def commit(self, manifest: dict) -> None:
-        """Finishes the shards and writes `manifest.json`; the split becomes visible."""
-        self.writer.finish()
-        if self.root.store is None:
-            with open(os.path.join(self.staging, MANIFEST_FILE), 'w') as f:
-                json.dump(manifest, f, indent=2)
-            self.root.commit_directory(self.staging, self.split)
-        else:  # The writer has uploaded (and removed) the shards and index.json; the marker is last.
-            self.root.write_json(f'{self.split}/{MANIFEST_FILE}', manifest)
-
-    def __exit__(self, *exc_info) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)

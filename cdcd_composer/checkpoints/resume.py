@@ -7,15 +7,16 @@ others can write.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import tempfile
 import zipfile
 
+from cdcd_composer.checkpoints.trust import outside_allowlist, refusal
 from cdcd_composer.config import TrainConfig
-from cdcd_composer.data.store import DatasetRoot, is_remote
-from cdcd_composer.trust import outside_allowlist, refusal
+from cdcd_composer.storage import Folder, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ CHECKPOINT_NAME = re.compile(r'ep(\d+)-ba(\d+)-rank0\.pt$|ep(\d+)-ba(\d+)$')
 
 def checkpoints_in(folder: str) -> list[str]:
     """Checkpoint names in a save folder (local or remote), oldest first by batch."""
-    names = [n for n in DatasetRoot(folder).list_names() if CHECKPOINT_NAME.match(n)]
+    names = [n for n in Folder(folder).list_names() if CHECKPOINT_NAME.match(n)]
     return sorted(names, key=lambda n: int(re.search(r'ba(\d+)', n).group(1)))
 
 
@@ -34,7 +35,7 @@ def checkpoint_is_complete(folder: str, name: str) -> bool:
     A `.pt` is a zip archive (torch.save): every member's CRC must check out. A sharded checkpoint
     is a folder that is complete once its `.metadata` exists (written after the shards).
     """
-    root = DatasetRoot(folder)
+    root = Folder(folder)
     if not name.endswith('.pt'):
         return root.exists(f'{name}/.metadata')
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,29 +51,29 @@ def checkpoint_is_complete(folder: str, name: str) -> bool:
             return False
 
 
-def resolve_autoresume(cfg: TrainConfig) -> None:
-    """Makes autoresume find checkpoints that lack their `latest-rank0.pt` pointer.
+def resolve_autoresume(cfg: TrainConfig) -> TrainConfig:
+    """`cfg`, or a copy whose `load_path` lets autoresume find checkpoints that lack their pointer.
 
-    Composer resumes from that pointer only; a run killed between uploading a checkpoint and
-    its pointer would start again from scratch. Then the newest complete checkpoint (older ones
-    when the newest is damaged) becomes `load_path`, which Composer uses when no pointer exists.
+    Composer resumes from the `latest-rank0.pt` pointer only; a run killed between uploading a
+    checkpoint and its pointer would start again from scratch. Then the newest complete checkpoint
+    (older ones when the newest is damaged) becomes `load_path`, which Composer uses when no
+    pointer exists.
 
     Raises:
         ValueError: checkpoints exist but none is complete.
     """
     if not cfg.autoresume or cfg.save_folder is None:
-        return
+        return cfg
     folder = cfg.save_folder.format(run_name=cfg.run_name)
-    names = DatasetRoot(folder).list_names()
+    names = Folder(folder).list_names()
     found = checkpoints_in(folder)
     if not found or any(n.startswith('latest-rank0.pt') for n in names):
-        return
+        return cfg
     for name in reversed(found):
         if checkpoint_is_complete(folder, name):
             log.warning('%s has no latest-rank0.pt pointer; resuming from %s, its newest complete checkpoint',
                         folder, name)  # fmt: skip
-            cfg.load_path = f'{folder}/{name}'
-            return
+            return dataclasses.replace(cfg, load_path=f'{folder}/{name}')
         log.warning('skipping %s/%s: the checkpoint is incomplete or damaged', folder, name)
     raise ValueError(
         f'{folder} holds checkpoints ({", ".join(found)}) but none is complete: move them away to start '
@@ -90,7 +91,7 @@ def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
     """
     if cfg.autoresume and cfg.save_folder is not None:
         folder = cfg.save_folder.format(run_name=cfg.run_name)
-        root = DatasetRoot(folder)
+        root = Folder(folder)
         if not is_remote(folder):
             pointer = os.path.join(folder, 'latest-rank0.pt')
             if os.path.lexists(pointer):
@@ -128,9 +129,9 @@ def looks_like_a_checkpoint(path: str) -> bool:
 
 
 def check_load_path(cfg: TrainConfig) -> None:
-    """A load_path exists and, being a pickle, names only the allowlisted types (`cdcd_composer.trust`).
+    """A load_path exists and, being a pickle, names only the allowlisted types (`checkpoints.trust`).
 
-    Read without unpickling; the load itself is weights-only as well (`guard_composer_loads`).
+    Read without unpickling; the load itself is weights-only too (`weights_only_composer_loads`).
 
     Raises:
         ValueError: one line naming the path and the fix.

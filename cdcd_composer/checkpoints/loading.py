@@ -2,7 +2,7 @@
 
 Both hold the state of one `CDCDComposerModel` (weights, time warp, run spec). An export loads
 without unpickling anything; a Composer `.pt` checkpoint is a pickle, read by the weights-only
-unpickler (see `cdcd_composer.trust`), from anywhere.
+unpickler (see `cdcd_composer.checkpoints.trust`), from anywhere.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from cdcd_composer import workarounds
+from cdcd_composer.averaged_weights import WEIGHT_CHOICES
+from cdcd_composer.checkpoints.trust import load_checkpoint_file, untrusted_cause
 from cdcd_composer.composer_model import CDCDComposerModel
-from cdcd_composer.data.store import is_remote
-from cdcd_composer.ema import WEIGHT_CHOICES
 from cdcd_composer.export import load_export, model_from_state
+from cdcd_composer.storage import is_remote
 from cdcd_composer.time_warping import TimeWarp
-from cdcd_composer.trust import guard_sharded_loads, load_checkpoint_file, untrusted_cause
 
 
 def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDComposerModel:
@@ -61,7 +62,7 @@ def is_sharded_checkpoint(path: str) -> bool:
 def load_sharded_checkpoint(path: str, trust: bool) -> dict[str, Any]:
     """A sharded checkpoint folder (every rank's shards) gathered into one full checkpoint dict.
 
-    Its files hold pickles too, read without running code (`guard_sharded_loads`).
+    Its files hold pickles too, read without running code (`workarounds.weights_only_sharded_loads`).
 
     Raises:
         ValueError: it holds types outside the allowlists and not `trust`, or the folder is damaged.
@@ -69,7 +70,7 @@ def load_sharded_checkpoint(path: str, trust: bool) -> dict[str, Any]:
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    guard_sharded_loads(trust)
+    workarounds.weights_only_sharded_loads(trust)
     folder = os.path.realpath(path)
     with tempfile.TemporaryDirectory() as workdir:
         full = os.path.join(workdir, 'checkpoint.pt')

@@ -1,0 +1,1 @@
+"""Checkpoints: loading a trained model, resuming a run, and reading pickles weights-only."""

@@ -1,0 +1,125 @@
+"""Samples stories from a trained model.
+
+    python generate.py runs/cdcd-tiny/export --num_samples 8 --steps 200
+    python generate.py runs/cdcd-tiny/export --prompt "Once upon a time" --tau 0.9
+    python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
+    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --heun --steps 100
+
+MODEL is a weights-only export (directory or object-store prefix; written at the end of
+training, or by `python export.py`) or a Composer `.pt` checkpoint (a pickle, read weights-only:
+one holding other types is refused unless --trust_checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from tqdm import tqdm
+
+from cdcd_composer.checkpoints.loading import add_weights_argument, load_trained_model
+from cdcd_composer.data.grammar import recognised_fraction
+from cdcd_composer.outputs import check_output_file, write_output_file
+from cdcd_composer.prompting import Request
+from cdcd_composer.sampler import SamplerSettings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
+    p.add_argument('--prompt', default=None, help='text to continue')
+    p.add_argument('--template', default=None, help='story with ___ blanks to fill')
+    p.add_argument('--blank_length', type=int, default=8, help='tokens per ___ blank')
+    p.add_argument('--num_samples', type=int, default=8)
+    p.add_argument('--steps', type=int, default=200, help='solver steps')
+    p.add_argument('--heun', action='store_true', help="Heun's 2nd-order solver (use ~half the steps)")
+    p.add_argument('--tau', type=float, default=1.0, help='score temperature')
+    p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
+    p.add_argument('--initial_noise_scale', type=float, default=1.0)
+    p.add_argument(
+        '--time_shift', type=float, default=None, metavar='DELTA',
+        help='asymmetric time shift: evaluate the model at t_{i+1} + DELTA instead of t_i (Euler only)',
+    )  # fmt: skip
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument(
+        '--self_conditioning', choices=('auto', 'on', 'off'), default='auto',
+        help='feed the previous x0_hat back (auto: if the model was trained with it)',
+    )  # fmt: skip
+    p.add_argument(
+        '--warp', choices=('checkpoint', 'none'), default='checkpoint',
+        help="timesteps from the model's fitted time warp, or evenly spaced in t ('none')",
+    )  # fmt: skip
+    p.add_argument(
+        '--out', default=None, help='write samples here: JSON Lines if it ends in .jsonl, else text'
+    )
+    p.add_argument('--device', default='cpu')
+    p.add_argument(
+        '--trust_checkpoint',
+        action='store_true',
+        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
+    )
+    add_weights_argument(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; failures are one line on stderr."""
+    args = parse_args(argv)
+    try:
+        if args.out:
+            check_output_file(args.out)
+        settings = SamplerSettings(
+            heun=args.heun,
+            score_temperature=args.tau,
+            initial_noise_scale=args.initial_noise_scale,
+            guidance_scale=args.guidance,
+            time_shift=args.time_shift,
+        )
+        model = load_trained_model(
+            args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint,
+            weights=args.weights,
+        )  # fmt: skip
+        self_cond = {'auto': model.spec.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
+        settings = dataclasses.replace(settings, self_conditioning=self_cond)
+        request = Request(args.prompt, args.template, args.blank_length)
+        with tqdm(total=args.steps, desc='sampling', unit='step') as bar:  # closed on any way out
+            texts = model.generate(
+                args.num_samples,
+                args.steps,
+                settings,
+                request=request,
+                seed=args.seed,
+                on_step=lambda _: bar.update(),
+            )
+    except (ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted while sampling: nothing was printed or written; rerun to sample', file=sys.stderr)
+        return 130
+    for i, text in enumerate(texts):
+        print(f'[{i}] {text}\n')
+    if model.spec.data.source == 'synthetic':
+        print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
+    if args.out:
+        record = {
+            k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'heun', 'tau', 'guidance', 'seed')
+        }
+
+        def write(f) -> None:
+            for i, text in enumerate(texts):
+                f.write(
+                    json.dumps({'text': text, 'index': i, **record}) + '\n'
+                    if args.out.endswith('.jsonl')
+                    else text + '\n\n'
+                )
+
+        try:
+            write_output_file(args.out, write)
+        except ValueError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+    return 0

@@ -1,0 +1,293 @@
+"""Every workaround of a dependency's defect, in one place, each with its upstream issue and a version guard.
+
+A workaround is written against one version of its package: the one `setup.py` pins. Before a
+patch changes anything (or a subclass that works around a defect is built), `require` checks
+that this version is installed and otherwise fails loudly, naming the workaround: a new
+release may have fixed the defect, or moved the code the patch replaces. Then read the
+upstream issue, drop the workaround if it is fixed, else check the patch against the new
+code and update `PINNED`.
+
+The patches replace module attributes of torch, Composer or Streaming; each keeps the
+original under `__wrapped__` and is idempotent. `apply_all` applies them all; `train.py`
+calls it once per process, before anything is built.
+
+Patches here (package: defect):
+- `gloo_gradient_reductions` (torch): gloo's reduce-scatter sums when asked to average.
+- `cpu_stream_events` (torch): `torch.cpu.Stream.record_event` returns None; HSDP asserts an event.
+- `weights_only_sharded_loads` (torch): DCP unpickles `.metadata` with plain `pickle.load`.
+- `weights_only_composer_loads` (mosaicml): checkpoints are read with `torch.load(weights_only=False)`.
+- `streaming_releases_probed_blocks` (mosaicml-streaming): each probed block holds a descriptor.
+- `streaming_node_namespace` (mosaicml-streaming): two nodes on one host pick the same names.
+
+Subclasses elsewhere, guarded the same way when built:
+- `loggers.AppendingFileLogger` (mosaicml): `FileLogger(overwrite=False)` still truncates.
+- `loggers.ResumableProgressBar` (mosaicml): the bar's state cannot load from a sharded checkpoint.
+- `sharding.HybridShardConfig` (mosaicml): `FSDP2Config` fixes a 1-D mesh, so no HSDP.
+- `algorithms.ema.EMA` (mosaicml): Composer's EMA copies parameters before FSDP2 makes DTensors.
+- `data.loaders.clean_shared_memory` (mosaicml-streaming): Streaming's cleaner unlinks every job's.
+
+`WORKAROUNDS` holds each one's upstream issue; "none found" means that a search of the tracker
+turned up none, and the defect is described where the workaround lives, against the pinned source.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PINNED = {'torch': '2.7.0', 'mosaicml': '0.32.1', 'mosaicml-streaming': '0.13.0'}  # as in setup.py
+
+
+@dataclass(frozen=True)
+class Workaround:
+    """One workaround: the package it works around and where its defect is reported."""
+
+    package: str
+    upstream: str
+
+
+WORKAROUNDS = {
+    'gloo_gradient_reductions': Workaround('torch', 'https://github.com/pytorch/pytorch/issues/162338'),
+    'cpu_stream_events': Workaround('torch', 'https://github.com/pytorch/pytorch/pull/150316'),
+    'weights_only_sharded_loads': Workaround('torch', 'https://github.com/pytorch/pytorch/issues/189308'),
+    'weights_only_composer_loads': Workaround('mosaicml', 'none found'),
+    'streaming_releases_probed_blocks': Workaround(
+        'mosaicml-streaming', 'https://github.com/mosaicml/streaming/issues/457'
+    ),
+    'streaming_node_namespace': Workaround('mosaicml-streaming', 'none found'),
+    'AppendingFileLogger': Workaround('mosaicml', 'none found'),
+    'ResumableProgressBar': Workaround('mosaicml', 'none found'),
+    'HybridShardConfig': Workaround('mosaicml', 'none found'),
+    'EMA': Workaround('mosaicml', 'none found'),
+    'clean_shared_memory': Workaround('mosaicml-streaming', 'none found'),
+}
+
+
+def installed_version(package: str) -> str:
+    """The installed version of `package`, without a local suffix ('2.7.0+cu126' -> '2.7.0')."""
+    return importlib.metadata.version(package).split('+')[0]
+
+
+def require(name: str) -> None:
+    """Fails loudly when the package a workaround was written for is not at its pinned version.
+
+    Raises:
+        RuntimeError: one line naming the workaround, both versions and the upstream issue.
+    """
+    workaround = WORKAROUNDS[name]
+    pinned, found = PINNED[workaround.package], installed_version(workaround.package)
+    if found != pinned:
+        raise RuntimeError(
+            f'cdcd_composer.workarounds: {name} was written for {workaround.package} {pinned}, found '
+            f'{found}; upstream: {workaround.upstream}. Drop it if fixed there, else check it against '
+            f'{found} and update PINNED'
+        )
+
+
+def missing(name: str, where: str, attribute: str) -> RuntimeError:
+    """The error of a patch whose target is gone although the version matches (a patched install)."""
+    return RuntimeError(
+        f'cdcd_composer.workarounds.{name}: {where} has no {attribute} (its package changed); '
+        'update the patch'
+    )
+
+
+def apply_all(trust_checkpoint: bool) -> None:
+    """Applies every patch; `trust_checkpoint` lets checkpoint loads unpickle types outside the allowlist."""
+    gloo_gradient_reductions()
+    cpu_stream_events()
+    weights_only_composer_loads(trust_checkpoint)
+    weights_only_sharded_loads(trust_checkpoint)
+    streaming_releases_probed_blocks()
+    streaming_node_namespace()
+
+
+def gloo_gradient_reductions() -> None:
+    """Makes FSDP2 average gradients correctly over gloo (CPU) process groups; NCCL is untouched.
+
+    FSDP2 reduces fp32 and bf16 gradients with `ReduceOp.AVG`. Gloo's `reduce_scatter_tensor`
+    silently sums instead (every gradient comes out world-size times too large, which Adam
+    mostly hides but gradient clipping does not), and gloo's `all_reduce` rejects AVG, so HSDP's
+    cross-replica reduction fails. On gloo groups FSDP2 is sent down the path it has for fp16
+    reductions: SUM collectives, then one division by the data-parallel size.
+    """
+    require('gloo_gradient_reductions')
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    original = getattr(_fsdp_collectives, '_get_gradient_divide_factors', None)
+    if original is None:
+        raise missing('gloo_gradient_reductions', '_fsdp_collectives', '_get_gradient_divide_factors')
+    original = getattr(original, '__wrapped__', original)
+
+    @functools.wraps(original)
+    def divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=''):
+        if torch.distributed.get_backend(reduce_scatter_group) != 'gloo':
+            return original(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
+        replicas = all_reduce_group.size() if all_reduce_group is not None else 1
+        # A pre-divide factor of 1 selects ReduceOp.SUM for both collectives and divides nothing first.
+        return 1.0, float(reduce_scatter_group.size() * replicas)
+
+    _fsdp_collectives._get_gradient_divide_factors = divide_factors
+
+
+def cpu_stream_events() -> None:
+    """Gives `torch.cpu.Stream.record_event` an event to return, as HSDP's cross-replica all-reduce asserts.
+
+    CPU collectives here complete before they return, so an always-complete `torch.cpu.Event`
+    is the truth.
+    """
+    require('cpu_stream_events')
+    if torch.cpu.Stream().record_event() is None:
+        torch.cpu.Stream.record_event = lambda self: torch.cpu.Event()
+
+
+def weights_only_composer_loads(trust: bool) -> None:
+    """Makes every checkpoint Composer reads (autoresume, `load_path`) weights-only, unless `trust`.
+
+    Composer 0.32.1 reads every checkpoint file with `_torch_load_with_validation`, which calls
+    `torch.load(weights_only=False)` (composer/utils/checkpoint.py; composer/checkpoint/load.py
+    imports it by name). Both references are replaced by the load of `checkpoints.trust`.
+    """
+    require('weights_only_composer_loads')
+    import composer.checkpoint.load as new_loader
+    import composer.utils.checkpoint as loader
+
+    for module in (loader, new_loader):
+        original = getattr(module, '_torch_load_with_validation', None)
+        if original is None:
+            raise missing('weights_only_composer_loads', module.__name__, '_torch_load_with_validation')
+        module._torch_load_with_validation = _weights_only(getattr(original, '__wrapped__', original), trust)
+
+
+def _weights_only(original: Any, trust: bool) -> Any:
+    """Composer's checkpoint loader with its `torch.load` made weights-only unless `trust`."""
+    from composer.utils.checkpoint import _ensure_valid_checkpoint
+
+    from cdcd_composer.checkpoints.trust import weights_only_load
+
+    @functools.wraps(original)
+    def load(checkpoint_filepath: Any, map_location: str) -> Any:
+        validated = str(_ensure_valid_checkpoint(checkpoint_filepath))  # Composer's own validation hook
+        # A damaged file raises what torch.load raises: train.py names the way out (checkpoints.resume).
+        return weights_only_load(validated, str(checkpoint_filepath), trust, flag='trust_checkpoint=true')
+
+    return load
+
+
+class _RestrictedPickle:
+    """The `pickle` module as DCP's filesystem reader sees it: `load` is `DCPMetadataUnpickler`'s."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(file: Any) -> Any:
+        from cdcd_composer.checkpoints.trust import DCPMetadataUnpickler
+
+        unpickler = DCPMetadataUnpickler(file)
+        unpickler.path = getattr(file, 'name', '.metadata')
+        return unpickler.load()
+
+
+def weights_only_sharded_loads(trust: bool) -> None:
+    """Makes torch.distributed.checkpoint read a sharded checkpoint without running code, unless `trust`.
+
+    torch 2.7 unpickles a sharded checkpoint's `.metadata` with plain `pickle.load`
+    (`FileSystemReader.read_metadata`) and its non-tensor entries with `torch.load(weights_only=False)`
+    (`DefaultLoadPlanner.load_bytes`); Composer's sharded resume and `dcp_to_torch_save` use both.
+    The first gets `checkpoints.trust.DCPMetadataUnpickler`, the second the weights-only load.
+    """
+    require('weights_only_sharded_loads')
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    from cdcd_composer.checkpoints.trust import weights_only_load
+
+    if not isinstance(getattr(filesystem, 'pickle', None), (type(pickle), _RestrictedPickle)):
+        raise missing('weights_only_sharded_loads', 'torch.distributed.checkpoint.filesystem', 'pickle')
+    if not hasattr(default_planner.DefaultLoadPlanner, 'load_bytes'):
+        raise missing('weights_only_sharded_loads', 'DefaultLoadPlanner', 'load_bytes')
+    planner = default_planner.DefaultLoadPlanner
+    original = getattr(planner.load_bytes, '__wrapped__', planner.load_bytes)
+    if trust:
+        filesystem.pickle, planner.load_bytes = pickle, original
+        return
+    filesystem.pickle = _RestrictedPickle()
+
+    @functools.wraps(original)
+    def load_bytes(self: Any, read_item: Any, value: Any) -> None:
+        entry = f'the sharded checkpoint entry {read_item.dest_index.fqn}'
+        loaded = weights_only_load(value, entry, trust=False, flag='trust_checkpoint=true')
+        value = io.BytesIO()
+        torch.save(loaded, value)  # the original stores what it loads: hand it the accepted bytes
+        value.seek(0)
+        original(self, read_item, value)
+
+    planner.load_bytes = load_bytes
+
+
+def streaming_releases_probed_blocks() -> None:
+    """Lets Streaming's search for a free shared-memory prefix close the blocks it only looks at.
+
+    Streaming 0.13's `prefix._check_and_find` attaches to every registered prefix's block to read
+    it, through a `SharedMemory` that registers its cleanup with `atexit`, so each attach holds a
+    file descriptor until the process ends: about 500 per dataset on a machine with a few hundred
+    stale prefixes, which runs a long process (a test session, a notebook) out of descriptors.
+    Blocks attached (create=False) here skip the `atexit` hook, so the builtin `SharedMemory`
+    closes them once dropped; blocks created keep it.
+    """
+    require('streaming_releases_probed_blocks')
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as streaming_prefix
+
+    original = getattr(streaming_prefix, 'SharedMemory', None)
+    if original is None:
+        raise missing('streaming_releases_probed_blocks', 'streaming.base.shared.prefix', 'SharedMemory')
+    original = getattr(original, '__wrapped__', original)
+
+    def attach_or_create(name: str | None = None, create: bool | None = None, size: int = 0,
+                         auto_cleanup: bool = True) -> SharedMemory:  # fmt: skip
+        return original(name, create, size, auto_cleanup=auto_cleanup and create is not False)
+
+    attach_or_create.__wrapped__ = original  # type: ignore[attr-defined]
+    streaming_prefix.SharedMemory = attach_or_create  # type: ignore[attr-defined]
+
+
+SHM_NAMESPACE_ENV = 'CDCD_SHM_NAMESPACE'
+
+
+def streaming_node_namespace() -> str:
+    """Gives this node's Streaming shared memory and file locks names of their own, `node{NODE_RANK}_...`.
+
+    Streaming names them `{prefix:06}_{name}` and every node's local leader picks the same first
+    free prefix, which assumes one node per host: two nodes on one machine (a simulated cluster,
+    or two jobs' nodes packed on one host) create the same names and crash. With the node rank in
+    every name (or `$CDCD_SHM_NAMESPACE` when set), each node has its own set; the ranks of one
+    node still share theirs. Forked DataLoader workers inherit it.
+
+    Returns:
+        The namespace.
+    """
+    require('streaming_node_namespace')
+    import streaming.base.dataset
+    import streaming.base.util
+    from streaming.base.shared import prefix as streaming_prefix
+
+    namespace = os.environ.get(SHM_NAMESPACE_ENV) or f'node{os.environ.get("NODE_RANK", "0")}'
+    original = getattr(streaming_prefix._get_path, '__wrapped__', streaming_prefix._get_path)
+
+    def namespaced(prefix_int: int, name: str) -> str:
+        return f'{namespace}_{original(prefix_int, name)}'
+
+    namespaced.__wrapped__ = original  # type: ignore[attr-defined]
+    for module in (streaming_prefix, streaming.base.dataset, streaming.base.util):
+        if not hasattr(module, '_get_path'):
+            raise missing('streaming_node_namespace', module.__name__, '_get_path')
+        module._get_path = namespaced  # type: ignore[attr-defined]
+    return namespace
