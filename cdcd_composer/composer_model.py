@@ -329,15 +329,7 @@ class CDCDComposerModel(ComposerModel):
             warp: Timesteps from the fitted time warp (False: evenly spaced in t).
             on_step: Called after each solver step of each batch (progress bars).
         """
-        if num_samples <= 0 or steps <= 0:
-            raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
-        if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed
-            raise ValueError(f'seed (--seed) {seed} must lie in [0, 2^63 - 1 - num_samples]')
-        if steps > MAX_SAMPLING_STEPS:
-            raise ValueError(
-                f'{steps} solver steps would run for days to no gain; use at most {MAX_SAMPLING_STEPS:,} '
-                '(a few hundred reach the ODE solution)'
-            )
+        check_sampling_request(num_samples, steps, seed)
         spec, denoiser = self.spec, self.model
         settings = settings or SamplerSettings(self_conditioning=spec.self_conditioned)
         if given is None:
@@ -419,6 +411,23 @@ class CDCDComposerModel(ComposerModel):
         return int((3 + self.extra_forward_fraction) * self._forward_flops[shape])
 
 
+def check_sampling_request(num_samples: int, steps: int, seed: int) -> None:
+    """Counts and seed that sampling can honour.
+
+    Raises:
+        ValueError: one line naming the value and its range.
+    """
+    if num_samples <= 0 or steps <= 0:
+        raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
+    if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed
+        raise ValueError(f'seed (--seed) {seed} must lie in [0, 2^63 - 1 - num_samples]')
+    if steps > MAX_SAMPLING_STEPS:
+        raise ValueError(
+            f'{steps} solver steps would run for days to no gain; use at most {MAX_SAMPLING_STEPS:,} '
+            '(a few hundred reach the ODE solution)'
+        )
+
+
 def _is_per_sequence(module: nn.Module) -> bool:
     """Modules applied once per sequence (time conditioning), not once per token."""
     return isinstance(module, (TimeEmbedding, AdaptiveLayerNorm))
@@ -441,13 +450,13 @@ def _load_time_warp(module: CDCDComposerModel, state_dict: dict[str, Any], prefi
     """Load-state-dict pre-hook: takes the `time_warp.*` tensors out and into the model's warp.
 
     Raises:
-        ValueError: the state has no warp (a checkpoint from before the warp moved into the model).
+        ValueError: the state has no warp: it is not a cdcd-composer model's.
     """
     keys = [key for key in list(state_dict) if key.startswith(prefix + WARP_PREFIX)]
     if not keys:
         raise ValueError(
-            'the checkpoint holds no time warp in its model state: it was written by a cdcd-composer older '
-            'than the run spec in the model; load it with that version, or start afresh'
+            'the checkpoint holds no time warp in its model state: it is not a cdcd-composer checkpoint; '
+            'pass one written by train.py, or start afresh'
         )
     warp = {key[len(prefix + WARP_PREFIX) :]: state_dict.pop(key) for key in keys}
     module.time_warp.load_state_dict({key: value.cpu() for key, value in warp.items()})

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 EXPORT_CONFIG = 'cdcd_config.json'
 EXPORT_WEIGHTS = 'model.safetensors'
 EXPORT_TOKENIZER = 'tokenizer'
-EXPORT_FORMAT = 2  # 1: configs in a `metadata` dict, warp settings beside them.
+EXPORT_FORMAT = 2  # bumped when the export's layout changes; a reader accepts its own only
 EXTRA_STATE = '_extra_state'  # The state-dict key of the run spec (`CDCDComposerModel.get_extra_state`).
 
 
@@ -60,12 +60,12 @@ def model_from_state(state: dict[str, Any], where: str, weights: str = 'ema') ->
         weights: 'ema' or 'raw' (see `select_weights`); the model's spec records the choice.
 
     Raises:
-        ValueError: the state has no run spec (written before the spec moved into the model).
+        ValueError: the state has no run spec: it is not a cdcd-composer model's.
     """
     if EXTRA_STATE not in state or f'{WARP_PREFIX}masses' not in state:
         raise ValueError(
-            f'{where} has no run spec in its model state: it was written by a cdcd-composer older than the '
-            'spec in the model; sample it with that version, or train again'
+            f'{where} has no run spec in its model state: it is not a cdcd-composer checkpoint; pass one '
+            'written by train.py'
         )
     state = select_weights(state, weights, where)
     spec = RunSpec.from_json(state[EXTRA_STATE])
@@ -172,19 +172,15 @@ def read_export_config(local: str, where: str) -> dict[str, Any]:
         ) from None
     expected = {'format', 'spec', 'weights_sha256'}
     keys = set(config) if isinstance(config, dict) else set()
-    if keys == {'format', 'metadata', 'time_warp', 'weights_sha256'} or keys == {
-        'format',
-        'metadata',
-        'time_warp',
-    }:
-        raise ValueError(
-            f'{where} is an export of format 1, from a cdcd-composer older than the run spec in the model; '
-            'export the checkpoint again with this version (python export.py CHECKPOINT OUT_DIR)'
-        )
     if keys != expected:
         raise ValueError(
             f'{where}/{EXPORT_CONFIG} is not an export config (keys {sorted(keys)}, expected '
             f'{sorted(expected)}); export the checkpoint again with python export.py'
+        )
+    if config['format'] != EXPORT_FORMAT:
+        raise ValueError(
+            f'{where}/{EXPORT_CONFIG} is of export format {config["format"]!r}, this version reads '
+            f'{EXPORT_FORMAT}; export the checkpoint again with python export.py'
         )
     try:
         RunSpec.from_json(config['spec'])

@@ -14,7 +14,7 @@ from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.tokenization import tokenizer_from_json
 from cdcd_composer.model import CDCDConfig
 
-SPEC_FORMAT = 2  # 1 (before): configs in a callback of their own, the warp in `TimeWarpRefit`.
+SPEC_FORMAT = 2  # bumped when the spec's fields change; a reader accepts its own only
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,9 @@ even when the curve is certain); each accepted fit moves the bin masses part of 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -188,31 +186,6 @@ class TimeWarp:
         self.fit_offset = 0.0
         self.fit_heights = torch.zeros(n_bins, dtype=torch.float64)
 
-    def config(self) -> dict[str, float | int | str]:
-        """The constructor arguments, to rebuild an identical warp (e.g. in `generate.py`)."""
-        return {
-            't_min': self.t_min,
-            't_max': self.t_max,
-            'n_bins': self.n_bins,
-            'mu': self.mu,
-            'temperature': self.temperature,
-            'shape': self.shape,
-            'max_weight': self.max_weight,
-            'min_evidence': self.min_evidence,
-            'update_rate': self.update_rate,
-            'min_group_points': self.min_group_points,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> TimeWarp:
-        """A warp from `config()`'s dict.
-
-        Fit settings of older versions (e.g. `min_explained`) are dropped: sampling needs only the
-        range and the bins.
-        """
-        known = inspect.signature(cls).parameters
-        return cls(**{key: value for key, value in config.items() if key in known})
-
     # -- the distribution ------------------------------------------------------------------
     def _unit(self, t: torch.Tensor) -> torch.Tensor:
         """The unit time t' = (t - t_min) / (t_max - t_min), clamped to [0, 1], float64."""
@@ -331,11 +304,7 @@ class TimeWarp:
                 loss (the share of given tokens): its within-bin linear effect is subtracted
                 before the fit (a control variate: less noise, the same bin means in expectation).
         """
-        t64, y = t.detach().cpu().double().flatten(), loss.detach().cpu().double().flatten()
-        f_prime = self.density(t64) if density is None else density.detach().cpu().double().flatten()
-        c = torch.zeros_like(y) if covariate is None else covariate.detach().cpu().double().flatten()
-        keep = torch.isfinite(t64) & torch.isfinite(y) & (f_prime > 0) & torch.isfinite(c)
-        t64, y, f_prime, c = t64[keep], y[keep], f_prime[keep], c[keep]
+        t64, y, f_prime, c = self._finite_points(t, loss, density, covariate)
         n_points = int(t64.numel())
         needed = 2 * self.n_bins if min_points is None else min_points
         if n_points < needed:
@@ -346,12 +315,7 @@ class TimeWarp:
         slope = within_bin_slope(self._bin(unit), c, y, self.n_bins)
         y = y - slope * (c - c.mean())
         bins = BinnedLoss.of(self._bin(unit), y, self.n_bins)
-        if self.shape == 'piecewise':
-            offset, heights = self._fit_piecewise(bins)
-        else:
-            weights = 1.0 / f_prime
-            weights = (weights / weights.mean()).clamp_max(self.max_weight)
-            offset, heights = self._fit_cauchy(unit, y, weights / weights.mean())
+        offset, heights = self._fit_shape(bins, unit, y, f_prime)
         if heights is None or not torch.isfinite(heights).all() or float(heights.sum()) <= 1e-12:
             return FitReport(False, 'degenerate fit: the loss does not rise with t', n_points=n_points)
         residual = float(((offset + self._ramps(unit) @ heights - y) ** 2).mean())
@@ -365,12 +329,41 @@ class TimeWarp:
                 f'the curve is within noise: chi-square {evidence:.1f} < min_evidence {self.min_evidence:g}'
             )
             return report
+        report.change = self._install(offset, heights)
+        return report
+
+    def _fit_shape(
+        self, bins: BinnedLoss, unit: torch.Tensor, y: torch.Tensor, f_prime: torch.Tensor
+    ) -> tuple[float, torch.Tensor | None]:
+        """(offset, heights) of F~: isotonic over the bin means, or Cauchy weighted by 1/F'(t) (capped)."""
+        if self.shape == 'piecewise':
+            return self._fit_piecewise(bins)
+        weights = 1.0 / f_prime
+        weights = (weights / weights.mean()).clamp_max(self.max_weight)
+        return self._fit_cauchy(unit, y, weights / weights.mean())
+
+    def _finite_points(
+        self,
+        t: torch.Tensor,
+        loss: torch.Tensor,
+        density: torch.Tensor | None,
+        covariate: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, loss, F'(t), covariate) as flat float64 CPU tensors, less any point with a non-finite part."""
+        t64, y = t.detach().cpu().double().flatten(), loss.detach().cpu().double().flatten()
+        f_prime = self.density(t64) if density is None else density.detach().cpu().double().flatten()
+        c = torch.zeros_like(y) if covariate is None else covariate.detach().cpu().double().flatten()
+        keep = torch.isfinite(t64) & torch.isfinite(y) & (f_prime > 0) & torch.isfinite(c)
+        return t64[keep], y[keep], f_prime[keep], c[keep]
+
+    def _install(self, offset: float, heights: torch.Tensor) -> float:
+        """Moves the bin masses `update_rate` of the way to the fit's; returns the total variation."""
         fitted = self._masses_from_heights(heights)
         masses = (1.0 - self.update_rate) * self.masses + self.update_rate * fitted
-        report.change = total_variation(self.masses, masses)
+        change = total_variation(self.masses, masses)
         self.masses = masses / masses.sum()
         self.fit_offset, self.fit_heights = float(offset), heights
-        return report
+        return change
 
     def _bin_means(self, offset: float, heights: torch.Tensor) -> torch.Tensor:
         """(N,) the mean of F~ over each bin: the average of its two edge values (F~ is linear inside)."""

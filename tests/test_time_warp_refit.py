@@ -114,10 +114,11 @@ def test_resume_restores_the_curve_bit_for_bit(tiny_config, tmp_path):
     assert resumed.state.model.time_warp is restored.warp
 
 
-def test_checkpointed_buffers_from_before_the_share_row_still_load():
+def test_a_checkpointed_buffer_of_another_layout_is_refused_in_one_line():
     callback = TimeWarpRefit(buffer_size=200, n_bins=10)
     state = callback.state_dict()
+    before = callback.buffer.clone()
     state['buffer'] = torch.arange(600, dtype=torch.float64).view(3, 200)  # t, CE, F'(t): no share row
-    callback.load_state_dict(state)
-    assert callback.buffer.shape == (4, 200)
-    assert torch.equal(callback.buffer[:3], state['buffer']) and not callback.buffer[3].any()
+    with pytest.raises(ValueError, match=r'buffer has 3 rows, not 4 \(t, per-sequence CE.*start afresh$'):
+        callback.load_state_dict(state)
+    torch.testing.assert_close(callback.buffer, before, equal_nan=True)  # nothing half-loaded

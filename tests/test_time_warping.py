@@ -197,11 +197,6 @@ def test_sparse_bins_are_pooled_before_the_monotone_fit():
     assert bins.groups(1).tolist() == [0, 1, 2, 2, 3, 3]  # an empty bin joins the next run
 
 
-def test_configs_of_older_versions_still_build_a_warp():
-    warp = TimeWarp.from_config({'t_min': 1.0, 't_max': 20.0, 'n_bins': 10, 'min_explained': 0.1})
-    assert (warp.t_min, warp.t_max, warp.n_bins) == (1.0, 20.0, 10)
-
-
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_the_given_share_as_a_control_variate_finds_a_weak_early_curve(seed):
     # Early in training at t_max = 300 the model reads only a little at low t: a fifth of the rise

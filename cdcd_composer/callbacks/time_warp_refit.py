@@ -16,11 +16,12 @@ from PIL import Image
 
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.plotting import plot_time_warp
-from cdcd_composer.time_warping import TimeWarp
+from cdcd_composer.time_warping import FitReport, TimeWarp
 
 log = logging.getLogger(__name__)
 
-BUFFER_ROWS = 4  # t, per-sequence CE, F'(t) under the curve t was drawn from, share of given tokens
+BUFFER_ROWS_MEANING = "t, per-sequence CE, F'(t) under the curve t was drawn from, share of given tokens"
+BUFFER_ROWS = 4  # BUFFER_ROWS_MEANING
 MASS_LEVELS = (3.0, 10.0, 30.0, 100.0)  # noise stds whose training mass below is logged at each refit
 
 
@@ -129,33 +130,44 @@ class TimeWarpRefit(Callback):
         `time_warp/rejected_count`; the previous curve stays.
         """
         assert self.warp is not None  # Set at INIT.
-        batch = int(state.timestamp.batch)
         start = time.perf_counter()
         filled = self.buffer[:, : min(self.n_seen, self.buffer.shape[1])].cpu()  # the one copy per refit
         report = self.warp.fit(
             filled[0], filled[1], density=filled[2], min_points=self.min_points, covariate=filled[3]
         )
         seconds = time.perf_counter() - start
-        if not report.accepted:
-            self.rejected_count += 1
-            log.warning(
-                'time warp refit rejected at batch %d (%d of %d refits): %s; keeping the previous curve',
-                batch,
-                self.rejected_count,
-                self.rejected_count + self.fit_count,
-                report.reason,
-            )
-            logger.log_metrics(
-                {
-                    'time_warp/accepted': 0.0,
-                    'time_warp/rejected_count': float(self.rejected_count),
-                    'time_warp/evidence': report.evidence,
-                    **self._mass_below(),
-                }
-            )
-            if dist.get_global_rank() == 0:  # The figure shows the data the fit found no curve in.
-                self._plot(state, logger, filled, f'rejected: chi-square {report.evidence:.1f}')
-            return
+        if report.accepted:
+            self._accepted(state, logger, filled, report, seconds)
+        else:
+            self._rejected(state, logger, filled, report)
+
+    def _rejected(self, state: State, logger: Logger, filled: torch.Tensor, report: FitReport) -> None:
+        """Counts, logs and (rank 0) plots a rejected fit; the previous curve stays."""
+        batch = int(state.timestamp.batch)
+        self.rejected_count += 1
+        log.warning(
+            'time warp refit rejected at batch %d (%d of %d refits): %s; keeping the previous curve',
+            batch,
+            self.rejected_count,
+            self.rejected_count + self.fit_count,
+            report.reason,
+        )
+        logger.log_metrics(
+            {
+                'time_warp/accepted': 0.0,
+                'time_warp/rejected_count': float(self.rejected_count),
+                'time_warp/evidence': report.evidence,
+                **self._mass_below(),
+            }
+        )
+        if dist.get_global_rank() == 0:  # The figure shows the data the fit found no curve in.
+            self._plot(state, logger, filled, f'rejected: chi-square {report.evidence:.1f}')
+
+    def _accepted(
+        self, state: State, logger: Logger, filled: torch.Tensor, report: FitReport, seconds: float
+    ) -> None:
+        """Records an installed fit in the history, logs its summary and (rank 0) plots it."""
+        batch = int(state.timestamp.batch)
         self.fit_count += 1
         self.history = (
             self.history
@@ -218,8 +230,11 @@ class TimeWarpRefit(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the buffer and the counters."""
-        if state['buffer'].shape[0] == BUFFER_ROWS - 1:  # before the covariate row: none recorded
-            state = {**state, 'buffer': torch.cat([state['buffer'], torch.zeros_like(state['buffer'][:1])])}
+        if state['buffer'].shape[0] != BUFFER_ROWS:
+            raise ValueError(
+                f'checkpointed time warp buffer has {state["buffer"].shape[0]} rows, not {BUFFER_ROWS} '
+                f'({BUFFER_ROWS_MEANING}): it is not from this version of TimeWarpRefit; start afresh'
+            )
         if state['buffer'].shape != self.buffer.shape:
             raise ValueError(
                 f'checkpointed time warp buffer has {state["buffer"].shape[1]} slots, config has '
@@ -228,6 +243,5 @@ class TimeWarpRefit(Callback):
         self.buffer = state['buffer'].double().clone()
         self.n_seen = int(state['n_seen'])
         self.fit_count = int(state['fit_count'])
-        self.rejected_count = int(state.get('rejected_count', 0))
-        history = state['history']
-        self.history = json.loads(history) if isinstance(history, str) else list(history)
+        self.rejected_count = int(state['rejected_count'])
+        self.history = json.loads(state['history'])

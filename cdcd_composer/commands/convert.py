@@ -242,43 +242,8 @@ def write_split(
             stats.add(chunk)
             bar.update(chunk.counts['stories'])
         if not writer.examples:
-            reasons = {
-                k.removeprefix('skipped_'): v for k, v in stats.counts.items() if k.startswith('skipped_')
-            }
-            fix = (
-                'raise --max_story_chars or split the stories'
-                if set(reasons) == {'too_long'}
-                else 'check the source and --text_column'
-            )
-            raise ValueError(
-                f'split {split!r} has no stories ({stats.stories_read} read, all skipped: '
-                f'{", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) or "empty"}); {fix}'
-            )
-        manifest = {
-            'split': split,
-            'source': source_description(opt, split),
-            'tokenizer': {
-                'name': name,
-                'sha256': tokenizer_sha256(tokenizer),
-                'vocab_size': len(tokenizer),
-                'bos_id': ids.bos,
-                'eos_id': ids.eos,
-                'pad_id': ids.pad,
-            },
-            'layout': opt.layout,
-            'overflow': opt.overflow,
-            'seq_len': opt.seq_len,
-            'token_dtype': dtype,
-            **stats.summary(
-                examples=writer.examples,
-                seq_len=opt.seq_len,
-                dropped_tail_tokens=len(writer.carry),
-                id_to_token=tokenizer.convert_ids_to_tokens,
-                unk_id=tokenizer.unk_token_id,
-            ),
-            'command': opt.command,
-            'settings': opt.settings(),
-        }
+            raise no_stories(split, stats)
+        manifest = split_manifest(opt, split, tokenizer, name, dtype, stats, writer)
         writer.commit(manifest)
     c = manifest['counts']
     log.info(
@@ -292,6 +257,58 @@ def write_split(
         root.join(split),
     )
     return manifest
+
+
+def no_stories(split: str, stats: SplitStats) -> ValueError:
+    """The error of a split whose every story was skipped: how many, why, and what to change."""
+    reasons = {k.removeprefix('skipped_'): v for k, v in stats.counts.items() if k.startswith('skipped_')}
+    fix = (
+        'raise --max_story_chars or split the stories'
+        if set(reasons) == {'too_long'}
+        else 'check the source and --text_column'
+    )
+    return ValueError(
+        f'split {split!r} has no stories ({stats.stories_read} read, all skipped: '
+        f'{", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) or "empty"}); {fix}'
+    )
+
+
+def split_manifest(
+    opt: ConvertOptions,
+    split: str,
+    tokenizer: PreTrainedTokenizerFast,
+    name: str,
+    dtype: str,
+    stats: SplitStats,
+    writer: SplitWriter,
+) -> dict:
+    """A split's `manifest.json`: its source, tokenizer, canvas, statistics and the command that made it."""
+    ids = StoryTokens.of(tokenizer)
+    return {
+        'split': split,
+        'source': source_description(opt, split),
+        'tokenizer': {
+            'name': name,
+            'sha256': tokenizer_sha256(tokenizer),
+            'vocab_size': len(tokenizer),
+            'bos_id': ids.bos,
+            'eos_id': ids.eos,
+            'pad_id': ids.pad,
+        },
+        'layout': opt.layout,
+        'overflow': opt.overflow,
+        'seq_len': opt.seq_len,
+        'token_dtype': dtype,
+        **stats.summary(
+            examples=writer.examples,
+            seq_len=opt.seq_len,
+            dropped_tail_tokens=len(writer.carry),
+            id_to_token=tokenizer.convert_ids_to_tokens,
+            unk_id=tokenizer.unk_token_id,
+        ),
+        'command': opt.command,
+        'settings': opt.settings(),
+    }
 
 
 def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
