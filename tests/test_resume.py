@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -237,22 +236,40 @@ def test_checkpoints_without_their_pointer_resume_from_the_newest_complete_one(t
         train.validate(parse_config(cfg))
 
 
-def start_proxy(port: int, target: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'tcp_proxy.py'), str(port), str(target)])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError('the TCP proxy did not start')
+def start_proxy(port: int, target: int, control: Path) -> subprocess.Popen:
+    """The TCP proxy of `tcp_proxy.py`, once it listens (its `listening` file says so)."""
+    control.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / 'tests' / 'tcp_proxy.py'), str(port), str(target), str(control)]
+    )
+    wait_for(lambda: (control / 'listening').exists(), proc, 'the TCP proxy to listen')
+    return proc
 
 
-def test_checkpoint_uploads_survive_a_ten_second_outage(tiny_dataset, tmp_path, s3_endpoint, s3_env):
+def wait_for(condition, process: subprocess.Popen, what: str, limit: float = 600.0) -> None:
+    """Polls `condition` until it holds; fails naming `what` if `process` ends first (or after `limit` s)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert process.poll() is None, (
+            f'ended while waiting for {what}: {process.stderr and process.stderr.read()}'
+        )
+        assert time.monotonic() < deadline, f'gave up waiting for {what}'
+        time.sleep(0.05)
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_checkpoint_uploads_survive_an_outage(tiny_dataset, tmp_path, s3_endpoint, s3_env):
+    """The store goes away while checkpoints come due and comes back only once the run has met it.
+
+    The outage ends on events, not after a time: the run has trained past a checkpoint that came
+    due during it (batch 10), and its uploads have been dropped at least 3 times (so retried).
+    """
     bucket = s3_env()
-    port, target = free_port(), int(s3_endpoint.rsplit(':', 1)[1])
-    proxy = start_proxy(port, target)
+    port, target, control = free_port(), int(s3_endpoint.rsplit(':', 1)[1]), tmp_path / 'proxy'
+    proxy = start_proxy(port, target, control)
     losses = tmp_path / 'outage-0.txt'
     driver = [
         sys.executable,
@@ -265,13 +282,12 @@ def test_checkpoint_uploads_survive_a_ten_second_outage(tiny_dataset, tmp_path, 
     )
     run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while not losses.exists() or len(losses.read_text().splitlines()) < 4:
-            assert run.poll() is None, run.stderr.read()[-2000:]
-            time.sleep(0.05)
-        proxy.kill()  # The store goes away while the checkpoints of batches 5, 10, ... are due.
-        proxy.wait()
-        time.sleep(10)
-        proxy = start_proxy(port, target)
+        wait_for(lambda: lines(losses) >= 4, run, 'batch 4')
+        (control / 'down').touch()  # The store goes away while the checkpoints of batches 5, 10, ... are due.
+        wait_for(
+            lambda: lines(losses) >= 11 and lines(control / 'dropped') >= 3, run, 'uploads to meet the outage'
+        )
+        (control / 'down').unlink()
         _, err = run.communicate(timeout=600)
         assert run.returncode == 0, err[-2000:]
     finally:

@@ -59,16 +59,24 @@ def test_samples_decode_and_generate_cli(trained, tmp_path, capsys):
     b = sample(loaded.model, steps, 3, 96, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == (3, 96)
     assert int(a.max()) < len(loaded.spec.text_tokenizer)
-    texts = decode_samples(a, loaded.spec.text_tokenizer, loaded.spec.data.eos_id)
-    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    assert 0.0 <= recognised_fraction(texts) <= 1.0
+    tokenizer, eos = loaded.spec.text_tokenizer, loaded.spec.data.eos_id
+    texts = decode_samples(a, tokenizer, eos)
+    assert len(texts) == 3
+    assert not any(special in text for text in texts for special in tokenizer.all_special_tokens)
+    ended = a[:1].clone()
+    ended[0, 6] = eos  # everything from the first end-of-story token on is dropped
+    expected = tokenizer.decode(ended[0, :6].tolist(), skip_special_tokens=True).strip()
+    assert decode_samples(ended, tokenizer, eos) == [expected]
 
     out = tmp_path / 'samples.jsonl'
     generate.main([str(checkpoint), '--num_samples', '2', '--steps', '3', '--out', str(out)])
     printed = capsys.readouterr().out
-    assert 'recognised sentences:' in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2 and all('text' in r for r in rows)
+    assert [r['index'] for r in rows] == [0, 1] and all(
+        f'[{r["index"]}] {r["text"]}' in printed for r in rows
+    )
+    # The share it prints is the grammar's verdict on the very samples it wrote.
+    assert f'recognised sentences: {recognised_fraction([r["text"] for r in rows]):.1%}' in printed
 
 
 def test_given_tokens_stay_clean_while_sampling(trained):
