@@ -6,7 +6,7 @@ DATA := data/synthetic
 # Two CPU cores: one intra-op thread per core.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast test-gpu lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Everything, as CI runs it (~20 min on 2 cores).
 test: lint
 	$(VENV)/bin/pytest -q -rs --durations=10
+
+# The fast lane: no Composer training runs and no spawned processes (a few minutes).
+test-fast: lint
+	$(VENV)/bin/pytest -q -rs -m "not slow"
+
+# Only the tests that need CUDA, on a machine with a GPU.
+test-gpu: install
+	$(VENV)/bin/pytest -q -rs -m gpu
 
 clean:
 	rm -rf runs $(DATA)

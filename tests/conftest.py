@@ -123,3 +123,15 @@ def kill_when_paused(cmd: list[str], markers: list[Path], env: dict, cwd: Path |
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: without it they are skipped, saying so (`-rs` lists them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason='needs a CUDA GPU (marker gpu); run them with `make test-gpu` where one is'
+    )
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)

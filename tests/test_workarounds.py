@@ -1,0 +1,69 @@
+"""Every dependency workaround is guarded: written for the pinned versions, loud when they change."""
+
+import ast
+import re
+
+import pytest
+from conftest import REPO
+
+from cdcd_composer import workarounds
+from cdcd_composer.algorithms import EMA
+from cdcd_composer.loggers import AppendingFileLogger, ResumableProgressBar
+from cdcd_composer.sharding import HybridShardConfig
+
+
+def test_the_pins_of_the_workarounds_are_the_pins_of_setup_py():
+    pins = dict(re.findall(r"'([a-z-]+)==([0-9.]+)'", (REPO / 'setup.py').read_text()))
+    assert {package: pins[package] for package in workarounds.PINNED} == workarounds.PINNED
+    for name in workarounds.WORKAROUNDS:
+        workarounds.require(name)  # the installed versions are the pinned ones
+
+
+def test_every_workaround_is_listed_guarded_and_documented():
+    """Each entry is checked by `require` where it lives, and named in the module's docstring."""
+    sources = {path: path.read_text() for path in (REPO / 'cdcd_composer').rglob('*.py')}
+    required = {
+        node.args[0].value
+        for text in sources.values()
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, 'attr', getattr(node.func, 'id', None)) == 'require'
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert required == set(workarounds.WORKAROUNDS)
+    for name, workaround in workarounds.WORKAROUNDS.items():
+        assert f'`{name}`' in workarounds.__doc__ or f'.{name}`' in workarounds.__doc__, name
+        assert workaround.upstream == 'none found' or workaround.upstream.startswith('https://github.com/')
+
+
+@pytest.mark.parametrize(
+    'build',
+    [
+        workarounds.gloo_gradient_reductions,
+        workarounds.streaming_releases_probed_blocks,
+        lambda: workarounds.weights_only_composer_loads(trust=False),
+        lambda: EMA(),
+        lambda: AppendingFileLogger(),
+        lambda: ResumableProgressBar(),
+        lambda: HybridShardConfig(),
+    ],
+)
+def test_a_new_release_stops_a_workaround_before_it_patches(build, monkeypatch):
+    monkeypatch.setattr(workarounds, 'installed_version', lambda package: '99.0.0')
+    with pytest.raises(RuntimeError, match=r'was written for \S+ [0-9.]+, found 99\.0\.0; upstream: '):
+        build()
+
+
+def test_the_patches_are_idempotent_and_keep_the_original():
+    from streaming.base.shared import prefix
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    workarounds.gloo_gradient_reductions()
+    once = _fsdp_collectives._get_gradient_divide_factors
+    workarounds.gloo_gradient_reductions()
+    assert _fsdp_collectives._get_gradient_divide_factors.__wrapped__ is once.__wrapped__
+    assert not hasattr(once.__wrapped__, '__wrapped__')  # never a patch of the patch
+    workarounds.streaming_node_namespace()
+    workarounds.streaming_node_namespace()
+    assert prefix._get_path(3, 'locals') == 'node0_000003_locals'
