@@ -122,8 +122,13 @@ def load_trained_model(
     return model.to(device).eval()
 
 
-def add_weights_argument(parser: argparse.ArgumentParser) -> None:
-    """`--weights {ema,raw}` for the CLIs that load a trained model."""
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--trust_checkpoint` and `--weights {ema,raw}`, for the CLIs that load a trained model."""
+    parser.add_argument(
+        '--trust_checkpoint',
+        action='store_true',
+        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
+    )
     parser.add_argument(
         '--weights', choices=WEIGHT_CHOICES, default='ema',
         help='ema: the moving averages where the run kept them (else the raw weights); raw: as trained',

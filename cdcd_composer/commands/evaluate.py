@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cdcd_composer.checkpoints.loading import add_weights_argument, load_trained_model
+from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
@@ -185,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', default=None, help='write the report as JSON here')
-    p.add_argument(
-        '--trust_checkpoint',
-        action='store_true',
-        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
-    )
-    add_weights_argument(p)
+    add_loading_arguments(p)
     args = p.parse_args(argv)
     for name in ('num_samples', 'batch_size'):
         if getattr(args, name) < 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cdcd_composer.checkpoints.loading import add_weights_argument, load_trained_model
+from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.export import write_export
 
 
@@ -20,12 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('checkpoint', help='a .pt checkpoint written by train.py (local or object store)')
     p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
-    p.add_argument(
-        '--trust_checkpoint',
-        action='store_true',
-        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
-    )
-    add_weights_argument(p)
+    add_loading_arguments(p)
     args = p.parse_args(argv)
     try:
         model = load_trained_model(args.checkpoint, trust=args.trust_checkpoint, weights=args.weights)

@@ -19,7 +19,7 @@ import sys
 
 from tqdm import tqdm
 
-from cdcd_composer.checkpoints.loading import add_weights_argument, load_trained_model
+from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.outputs import check_output_file, write_output_file
 from cdcd_composer.prompting import Request
@@ -56,12 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--out', default=None, help='write samples here: JSON Lines if it ends in .jsonl, else text'
     )
     p.add_argument('--device', default='cpu')
-    p.add_argument(
-        '--trust_checkpoint',
-        action='store_true',
-        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
-    )
-    add_weights_argument(p)
+    add_loading_arguments(p)
     return p.parse_args(argv)
 
 
