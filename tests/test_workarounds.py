@@ -67,3 +67,10 @@ def test_the_patches_are_idempotent_and_keep_the_original():
     workarounds.streaming_node_namespace()
     workarounds.streaming_node_namespace()
     assert prefix._get_path(3, 'locals') == 'node0_000003_locals'
+
+
+def test_the_package_exports_resolve():
+    import cdcd_composer
+
+    for name in cdcd_composer.__all__:
+        assert getattr(cdcd_composer, name).__name__ == name
