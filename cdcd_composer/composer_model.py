@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric, Metric
 
 from cdcd_composer.averaged_weights import EMA_KEY, AveragedWeights
 from cdcd_composer.data.metadata import DatasetMetadata
+from cdcd_composer.likelihood import NLLBound, nll_bound
 from cdcd_composer.masking import MaskingConfig, sample_generate_mask
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, DenoiserOutput, TimeEmbedding
 from cdcd_composer.prompting import Request
@@ -32,6 +33,7 @@ from cdcd_composer.time_warping import TimeWarp
 
 # The paper's noise levels for validation CE (Fig. 2); those outside [t_min, t_max] are skipped.
 EVAL_NOISE_LEVELS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+NLL_BOUND = 'NLL_bound'  # the eval metric of the likelihood bound, nats per non-pad token
 WARP_PREFIX = 'time_warp.'  # State-dict keys of the warp's tensors: time_warp.masses, ...
 
 
@@ -73,6 +75,7 @@ class CDCDComposerModel(ComposerModel):
         tokenizer: The training tokenizer, as `tokenizer_to_json` writes it.
         self_conditioning: Training probability of self-conditioning, recorded so that sampling
             feeds x0_hat back by default (None: trained without it).
+        nll_bound_samples: Draws of t per sequence for the `NLL_bound` eval metric (0: no metric).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class CDCDComposerModel(ComposerModel):
         dataset: DatasetMetadata | None = None,
         tokenizer: dict[str, Any] | None = None,
         self_conditioning: float | None = None,
+        nll_bound_samples: int = 8,
     ) -> None:
         super().__init__()
         if not 0 <= mse_weight < math.inf:  # NaN fails the comparison too
@@ -126,6 +130,9 @@ class CDCDComposerModel(ComposerModel):
             for kind in ('CE', 'Accuracy'):
                 key = f'{kind}_t{_level_name(t)}'
                 self.eval_metrics[key] = token_mean(key)
+        self.nll_bound_samples = nll_bound_samples
+        if nll_bound_samples:
+            self.eval_metrics[NLL_BOUND] = token_mean(NLL_BOUND)  # nats per non-pad token
 
     @classmethod
     def from_spec(cls, spec: RunSpec, n_bins: int | None = None) -> CDCDComposerModel:
@@ -291,6 +298,11 @@ class CDCDComposerModel(ComposerModel):
             ce, logits = self.cross_entropy_at(tokens, t, noise)
             results[f'CE_t{_level_name(t)}'] = ce
             results[f'Accuracy_t{_level_name(t)}'] = (logits.argmax(-1) == tokens).float()
+        if self.nll_bound_samples:
+            bound = self.nll_bound(tokens, self.nll_bound_samples, seed=self.eval_seed + int(tokens.sum()))
+            counted = (tokens != self.pad_id).sum(-1).clamp_min(1).double()
+            results[NLL_BOUND] = bound.total / counted  # averaged with weights `counted`: nats per token
+            results[f'{NLL_BOUND}_weight'] = counted
         return results
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
@@ -298,8 +310,47 @@ class CDCDComposerModel(ComposerModel):
         return {} if is_train else dict(self.eval_metrics)
 
     def update_metric(self, batch: Any, outputs: dict[str, torch.Tensor], metric: Metric) -> None:
-        """Feeds the matching per-token values from `eval_forward` into its metric."""
-        metric.update(outputs[metric.key], torch.ones_like(outputs[metric.key]))
+        """Feeds the matching per-token values from `eval_forward` into its metric (and their weights)."""
+        values = outputs[metric.key]
+        metric.update(values, outputs.get(f'{metric.key}_weight', torch.ones_like(values)))
+
+    @torch.no_grad()
+    def nll_bound(
+        self, tokens: torch.Tensor, samples: int = 16, proposal: str = 'inverse_square', seed: int = 0
+    ) -> NLLBound:
+        """The variational bound on -log p of each sequence, in nats (`cdcd_composer.likelihood`).
+
+        Every position is generated; with self-conditioning (when trained with it) each x0_hat
+        comes from a second pass fed the first pass's estimate at the same x_t, so it stays a
+        function of (x_t, t) and the bound stays valid.
+
+        Args:
+            tokens: (N, L) canvases.
+            samples: Draws of t per sequence for the integral.
+            proposal: 'inverse_square' (the lowest variance measured), 'log_uniform' or 'warp'.
+            seed: Seeds the noise and the draws of t.
+        """
+        dims = self.config.d_embed
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        zeros = torch.zeros(*tokens.shape, dims, device=tokens.device)
+
+        def denoise(noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self_cond = zeros
+            if self.spec.self_conditioned:
+                self_cond = self.model(tokens, t, mask, zeros, noise=noise, expected_embedding=True).x0_hat
+            out = self.model(tokens, t, mask, self_cond, noise=noise, embedding_error=True)
+            return out.logits, out.embedding_error.sum(-1) * dims
+
+        if self.config.embedding_norm == 'l2':  # every row has norm sqrt(d_embed)
+            x0_squared = torch.full((len(tokens),), float(tokens.shape[1] * dims), device=tokens.device)
+        else:
+            x0_squared = self.model.embed(tokens).float().square().flatten(1).sum(-1)
+        warp = self.time_warp
+        return nll_bound(
+            tokens, denoise, x0_squared, dims, self.spec.t_min, self.spec.t_max, samples=samples,
+            proposal=proposal, generator=torch.Generator(device=tokens.device).manual_seed(seed),
+            warp_inverse_cdf=warp.inverse_cdf, warp_density=warp.density,
+        )  # fmt: skip
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()

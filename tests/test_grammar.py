@@ -1,3 +1,8 @@
+import collections
+import math
+
+import pytest
+
 from cdcd_composer.data import grammar
 
 
@@ -46,3 +51,61 @@ def test_fraction_counts_truncated_fragments_as_unrecognised():
 
 def test_vocabulary_is_a_few_hundred_words():
     assert 200 <= len(grammar.vocabulary()) <= 600
+
+
+def reduced_grammar(monkeypatch):
+    """A grammar small enough that sampling frequencies pin down each story's probability."""
+    from cdcd_composer.data import grammar
+
+    categories = {**grammar.CATEGORIES, 'NAME': ('lily', 'tom', 'mia'), 'TRAIT': ('kind', 'shy'),
+                  'CREATURE': ('dog',), 'COLOR': ('red', 'blue'), 'OBJECT': ('ball', 'kite'),
+                  'FEELING': ('happy', 'sad'), 'VERB': ('hold',), 'PLACE': ('park',),
+                  'FAMILY': ('mom',)}  # fmt: skip
+    patterns = {
+        name: grammar.PATTERNS[name]
+        for name in ('opening', 'home', 'want', 'state', 'play', 'ending', 'the_end')
+    }
+    monkeypatch.setattr(grammar, 'CATEGORIES', categories)
+    monkeypatch.setattr(grammar, 'PATTERNS', patterns)
+    monkeypatch.setattr(grammar, '_PARSED', {n: grammar._parse_pattern(p) for n, p in patterns.items()})
+    phrases = {cat: tuple(tuple(grammar.words(p)) for p in ps) for cat, ps in categories.items()}
+    phrases['SUBJECT'] = phrases['NAME'] + phrases['PRONOUN']
+    monkeypatch.setattr(grammar, '_SLOT_PHRASES', phrases)
+    monkeypatch.setattr(grammar, '_MIDDLE_PATTERNS', ('want', 'state', 'play'))
+    grammar.sentence_probability.cache_clear()
+    return grammar
+
+
+def test_exact_story_probabilities_match_sampling_frequencies(monkeypatch):
+    grammar = reduced_grammar(monkeypatch)
+    try:
+        n = 60000
+        counts = collections.Counter(grammar.StoryGrammar(seed=3, min_middle=1, max_middle=2).stories(n))
+        exact = {story: math.exp(grammar.story_log_probability(story, 1, 2)) for story in counts}
+        assert sum(exact.values()) <= 1.0 + 1e-9  # the stories drawn cannot hold more than all the mass
+        for story, count in counts.most_common(40):  # each within 4 standard errors of its frequency
+            p = exact[story]
+            assert abs(count / n - p) < 4 * math.sqrt(p * (1 - p) / n), story
+        # Normalisation: the mass of the stories seen is all but what was never drawn, which
+        # Good-Turing estimates as the share of stories drawn exactly once.
+        once = sum(1 for c in counts.values() if c == 1)
+        assert sum(exact.values()) == pytest.approx(1 - once / n, abs=0.005)
+    finally:
+        grammar.sentence_probability.cache_clear()
+
+
+def test_every_generated_story_has_a_probability_and_a_filled_pattern_sums_to_one():
+    from cdcd_composer.data.grammar import (
+        CATEGORIES,
+        StoryGrammar,
+        sentence_probability,
+        story_log_probability,
+        words,
+    )
+
+    assert all(math.isfinite(story_log_probability(s)) for s in StoryGrammar(seed=11).stories(200))
+    assert story_log_probability('Once upon a time, there was a dog.') == -math.inf
+    cast = ('lily', 'tom', 1)
+    fills = [f'{subject} was very {feeling} .' for subject in ('lily', 'she', 'he', 'tom')
+             for feeling in CATEGORIES['FEELING']]  # fmt: skip
+    assert sum(sentence_probability('state', tuple(words(f)), cast) for f in fills) == pytest.approx(1.0)

@@ -75,3 +75,22 @@ def test_each_proposal_is_a_density_on_the_range(proposal):
 def test_the_prior_kl_is_zero_only_at_the_prior():
     assert float(prior_kl(torch.zeros(1), 6, 300.0, prior_var=300.0**2)) == pytest.approx(0.0, abs=1e-12)
     assert float(prior_kl(torch.full((1,), 6.0), 6, 300.0)) > 0
+
+
+@pytest.mark.parametrize('self_conditioning', [None, 0.5])
+def test_the_eval_metric_is_the_models_bound_per_non_pad_token(self_conditioning):
+    from conftest import TINY_MODEL
+
+    from cdcd_composer.composer_model import NLL_BOUND, CDCDComposerModel
+
+    model = CDCDComposerModel({**TINY_MODEL, 'vocab_size': 40}, self_conditioning=self_conditioning).eval()
+    tokens = torch.randint(1, 40, (3, 12), generator=torch.Generator().manual_seed(0))
+    tokens[0, 8:] = 0  # padding (pad_id 0) is scored but not counted as a token
+    outputs = model.eval_forward({'tokens': tokens})
+    metric = model.get_metrics()[NLL_BOUND]
+    model.update_metric({'tokens': tokens}, outputs, metric)
+    expected = model.nll_bound(tokens, model.nll_bound_samples, seed=model.eval_seed + int(tokens.sum()))
+    assert float(metric.compute()) == pytest.approx(float(expected.total.sum()) / (8 + 12 + 12), rel=1e-6)
+    assert (expected.total > 0).all() and (expected.stderr > 0).all()
+    # An untrained denoiser knows nothing: it pays at least the uniform code's ln V per token, nearly.
+    assert float(expected.total.sum()) / 36 > 0.9 * math.log(40)

@@ -31,7 +31,7 @@ def test_trains_saves_reloads_and_compares_weights(trained, tiny_config):
     assert int(state.timestamp.batch) == 4
     assert torch.isfinite(state.loss).all()
     metrics = state.eval_metrics['eval']
-    assert set(metrics) >= {'CE_t1', 'CE_t20', 'Accuracy_t1'}
+    assert set(metrics) >= {'CE_t1', 'CE_t20', 'Accuracy_t1', 'NLL_bound'}
     assert all(torch.isfinite(m.compute()) for m in metrics.values())
     trained_weights = {k: v.detach().clone() for k, v in state.model.model.state_dict().items()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -417,3 +418,120 @@ def recognised_fraction(texts: Sequence[str]) -> float:
     if not sentences:
         return 0.0
     return sum(recognise(s) for s in sentences) / len(sentences)
+
+
+# -- exact probabilities --------------------------------------------------------------------------
+# The generator's draws, as `StoryGrammar` makes them: the cast (hero, a different friend,
+# one of three genders), 'home' and 'the_end' each with probability 1/2, the number of middle
+# sentences uniform in [min_middle, max_middle], each middle pattern uniform, each optional item
+# kept with probability 1/2, a SUBJECT the hero's name or pronoun with probability 1/2 each, the
+# second NAME of a sentence the friend, and every other slot uniform over its category.
+
+
+def _slot_choices(
+    item: str, cast: tuple[str, str, int], named: bool
+) -> list[tuple[tuple[str, ...], float, bool]]:
+    """(words, probability, names the hero) for each way `item` can be filled."""
+    hero, friend, gender = cast
+    if item == 'SUBJECT':
+        return [((hero,), 0.5, True), ((CATEGORIES['PRONOUN'][gender],), 0.5, False)]
+    if item == 'NAME':
+        return [((friend,), 1.0, False)] if named else [((hero,), 1.0, True)]
+    if item in ('PRONOUN', 'POSSESSIVE'):
+        return [((CATEGORIES[item][gender],), 1.0, False)]
+    if item in CATEGORIES:
+        phrases = _SLOT_PHRASES[item]
+        return [(phrase, 1.0 / len(phrases), False) for phrase in phrases]
+    return [((item,), 1.0, False)]
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def sentence_probability(pattern: str, tokens: tuple[str, ...], cast: tuple[str, str, int]) -> float:
+    """P(the words `tokens` | pattern, cast): the sum over every fill of the pattern that yields them.
+
+    Args:
+        pattern: A name of `PATTERNS`.
+        tokens: The sentence's words (`words`), its end mark included.
+        cast: (hero's name, friend's name, gender index into PRONOUN/POSSESSIVE).
+    """
+    items = _PARSED[pattern]
+
+    @functools.cache
+    def rest(i: int, j: int, named: bool) -> float:  # P(items[i:] yield tokens[j:])
+        if i == len(items):
+            return 1.0 if j == len(tokens) else 0.0
+        item, optional = items[i]
+        total = 0.5 * rest(i + 1, j, named) if optional else 0.0
+        keep = 0.5 if optional else 1.0
+        for phrase, p, names_hero in _slot_choices(item, cast, named):
+            if tokens[j : j + len(phrase)] == phrase:
+                total += keep * p * rest(i + 1, j + len(phrase), named or names_hero)
+        return total
+
+    return rest(0, 0, False)
+
+
+def _middles_probability(sentences: list[tuple[str, ...]], cast: tuple[str, str, int]) -> float:
+    """P(these middle sentences | their number): each a uniform choice of middle pattern, then filled."""
+    p = 1.0
+    for sentence in sentences:
+        p *= sum(sentence_probability(name, sentence, cast) for name in _MIDDLE_PATTERNS) / len(
+            _MIDDLE_PATTERNS
+        )
+        if p == 0.0:
+            break
+    return p
+
+
+def _story_probability(
+    sentences: list[tuple[str, ...]], cast: tuple[str, str, int], min_middle: int, max_middle: int
+) -> float:
+    """P(the story's sentences | cast): opening, optional home, the middles, ending, optional 'the end'."""
+    n = len(sentences)
+    if n < 2 or not (p_open := sentence_probability('opening', sentences[0], cast)):
+        return 0.0
+    total = 0.0
+    for home in (0, 1):
+        p_home = 0.5 * (sentence_probability('home', sentences[1], cast) if home else 1.0)
+        for the_end in (0, 1):
+            p_end = 0.5 * (sentence_probability('the_end', sentences[-1], cast) if the_end else 1.0)
+            ending = n - 1 - the_end
+            k = ending - 1 - home
+            if not p_home or not p_end or not min_middle <= k <= max_middle:
+                continue
+            p_ending = sentence_probability('ending', sentences[ending], cast)
+            if p_ending:
+                count = 1.0 / (max_middle - min_middle + 1)
+                total += (
+                    p_home
+                    * p_end
+                    * p_ending
+                    * count
+                    * _middles_probability(sentences[1 + home : ending], cast)
+                )
+    return p_open * total
+
+
+def story_log_probability(text: str, min_middle: int = 3, max_middle: int = 7) -> float:
+    """Ln P(text) under `StoryGrammar(min_middle=..., max_middle=...)`, exactly; -inf if it cannot be drawn.
+
+    Case and spacing are ignored (`words`), as the detokeniser fixes them. The draws the text
+    does not reveal are summed over: a friend who never appears, the gender of a story without
+    pronouns, and fills that yield the same words.
+    """
+    sentences = [tuple(s) for s in split_sentences(text)]
+    names = CATEGORIES['NAME']
+    present = sorted({w for s in sentences for w in s if w in names})
+    absent = [name for name in names if name not in present]
+    total = 0.0
+    for hero in present:
+        friends = [(f, 1) for f in present if f != hero]
+        if absent:  # every friend the text never names gives the same probability
+            friends.append((absent[0], len(absent)))
+        for friend, multiplicity in friends:
+            for gender in range(len(CATEGORIES['PRONOUN'])):
+                p_cast = multiplicity / (len(names) * (len(names) - 1) * len(CATEGORIES['PRONOUN']))
+                total += p_cast * _story_probability(
+                    sentences, (hero, friend, gender), min_middle, max_middle
+                )
+    return math.log(total) if total > 0 else -math.inf
