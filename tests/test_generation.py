@@ -23,7 +23,7 @@ from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
 from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.prompting import prompt_canvas, template_canvas
-from cdcd_composer.sampler import SamplerSettings, sample
+from cdcd_composer.sampler import SOLVERS, SamplerSettings, network_evaluations, sample
 
 L = 96
 
@@ -111,6 +111,68 @@ def test_model_calls_per_step(model, tokenizer, settings, prompted, calls):
     kwargs = {'given_tokens': given.expand(2, -1), 'generate_mask': mask.expand(2, -1)} if prompted else {}
     sample(model, timesteps(5), 2, L, settings, **kwargs)
     assert len(calls_seen) == calls
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+@pytest.mark.parametrize(('guidance', 'prompted'), [(1.0, False), (2.0, True)])
+def test_network_evaluations_count_every_pass(model, tokenizer, solver, guidance, prompted):
+    settings = SamplerSettings(solver=solver, guidance_scale=guidance, self_conditioning=True)
+    calls_seen = count_calls(model)
+    given, mask = prompt_canvas(tokenizer, L, 'lily was') if prompted else (None, None)
+    kwargs = {'given_tokens': given.expand(2, -1), 'generate_mask': mask.expand(2, -1)} if prompted else {}
+    out = sample(model, timesteps(6), 2, L, settings, **kwargs)
+    assert len(calls_seen) == network_evaluations(settings, 6, guided=guidance != 1.0 and prompted)
+    if prompted:  # given tokens come back as given, whatever the solver
+        kept = ~mask.expand(2, -1)
+        assert torch.equal(out[kept], given.expand(2, -1)[kept])
+
+
+class FixedDenoiser:
+    """A stand-in `_Denoiser` whose x0_hat never changes: the ODE's exact solution is known."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.target
+
+
+@pytest.mark.parametrize('tau', [1.0, 0.7])
+def test_the_exponential_and_multistep_solvers_are_exact_for_a_fixed_estimate(tau):
+    from cdcd_composer.sampler import _dpmpp_2m, _euler_or_heun, _exponential
+
+    target, x = torch.randn(2, 3, 4), torch.randn(2, 3, 4) * 300
+    steps = torch.tensor([300.0, 30.0, 3.0, 1.0])  # big steps: where Euler overshoots
+    exact = target + (1.0 / 300.0) ** (1 / tau) * (x - target)
+    for solve, solver in ((_exponential, 'exponential'), (_dpmpp_2m, 'dpmpp_2m'), (_euler_or_heun, 'euler')):
+        settings = SamplerSettings(solver=solver, score_temperature=tau)
+        out = solve(FixedDenoiser(target), x, steps, settings, None)
+        if solver == 'euler':  # exact at tau = 1 (the step is then the solution), not below
+            assert torch.allclose(out, exact, atol=1e-2) == (tau == 1.0)
+        else:
+            torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_the_multistep_solver_is_second_order_on_a_moving_estimate():
+    """x0_hat(t) = a + b ln t: 2M follows it exactly, the one-step exponential solver only to first order."""
+    from cdcd_composer.sampler import _dpmpp_2m, _exponential
+
+    a, b = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64) * 100
+
+    class Moving:
+        def __call__(self, x, t):
+            return a + b * torch.log(t)
+
+    fine = _dpmpp_2m(Moving(), x, torch.logspace(2, 0, 4001, dtype=torch.float64), SamplerSettings(), None)
+
+    def error(solve, n):
+        steps = torch.logspace(2, 0, n + 1, dtype=torch.float64)
+        return float((solve(Moving(), x, steps, SamplerSettings(), None) - fine).abs().max())
+
+    assert error(_dpmpp_2m, 8) < error(_exponential, 8) / 50
+    assert error(_exponential, 16) > error(_exponential, 8) / 2.5  # first order: halves per halving
+    assert error(_dpmpp_2m, 16) < error(_dpmpp_2m, 8) / 3.5  # second order (or better)
 
 
 def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer):
@@ -356,7 +418,15 @@ def test_eval_cli_reports_samples_next_to_the_data(
     assert all(not math.isnan(row['judge_nll']) for row in report['rows'][:2])
     assert report['rows'][0]['recognised'] > 0.9  # Real synthetic stories parse (bar tokenizer UNKs).
     assert set(report['cross_entropy_vs_t']) == {'1.0', '3.0', '10.0', '20.0'}
-    assert '| data |' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert '| data |' in printed
+    lines = {line.split(':')[0]: line for line in printed.splitlines() if ':' in line}
+    assert {'NLL bound', 'exact entropy', 'unigram entropy'} <= set(lines)
+    nll = report['likelihood']
+    assert nll['canvases'] == 64 and nll['samples'] == 16  # every validation canvas of the tiny dataset
+    assert nll['bound_per_token'] > 0 and nll['bound_per_token_se'] > 0
+    # A quarter of the tiny dataset's 96-token canvases cut their story short: no exact entropy.
+    assert lines['exact entropy'].startswith('exact entropy: unavailable (a canvas is truncated')
 
 
 @pytest.mark.parametrize('flags, message', [

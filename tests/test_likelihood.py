@@ -94,3 +94,31 @@ def test_the_eval_metric_is_the_models_bound_per_non_pad_token(self_conditioning
     assert (expected.total > 0).all() and (expected.stderr > 0).all()
     # An untrained denoiser knows nothing: it pays at least the uniform code's ln V per token, nearly.
     assert float(expected.total.sum()) / 36 > 0.9 * math.log(40)
+
+
+def test_the_exact_entropy_of_whole_stories_lies_below_any_models_bound(tmp_path):
+    from conftest import TINY_MODEL
+
+    from cdcd_composer.commands.convert import convert
+    from cdcd_composer.commands.evaluate import likelihood, validation_tokens
+    from cdcd_composer.composer_model import CDCDComposerModel
+    from cdcd_composer.data.grammar import story_log_probability
+    from cdcd_composer.data.metadata import DatasetMetadata
+    from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
+    from cdcd_composer.sampler import decode_samples
+
+    root = tmp_path / 'synthetic'
+    convert(
+        source='synthetic', out_root=str(root), seq_len=256, num_train=64, num_val=16, train_tokenizer=1024
+    )
+    meta, tokenizer = DatasetMetadata.load(str(root)), load_tokenizer(str(root / 'tokenizer'))
+    model = CDCDComposerModel(
+        {**TINY_MODEL, 'vocab_size': meta.vocab_size}, dataset=meta, tokenizer=tokenizer_to_json(tokenizer)
+    ).eval()
+    val = validation_tokens(model, str(root), None, 16)
+    result = likelihood(model, val, samples=4, batch_size=8, seed=0)
+    counted = float((val != meta.pad_id).sum())
+    stories = decode_samples(val, tokenizer, meta.eos_id)  # the canvases round-trip: P(canvas) = P(story)
+    assert result['exact_entropy'] == pytest.approx(-sum(map(story_log_probability, stories)) / counted)
+    assert 0 < result['exact_entropy'] < result['unigram_entropy']
+    assert result['bound_per_token'] > result['exact_entropy']  # an untrained model: far above it

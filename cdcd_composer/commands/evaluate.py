@@ -24,12 +24,12 @@ import torch
 
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
-from cdcd_composer.data.grammar import recognised_fraction
+from cdcd_composer.data.grammar import recognised_fraction, story_log_probability
 from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
-from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity
+from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity, unigram_entropy
 from cdcd_composer.outputs import check_output_file, write_output_file
-from cdcd_composer.sampler import SamplerSettings, decode_samples
+from cdcd_composer.sampler import SOLVERS, SamplerSettings, decode_samples
 
 
 def validation_tokens(
@@ -82,6 +82,71 @@ def measure(
     return row
 
 
+def likelihood(
+    model: CDCDComposerModel, val: torch.Tensor, samples: int, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """The NLL bound over the validation canvases, the unigram baseline and (synthetic) the exact entropy.
+
+    Per token means per non-pad token: sums over canvases divided by their non-pad tokens. The
+    standard errors are of the mean over canvases (the bound's noise and the canvases' spread).
+    """
+    start = time.perf_counter()
+    totals = torch.cat([
+        model.nll_bound(batch, samples, seed=seed + i).total for i, batch in enumerate(val.split(batch_size))
+    ])  # fmt: skip
+    seconds = time.perf_counter() - start
+    counted = (val != model.pad_id).sum(-1).double()
+    n, tokens = len(val), float(counted.sum())
+    canvas_se = float(totals.std()) / math.sqrt(n) if n > 1 else math.nan
+    result = {
+        'canvases': n, 'samples': samples, 'seconds': seconds,
+        'bound_per_token': float(totals.sum()) / tokens, 'bound_per_token_se': canvas_se * n / tokens,
+        'bound_per_canvas': float(totals.mean()), 'bound_per_canvas_se': canvas_se,
+        'unigram_entropy': unigram_entropy([row[row != model.pad_id].tolist() for row in val])[0],
+    }  # fmt: skip
+    if model.spec.data.source == 'synthetic':
+        result['exact_entropy'] = exact_entropy(model, val, counted)
+    return result
+
+
+def exact_entropy(model: CDCDComposerModel, val: torch.Tensor, counted: torch.Tensor) -> float | None:
+    """-ln P of the canvases under the corpus grammar, nats per non-pad token.
+
+    None unless every canvas is a whole story that the tokenizer round-trips (then P(canvas) =
+    P(story): the canvas is the story's only encoding).
+    """
+    tokenizer, eos = model.spec.text_tokenizer, model.spec.data.eos_id
+    total = 0.0
+    for row, text in zip(val.tolist(), decode_samples(val, tokenizer, eos)):
+        end = row.index(eos, 1) if eos in row[1:] else None
+        if end is None or tokenizer(text, add_special_tokens=False)['input_ids'] != row[1:end]:
+            return None
+        total -= story_log_probability(text)
+    return total / float(counted.sum()) if math.isfinite(total) else None
+
+
+def likelihood_lines(result: dict[str, Any]) -> list[str]:
+    """The report's `NLL bound:`, `exact entropy:` and `unigram entropy:` lines."""
+    r = result
+    lines = [
+        f'NLL bound: {r["bound_per_token"]:.4f} nats/token ({r["bound_per_token"] / math.log(2):.4f} '
+        f'bits/token) +- {r["bound_per_token_se"]:.4f}; {r["bound_per_canvas"]:.2f} +- '
+        f'{r["bound_per_canvas_se"]:.2f} nats/canvas ({r["canvases"]} validation canvases, '
+        f'{r["samples"]} draws of t each, {r["seconds"]:.0f} s)'
+    ]
+    if 'exact_entropy' in r:
+        exact = r['exact_entropy']
+        lines.append(
+            'exact entropy: unavailable (a canvas is truncated or not round-tripped by the tokenizer)'
+            if exact is None
+            else f'exact entropy: {exact:.4f} nats/token (-ln P of these canvases under the corpus grammar)'
+        )
+    lines.append(
+        f'unigram entropy: {r["unigram_entropy"]:.4f} nats/token (of the validation tokens: a baseline)'
+    )
+    return lines
+
+
 def evaluate(
     model: CDCDComposerModel,
     data_root: str,
@@ -91,12 +156,14 @@ def evaluate(
     num_samples: int = 32,
     steps: tuple[int, ...] = (50, 200),
     taus: tuple[float, ...] = (1.0, 0.9),
-    heun: bool = False,
+    solver: str = 'euler',
     batch_size: int = 16,
     seed: int = 0,
+    nll_samples: int = 16,
+    nll_canvases: int = 1000,
 ) -> dict[str, Any]:
-    """The full report: CE curve, data figures, and one row per (kind, steps, tau)."""
-    val = validation_tokens(model, data_root, local_cache, max(num_samples, 4 * batch_size))
+    """The full report: CE curve, the likelihood bound, data figures, one row per (kind, steps, tau)."""
+    val = validation_tokens(model, data_root, local_cache, max(num_samples, 4 * batch_size, nll_canvases))
     if len(val) < num_samples:  # each sample row is scored against (and prompted by) a real story
         raise ValueError(
             f'--num_samples {num_samples} is more than the {len(val)} validation stories in {data_root}; '
@@ -104,13 +171,16 @@ def evaluate(
         )
     t_min, t_max = model.spec.t_min, model.spec.t_max
     levels = sorted({*(t for t in EVAL_NOISE_LEVELS if t_min <= t <= t_max), t_min, t_max})
-    curve = cross_entropy_curve(model, val.split(batch_size), levels)
+    curve = cross_entropy_curve(model, val[: max(num_samples, 4 * batch_size)].split(batch_size), levels)
     tokenizer, eos = model.spec.text_tokenizer, model.spec.data.eos_id
     real = decode_samples(val[:num_samples], tokenizer, eos)
     given, mask = prompt_canvases(val[:num_samples], eos)
     prompts = decode_samples(torch.where(mask, torch.full_like(given, eos), given), tokenizer, eos)
     report: dict[str, Any] = {
         'cross_entropy_vs_t': {str(t): ce for t, ce in curve.items()},
+        'likelihood': likelihood(model, val[:nll_canvases], nll_samples, batch_size, seed)
+        if nll_samples
+        else None,
         'rows': [
             {'kind': 'data', **measure(real, model, judge)},
             {'kind': 'data (2nd half given 1st)', **measure(real, model, judge, prompts)},
@@ -119,7 +189,7 @@ def evaluate(
     for n_steps in steps:
         for tau in taus:
             settings = SamplerSettings(
-                heun=heun, score_temperature=tau, self_conditioning=model.spec.self_conditioned
+                solver=solver, score_temperature=tau, self_conditioning=model.spec.self_conditioned
             )
             for kind in ('unconditional', 'prompted'):
                 start = time.perf_counter()
@@ -163,6 +233,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f'| {row["kind"]} | {row.get("steps", "")} | {row.get("tau", "")} | ' + ' | '.join(cells) + ' |'
         )
+    if report.get('likelihood'):
+        lines += ['', *likelihood_lines(report['likelihood'])]
     return '\n'.join(lines)
 
 
@@ -179,14 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--num_samples', type=int, default=32, help='samples per row (and validation stories)')
     p.add_argument('--steps', type=int, nargs='+', default=[50, 200])
     p.add_argument('--tau', type=float, nargs='+', default=[1.0, 0.9], help='score temperatures')
-    p.add_argument('--heun', action='store_true')
+    p.add_argument('--solver', choices=SOLVERS, default='euler', help='ODE solver (see generate.py)')
+    p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument('--judge', default=DEFAULT_JUDGE, help="'smollm2', a causal LM name or path, or 'none'")
     p.add_argument('--batch_size', type=int, default=16)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', default=None, help='write the report as JSON here')
+    p.add_argument(
+        '--nll_samples', type=int, default=16, help='draws of t per canvas for the NLL bound (0: skip)'
+    )
+    p.add_argument(
+        '--nll_canvases', type=int, default=1000, help='validation canvases the bound averages over'
+    )
     add_loading_arguments(p)
     args = p.parse_args(argv)
+    if args.nll_samples == 1 or args.nll_samples < 0 or args.nll_canvases < 1:
+        p.error('--nll_samples must be 0 (skip the bound) or at least 2, --nll_canvases at least 1')
     for name in ('num_samples', 'batch_size'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
@@ -199,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)
         report = evaluate(
             model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
-            steps=tuple(args.steps), taus=tuple(args.tau), heun=args.heun, batch_size=args.batch_size,
-            seed=args.seed,
+            steps=tuple(args.steps), taus=tuple(args.tau), solver='heun' if args.heun else args.solver,
+            batch_size=args.batch_size,
+            seed=args.seed, nll_samples=args.nll_samples, nll_canvases=args.nll_canvases,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)

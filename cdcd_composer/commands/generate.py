@@ -3,6 +3,7 @@
     python generate.py runs/cdcd-tiny/export --num_samples 8 --steps 200
     python generate.py runs/cdcd-tiny/export --prompt "Once upon a time" --tau 0.9
     python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
+    python generate.py runs/cdcd-tiny/export --solver dpmpp_2m --steps 24
     python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --heun --steps 100
 
 MODEL is a weights-only export (directory or object-store prefix; written at the end of
@@ -23,7 +24,7 @@ from cdcd_composer.checkpoints.loading import add_loading_arguments, load_traine
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.outputs import check_output_file, write_output_file
 from cdcd_composer.prompting import Request
-from cdcd_composer.sampler import SamplerSettings
+from cdcd_composer.sampler import SOLVERS, SamplerSettings, network_evaluations
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--blank_length', type=int, default=8, help='tokens per ___ blank')
     p.add_argument('--num_samples', type=int, default=8)
     p.add_argument('--steps', type=int, default=200, help='solver steps')
-    p.add_argument('--heun', action='store_true', help="Heun's 2nd-order solver (use ~half the steps)")
+    p.add_argument(
+        '--solver', choices=SOLVERS, default='euler',
+        help='ODE solver: euler, heun (2 passes a step), exponential, dpmpp_2m (2nd-order multistep)',
+    )  # fmt: skip
+    p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument('--tau', type=float, default=1.0, help='score temperature')
     p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
     p.add_argument('--initial_noise_scale', type=float, default=1.0)
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             check_output_file(args.out)
         settings = SamplerSettings(
+            solver=args.solver,
             heun=args.heun,
             score_temperature=args.tau,
             initial_noise_scale=args.initial_noise_scale,
@@ -97,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
+    guided = settings.guidance_scale != 1.0 and (args.prompt is not None or args.template is not None)
+    print(f'network evaluations: {network_evaluations(settings, args.steps, guided)} per sample '
+          f'({settings.solver}, {args.steps} steps)')  # fmt: skip
     if model.spec.data.source == 'synthetic':
         print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
     if args.out:
-        record = {
-            k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'heun', 'tau', 'guidance', 'seed')
+        record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'tau', 'guidance', 'seed')} | {
+            'solver': settings.solver
         }
 
         def write(f) -> None:
