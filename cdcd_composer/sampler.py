@@ -120,13 +120,8 @@ def sample(
     denoiser = _Denoiser(model, given_tokens, generate_mask, settings)
     noise = torch.randn(num_samples, seq_len, model.config.d_embed, generator=generator, device=device)
     x = noise * timesteps[0] * settings.initial_noise_scale
-    step = {
-        'euler': _euler_or_heun,
-        'heun': _euler_or_heun,
-        'exponential': _exponential,
-        'dpmpp_2m': _dpmpp_2m,
-    }
-    x = step[settings.solver](denoiser, x, timesteps, settings, on_step)
+    solve = _euler_or_heun if settings.solver in ('euler', 'heun') else _exponential_integrator
+    x = solve(denoiser, x, timesteps, settings, on_step)
     logits = denoiser.logits(x, timesteps[-1])
     return torch.where(generate_mask, logits.argmax(-1), given_tokens)
 
@@ -151,29 +146,17 @@ def _euler_or_heun(
     return x
 
 
-def _exponential(
+def _exponential_integrator(
     denoiser: _Denoiser, x: torch.Tensor, timesteps: torch.Tensor, settings: SamplerSettings, on_step
 ) -> torch.Tensor:
-    """Steps x <- x0_hat + (t'/t)^(1/tau) (x - x0_hat): exact while x0_hat stays what it was at t."""
-    for i in range(len(timesteps) - 1):
-        t_i, t_next = timesteps[i], timesteps[i + 1]
-        x0_hat = denoiser(x, t_i)
-        x = x0_hat + (t_next / t_i) ** (1.0 / settings.score_temperature) * (x - x0_hat)
-        if on_step is not None:
-            on_step(i)
-    return x
-
-
-def _dpmpp_2m(
-    denoiser: _Denoiser, x: torch.Tensor, timesteps: torch.Tensor, settings: SamplerSettings, on_step
-) -> torch.Tensor:
-    """DPM-Solver++(2M) for dx/ds = r (x - x0_hat), s = ln t, r = 1/tau.
+    """The exponential integrator of dx/ds = r (x - x0_hat), s = ln t, r = 1/tau, one pass per step.
 
     Over a step of length h = ln(t / t') the exact solution is
-    x' = e^(-rh) x + r int_0^h e^(-rv) x0_hat(s' + v) dv. With x0_hat linear in s through this
-    step's estimate D_i and the previous one D_(i-1) (a step h_prev back), the integral is
-    (1 - e^(-rh)) D_i - (c / h_prev) (D_i - D_(i-1)), c = (1 - e^(-rh) (1 + rh)) / r - h (1 - e^(-rh)).
-    The first step, with no previous estimate, is the exponential one.
+    x' = e^(-rh) x + r int_0^h e^(-rv) x0_hat(s' + v) dv. 'exponential' holds x0_hat at this
+    step's estimate D_i: x' = e^(-rh) x + (1 - e^(-rh)) D_i = D_i + (t'/t)^r (x - D_i).
+    'dpmpp_2m' (DPM-Solver++(2M)) takes x0_hat linear in s through D_i and the previous step's
+    D_(i-1) (h_prev back) and adds -(c / h_prev) (D_i - D_(i-1)), with
+    c = (1 - e^(-rh) (1 + rh)) / r - h (1 - e^(-rh)); its first step is the exponential one.
     """
     r = 1.0 / settings.score_temperature
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (D_(i-1), h_prev)
@@ -183,12 +166,11 @@ def _dpmpp_2m(
         h = torch.log(t_i / t_next)
         decay = torch.exp(-r * h)
         x_next = decay * x + (1.0 - decay) * x0_hat
-        if previous is not None:
+        if previous is not None and settings.solver == 'dpmpp_2m':
             before, h_prev = previous
             c = (1.0 - decay * (1.0 + r * h)) / r - h * (1.0 - decay)
             x_next = x_next - (c / h_prev) * (x0_hat - before)
-        previous = (x0_hat, h)
-        x = x_next
+        previous, x = (x0_hat, h), x_next
         if on_step is not None:
             on_step(i)
     return x
