@@ -91,7 +91,7 @@ class CDCDComposerModel(ComposerModel):
         dataset: DatasetMetadata | None = None,
         tokenizer: dict[str, Any] | None = None,
         self_conditioning: float | None = None,
-        nll_bound_samples: int = 8,
+        nll_bound_samples: int = 4,
     ) -> None:
         super().__init__()
         if not 0 <= mse_weight < math.inf:  # NaN fails the comparison too

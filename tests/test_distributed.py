@@ -103,7 +103,8 @@ def test_two_ranks_agree_on_every_mechanism(tiny_dataset, tmp_path, strategy):
     # Training with self-conditioning and masks finished on both ranks.
     assert all(len(r['losses']) == 12 and all(map(torch.isfinite, torch.tensor(r['losses']))) for r in ranks)
     # Evaluation: metrics reduced over both ranks' batches, so equal on each.
-    assert ranks[0]['eval'] == ranks[1]['eval'] and len(ranks[0]['eval']) == 8  # CE, accuracy at 4 t
+    assert ranks[0]['eval'] == ranks[1]['eval']
+    assert len(ranks[0]['eval']) == 9  # CE and accuracy at 4 t, and the NLL bound
     # Samples are logged by rank 0; under FSDP rank 1 joins the sampler's forwards (it must).
     log0, log1 = (tmp_path / 'log-0.txt').read_text(), (tmp_path / 'log-1.txt').read_text()
     assert 'samples/seconds' in log0 and 'samples/seconds' not in log1
