@@ -75,7 +75,7 @@ def assert_ranks_agree(ranks: list[dict], steps: int) -> None:
     for rank in ranks[1:]:
         for key in ranks[0]['warp']:
             assert torch.equal(ranks[0]['warp'][key], rank['warp'][key]), key
-        assert rank['eval'] == ranks[0]['eval'] and len(rank['eval']) == 8
+        assert rank['eval'] == ranks[0]['eval'] and len(rank['eval']) == 9
 
 
 def test_two_nodes_on_one_machine_train_together_and_agree(tiny_dataset, tmp_path):
