@@ -21,6 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from cdcd_composer.model import CDCDTransformer, DenoiserOutput, score
 
 SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m')
+# The defaults of generate.py, eval.py and the training samples (`bench/sample.py --quality`).
+DEFAULT_SOLVER = 'euler'
+DEFAULT_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class SamplerSettings:
             the step itself still runs from t_i to t_{i+1}. None (default) evaluates at t_i.
     """
 
-    solver: str = 'euler'
+    solver: str = DEFAULT_SOLVER
     heun: bool = False
     score_temperature: float = 1.0
     initial_noise_scale: float = 1.0
@@ -52,7 +55,7 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f'solver (--solver) {self.solver!r} must be one of {", ".join(SOLVERS)}')
-        if self.heun and self.solver not in ('euler', 'heun'):
+        if self.heun and self.solver not in (DEFAULT_SOLVER, 'heun'):
             raise ValueError(f'--heun and --solver {self.solver} contradict each other; pass one of them')
         if self.heun:
             object.__setattr__(self, 'solver', 'heun')

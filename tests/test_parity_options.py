@@ -139,7 +139,12 @@ def test_time_shift_evaluates_the_model_at_the_next_time_plus_delta():
     assert model.times == [20.0, 10.0, 4.0, 1.0]  # t_i, then the final pass at t_min
     model.times.clear()
     shifted = sample(
-        model, steps, 2, 8, SamplerSettings(time_shift=0.5), generator=torch.Generator().manual_seed(0)
+        model,
+        steps,
+        2,
+        8,
+        SamplerSettings(solver='euler', time_shift=0.5),
+        generator=torch.Generator().manual_seed(0),
     )
     assert model.times == [10.5, 4.5, 1.5, 1.0]
     assert shifted.shape == (2, 8)
@@ -164,7 +169,18 @@ def test_bytes_end_to_end_convert_train_generate(tmp_path):
     ]  # fmt: skip
     train.main(load_config(str(REPO / 'yamls' / 'cdcd-char.yaml'), overrides))
     out = tmp_path / 'samples.jsonl'
-    args = ['--num_samples', '2', '--steps', '3', '--time_shift', '0.5', '--prompt', 'Once upon a time']
+    args = [
+        '--num_samples',
+        '2',
+        '--steps',
+        '3',
+        '--solver',
+        'euler',
+        '--time_shift',
+        '0.5',
+        '--prompt',
+        'Once upon a time',
+    ]
     assert generate.main([str(tmp_path / 'export'), *args, '--out', str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r['text'].startswith('Once upon a time') for r in rows)

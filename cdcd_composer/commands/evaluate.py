@@ -29,7 +29,7 @@ from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_spl
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity, unigram_entropy
 from cdcd_composer.outputs import check_output_file, write_output_file
-from cdcd_composer.sampler import SOLVERS, SamplerSettings, decode_samples
+from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, decode_samples
 
 
 def validation_tokens(
@@ -154,9 +154,9 @@ def evaluate(
     local_cache: str | None = None,
     judge: Judge | None = None,
     num_samples: int = 32,
-    steps: tuple[int, ...] = (50, 200),
+    steps: tuple[int, ...] = (DEFAULT_STEPS // 4, DEFAULT_STEPS),
     taus: tuple[float, ...] = (1.0, 0.9),
-    solver: str = 'euler',
+    solver: str = DEFAULT_SOLVER,
     batch_size: int = 16,
     seed: int = 0,
     nll_samples: int = 16,
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--data_root', required=True, help='the dataset the model was trained on (for val)')
     p.add_argument('--local_cache', default=None, help='cache for an object-store data_root')
     p.add_argument('--num_samples', type=int, default=32, help='samples per row (and validation stories)')
-    p.add_argument('--steps', type=int, nargs='+', default=[50, 200])
+    p.add_argument('--steps', type=int, nargs='+', default=[DEFAULT_STEPS // 4, DEFAULT_STEPS])
     p.add_argument('--tau', type=float, nargs='+', default=[1.0, 0.9], help='score temperatures')
-    p.add_argument('--solver', choices=SOLVERS, default='euler', help='ODE solver (see generate.py)')
+    p.add_argument('--solver', choices=SOLVERS, default=DEFAULT_SOLVER, help='ODE solver (see generate.py)')
     p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument('--judge', default=DEFAULT_JUDGE, help="'smollm2', a causal LM name or path, or 'none'")
     p.add_argument('--batch_size', type=int, default=16)

@@ -24,7 +24,7 @@ from cdcd_composer.checkpoints.loading import add_loading_arguments, load_traine
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.outputs import check_output_file, write_output_file
 from cdcd_composer.prompting import Request
-from cdcd_composer.sampler import SOLVERS, SamplerSettings, network_evaluations
+from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, network_evaluations
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--template', default=None, help='story with ___ blanks to fill')
     p.add_argument('--blank_length', type=int, default=8, help='tokens per ___ blank')
     p.add_argument('--num_samples', type=int, default=8)
-    p.add_argument('--steps', type=int, default=200, help='solver steps')
+    p.add_argument('--steps', type=int, default=DEFAULT_STEPS, help='solver steps')
     p.add_argument(
-        '--solver', choices=SOLVERS, default='euler',
+        '--solver', choices=SOLVERS, default=DEFAULT_SOLVER,
         help='ODE solver: euler, heun (2 passes a step), exponential, dpmpp_2m (2nd-order multistep)',
     )  # fmt: skip
     p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
