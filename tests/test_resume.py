@@ -323,8 +323,9 @@ def test_an_unpointed_run_in_a_bucket_resumes_from_its_newest_complete_checkpoin
         s3.put_object(Bucket=bucket, Key=f'runs/cut/checkpoints/{name}', Body=data)
     cfg = parse_config(dict(tiny_config, run_name='cut', autoresume=True,
                             save_folder=f's3://{bucket}/runs/{{run_name}}/checkpoints'))  # fmt: skip
-    train.resolve_autoresume(cfg)
-    assert cfg.load_path == f's3://{bucket}/runs/cut/checkpoints/ep0-ba4-rank0.pt'
+    resolved = train.resolve_autoresume(cfg)
+    assert resolved.load_path == f's3://{bucket}/runs/cut/checkpoints/ep0-ba4-rank0.pt'
+    assert cfg.load_path is None  # a resolved copy: the config passed in is left as it was
 
 
 @pytest.mark.parametrize('change, message', [
