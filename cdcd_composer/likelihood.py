@@ -33,7 +33,10 @@ import torch
 
 # noise eps (N, L, D), t (N,) -> (logits (N, L, V) at x_t = x_0 + t eps, ||x_0 - x0_hat(x_t, t)||^2 (N,)).
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-PROPOSALS = ('inverse_square', 'log_uniform', 'warp')
+# Measured on the demo model (64 validation canvases, 16 draws): Monte Carlo error per canvas 11.2
+# nats with 'log_uniform', 15.8 with 'inverse_square' and 25.4 with 'warp', whose heavy tail also
+# pulled its estimate 0.27 nats/token low; on i.i.d. tokens (tests/test_likelihood.py) 1/t^2 wins.
+PROPOSALS = ('log_uniform', 'inverse_square', 'warp')
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def nll_bound(
     t_max: float,
     *,
     samples: int = 16,
-    proposal: str = 'inverse_square',
+    proposal: str = 'log_uniform',
     generator: torch.Generator | None = None,
     warp_inverse_cdf=None,
     warp_density=None,
