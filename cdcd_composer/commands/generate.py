@@ -109,21 +109,26 @@ def main(argv: list[str] | None = None) -> int:
     if model.spec.data.source == 'synthetic':
         print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
     if args.out:
-        record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'tau', 'guidance', 'seed')} | {
-            'solver': settings.solver
-        }
-
-        def write(f) -> None:
-            for i, text in enumerate(texts):
-                f.write(
-                    json.dumps({'text': text, 'index': i, **record}) + '\n'
-                    if args.out.endswith('.jsonl')
-                    else text + '\n\n'
-                )
-
         try:
-            write_output_file(args.out, write)
+            write_samples(args, texts, settings.solver)
         except ValueError as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
     return 0
+
+
+def write_samples(args: argparse.Namespace, texts: list[str], solver: str) -> None:
+    """Writes the samples to `--out`: JSON Lines (with the settings) if it ends in .jsonl, else text.
+
+    Raises:
+        ValueError: the write failed (one line; `write_output_file`).
+    """
+    record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'tau', 'guidance', 'seed')}
+    record['solver'] = solver
+
+    def write(f) -> None:
+        for i, text in enumerate(texts):
+            jsonl = args.out.endswith('.jsonl')
+            f.write(json.dumps({'text': text, 'index': i, **record}) + '\n' if jsonl else text + '\n\n')
+
+    write_output_file(args.out, write)
