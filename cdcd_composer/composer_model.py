@@ -28,8 +28,9 @@ from cdcd_composer.masking import MaskingConfig, sample_generate_mask
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, DenoiserOutput, TimeEmbedding
 from cdcd_composer.prompting import Request
 from cdcd_composer.run_spec import RunSpec
-from cdcd_composer.sampler import SamplerSettings, decode_samples, sample
+from cdcd_composer.sampler import SamplerSettings, check_sampling_request, decode_samples, sample_in_batches
 from cdcd_composer.time_warping import TimeWarp
+from cdcd_composer.warp_curve import WarpCurve
 
 # The paper's noise levels for validation CE (Fig. 2); those outside [t_min, t_max] are skipped.
 EVAL_NOISE_LEVELS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
@@ -47,10 +48,6 @@ def token_mean(key: str) -> MeanMetric:
 def _level_name(t: float) -> str:
     """'10' for 10.0, '0_1' for 0.1: usable in metric names and module keys."""
     return f'{t:g}'.replace('.', '_')
-
-
-MAX_SAMPLING_STEPS = 100_000
-SAMPLING_MEMORY = 2 << 30  # bytes of activations per solver batch when no batch_size is given
 
 
 class CDCDComposerModel(ComposerModel):
@@ -122,6 +119,8 @@ class CDCDComposerModel(ComposerModel):
         self.ema: AveragedWeights | None = None
         self.register_state_dict_post_hook(_save_averages)
         self.register_load_state_dict_pre_hook(_load_averages)
+        # How long a loaded model trained ({'batch', 'sample', 'token'}), where its file said.
+        self.trained: dict[str, int] | None = None
         self.eval_noise_levels = tuple(float(t) for t in eval_noise_levels)
         self.eval_seed = eval_seed
         # A plain dict, not a ModuleDict: FSDP wraps every child module of a ComposerModel.
@@ -367,7 +366,7 @@ class CDCDComposerModel(ComposerModel):
         warp: bool = True,
         on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """(num_samples, seq_len) sampled token ids: the Euler/Heun ODE over time-warped steps.
+        """(num_samples, seq_len) sampled token ids: the ODE solved over time-warped steps (`sampler`).
 
         Args:
             num_samples: How many sequences.
@@ -376,52 +375,22 @@ class CDCDComposerModel(ComposerModel):
             request: A prompt or infilling template for every sample (default unconditional).
             given: Per-sample conditioning instead: (given_tokens, generate_mask), each (N, L).
             seed: Batch `i` (starting at sample `i`) draws its initial noise with seed + i.
-            batch_size: Samples per solver batch (default: as many as fit `SAMPLING_MEMORY`).
+            batch_size: Samples per solver batch (default: as many as fit `sampler.SAMPLING_MEMORY`).
             warp: Timesteps from the fitted time warp (False: evenly spaced in t).
             on_step: Called after each solver step of each batch (progress bars).
         """
-        check_sampling_request(num_samples, steps, seed)
-        spec, denoiser = self.spec, self.model
+        check_sampling_request(num_samples, steps, seed)  # before the timesteps are allocated
+        spec = self.spec
         settings = settings or SamplerSettings(self_conditioning=spec.self_conditioned)
         if given is None:
-            canvas = (request or Request()).canvas(spec.text_tokenizer, spec.data.seq_len, spec.padded)
-            given = None if canvas[0] is None else tuple(x.expand(num_samples, -1) for x in canvas)
-        curve = self.time_warp if warp else TimeWarp(spec.t_min, spec.t_max)
-        timesteps = curve.sampling_timesteps(steps)
-        device = next(denoiser.parameters()).device
-        batch_size = batch_size or self.sampling_batch_size()
-        rows = []
-        for i in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - i)
-            conditioning = (
-                {}
-                if given is None
-                else {'given_tokens': given[0][i : i + count], 'generate_mask': given[1][i : i + count]}
+            given = (request or Request()).given(
+                spec.text_tokenizer, spec.data.seq_len, spec.padded, num_samples
             )
-            generator = torch.Generator(device=device).manual_seed(seed + i)
-            rows.append(
-                sample(
-                    denoiser,
-                    timesteps,
-                    count,
-                    spec.data.seq_len,
-                    settings,
-                    generator=generator,
-                    on_step=on_step,
-                    **conditioning,
-                )
-            )
-        return torch.cat(rows)
-
-    def sampling_batch_size(self) -> int:
-        """Samples per solver batch whose largest activations fit `SAMPLING_MEMORY` bytes.
-
-        Per sample and token a step holds the fp32 logits (vocab_size) and a few d_model-wide
-        activations; a larger request is sampled in batches of this size, never allocated at once.
-        """
-        config = self.model.config
-        per_sample = self.spec.data.seq_len * (config.vocab_size + 16 * config.d_model) * 4
-        return max(1, SAMPLING_MEMORY // per_sample)
+        curve = self.time_warp if warp else WarpCurve(spec.t_min, spec.t_max)
+        return sample_in_batches(
+            self.model, curve.sampling_timesteps(steps), num_samples, spec.data.seq_len, settings,
+            given=given, seed=seed, batch_size=batch_size, on_step=on_step,
+        )  # fmt: skip
 
     def generate(
         self, num_samples: int, steps: int = 200, settings: SamplerSettings | None = None, **kwargs: Any
@@ -460,23 +429,6 @@ class CDCDComposerModel(ComposerModel):
         if shape not in self._forward_flops:  # Walks every module: once per shape, not per batch.
             self._forward_flops[shape] = self.forward_flops(*shape)
         return int((3 + self.extra_forward_fraction) * self._forward_flops[shape])
-
-
-def check_sampling_request(num_samples: int, steps: int, seed: int) -> None:
-    """Counts and seed that sampling can honour.
-
-    Raises:
-        ValueError: one line naming the value and its range.
-    """
-    if num_samples <= 0 or steps <= 0:
-        raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
-    if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed
-        raise ValueError(f'seed (--seed) {seed} must lie in [0, 2^63 - 1 - num_samples]')
-    if steps > MAX_SAMPLING_STEPS:
-        raise ValueError(
-            f'{steps} solver steps would run for days to no gain; use at most {MAX_SAMPLING_STEPS:,} '
-            '(a few hundred reach the ODE solution)'
-        )
 
 
 def _is_per_sequence(module: nn.Module) -> bool:

@@ -2,7 +2,8 @@
 
     OUT/model.safetensors   the model's state dict: denoiser weights and time-warp tensors
     OUT/cdcd_config.json    the run spec (which says whether the weights are the EMA or the raw
-                            ones), the format version and the weights' SHA-256
+                            ones), the format version, the weights' SHA-256 and, where known,
+                            how long the model trained (`training`: batches, samples, tokens)
     OUT/tokenizer/          the training tokenizer (also inside the spec; here for other tools)
 
 `generate.py` and `eval.py` load it without unpickling anything. Training writes one when it
@@ -34,6 +35,15 @@ EXPORT_WEIGHTS = 'model.safetensors'
 EXPORT_TOKENIZER = 'tokenizer'
 EXPORT_FORMAT = 2  # bumped when the export's layout changes; a reader accepts its own only
 EXTRA_STATE = '_extra_state'  # The state-dict key of the run spec (`CDCDComposerModel.get_extra_state`).
+PROGRESS_UNITS = ('batch', 'sample', 'token')  # what `training` counts
+
+
+def training_progress(timestamp: Any) -> dict[str, int]:
+    """{'batch': .., 'sample': .., 'token': ..} trained, from a Composer `Timestamp` or its state dict."""
+    if not isinstance(timestamp, dict):
+        return {unit: int(getattr(timestamp, unit).value) for unit in PROGRESS_UNITS}
+    counts = timestamp.get('Timestamp', timestamp)
+    return {unit: int(counts[unit]) for unit in PROGRESS_UNITS if unit in counts}
 
 
 def file_sha256(path: str) -> str:
@@ -127,7 +137,9 @@ def check_finite(state: dict[str, Any], where: str) -> dict[str, Any]:
     return state
 
 
-def write_export(out: str, state: dict[str, Any], weights: str = 'ema') -> None:
+def write_export(
+    out: str, state: dict[str, Any], weights: str = 'ema', training: dict[str, int] | None = None
+) -> None:
     """Writes a model's full state dict to `out` (local or object store), replacing an older one atomically.
 
     Args:
@@ -135,6 +147,7 @@ def write_export(out: str, state: dict[str, Any], weights: str = 'ema') -> None:
         state: `CDCDComposerModel.state_dict()` (full, unsharded; tensors on any device).
         weights: 'ema': the moving averages when the state holds them (else the raw weights);
             'raw': the weights as trained. The spec in the export records the choice.
+        training: How long the model trained (`training_progress`), when known.
     """
     from safetensors.torch import save_file
 
@@ -150,6 +163,8 @@ def write_export(out: str, state: dict[str, Any], weights: str = 'ema') -> None:
             # Verified on load: a damaged weights file would otherwise load and sample garbage.
             'weights_sha256': file_sha256(os.path.join(staging, EXPORT_WEIGHTS)),
         }
+        if training:
+            config['training'] = training
         if spec.tokenizer is not None:
             spec.text_tokenizer.save_pretrained(os.path.join(staging, EXPORT_TOKENIZER))
         with open(os.path.join(staging, EXPORT_CONFIG), 'w') as f:
@@ -172,7 +187,7 @@ def read_export_config(local: str, where: str) -> dict[str, Any]:
         ) from None
     expected = {'format', 'spec', 'weights_sha256'}
     keys = set(config) if isinstance(config, dict) else set()
-    if keys != expected:
+    if not expected <= keys <= expected | {'training'}:
         raise ValueError(
             f'{where}/{EXPORT_CONFIG} is not an export config (keys {sorted(keys)}, expected '
             f'{sorted(expected)}); export the checkpoint again with python export.py'
@@ -228,4 +243,6 @@ def load_export(path: str, weights: str = 'ema') -> CDCDComposerModel:
                 f'{path}/{EXPORT_WEIGHTS} is no readable safetensors file ({str(e)[:120]}); export the '
                 'checkpoint again'
             ) from None
-    return model_from_state({**state, EXTRA_STATE: config['spec']}, path, weights)
+    model = model_from_state({**state, EXTRA_STATE: config['spec']}, path, weights)
+    model.trained = config.get('training')
+    return model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cdcd_composer.data.tokenization import StoryTokens
+from cdcd_composer.story_tokens import StoryTokens
 
 BLANK = '___'
 
@@ -105,3 +105,10 @@ class Request:
         if self.template is not None:
             return template_canvas(tokenizer, seq_len, self.template, self.blank_length, padded)
         return None, None
+
+    def given(
+        self, tokenizer: PreTrainedTokenizerBase, seq_len: int, padded: bool, num_samples: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The canvas for each of `num_samples`: (given_tokens, generate_mask), each (N, L), or None."""
+        tokens, mask = self.canvas(tokenizer, seq_len, padded)
+        return None if tokens is None else (tokens.expand(num_samples, -1), mask.expand(num_samples, -1))

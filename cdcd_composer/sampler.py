@@ -24,6 +24,8 @@ SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m')
 # The defaults of generate.py, eval.py and the training samples (`bench/sample.py --quality`).
 DEFAULT_SOLVER = 'euler'
 DEFAULT_STEPS = 200
+MAX_SAMPLING_STEPS = 100_000
+SAMPLING_MEMORY = 2 << 30  # bytes of activations per solver batch when no batch_size is given
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,90 @@ def sample(
     x = solve(denoiser, x, timesteps, settings, on_step)
     logits = denoiser.logits(x, timesteps[-1])
     return torch.where(generate_mask, logits.argmax(-1), given_tokens)
+
+
+def sample_in_batches(
+    model: CDCDTransformer,
+    timesteps: torch.Tensor,
+    num_samples: int,
+    seq_len: int,
+    settings: SamplerSettings,
+    *,
+    given: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """`sample` over batches of at most `batch_size`; batch `i` (from sample `i`) draws with seed + i.
+
+    The one path from a request to token ids: `CDCDComposerModel.generate_tokens` (generate.py,
+    eval.py) and the Hugging Face model's `generate` both sample through it.
+
+    Args:
+        model: The denoiser (in eval mode).
+        timesteps: (n_steps + 1,) decreasing noise levels, first t_max, last t_min.
+        num_samples: How many sequences N.
+        seq_len: Canvas length L.
+        settings: Solver, temperature, guidance, self-conditioning.
+        given: Per-sample conditioning (given_tokens, generate_mask), each (N, L), or None.
+        seed: Batch `i` (starting at sample `i`) draws its initial noise with seed + i.
+        batch_size: Samples per solver batch (default: as many as fit `SAMPLING_MEMORY`).
+        on_step: Called after each solver step of each batch (progress bars).
+
+    Returns:
+        (num_samples, seq_len) int64 token ids.
+    """
+    check_sampling_request(num_samples, len(timesteps) - 1, seed)
+    device = next(model.parameters()).device
+    batch_size = batch_size or sampling_batch_size(model.config.vocab_size, model.config.d_model, seq_len)
+    rows = []
+    for i in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - i)
+        conditioning = (
+            {}
+            if given is None
+            else {'given_tokens': given[0][i : i + count], 'generate_mask': given[1][i : i + count]}
+        )
+        generator = torch.Generator(device=device).manual_seed(seed + i)
+        rows.append(
+            sample(
+                model,
+                timesteps,
+                count,
+                seq_len,
+                settings,
+                generator=generator,
+                on_step=on_step,
+                **conditioning,
+            )
+        )
+    return torch.cat(rows)
+
+
+def sampling_batch_size(vocab_size: int, d_model: int, seq_len: int) -> int:
+    """Samples per solver batch whose largest activations fit `SAMPLING_MEMORY` bytes.
+
+    Per sample and token a step holds the fp32 logits (vocab_size) and a few d_model-wide
+    activations; a larger request is sampled in batches of this size, never allocated at once.
+    """
+    return max(1, SAMPLING_MEMORY // (seq_len * (vocab_size + 16 * d_model) * 4))
+
+
+def check_sampling_request(num_samples: int, steps: int, seed: int) -> None:
+    """Counts and seed that sampling can honour.
+
+    Raises:
+        ValueError: one line naming the value and its range.
+    """
+    if num_samples <= 0 or steps <= 0:
+        raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
+    if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed
+        raise ValueError(f'seed (--seed) {seed} must lie in [0, 2^63 - 1 - num_samples]')
+    if steps > MAX_SAMPLING_STEPS:
+        raise ValueError(
+            f'{steps} solver steps would run for days to no gain; use at most {MAX_SAMPLING_STEPS:,} '
+            '(a few hundred reach the ODE solution)'
+        )
 
 
 def _euler_or_heun(

@@ -9,7 +9,8 @@ from streaming.base.hashing import get_hash
 from cdcd_composer.data.grammar import StoryGrammar
 from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split, decompress_local_split
 from cdcd_composer.data.metadata import DatasetMetadata
-from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
+from cdcd_composer.data.tokenization import load_tokenizer
+from cdcd_composer.story_tokens import StoryTokens
 
 
 def test_mds_round_trip_equals_the_tokenizer(tiny_dataset):

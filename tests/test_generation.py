@@ -19,11 +19,12 @@ from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.checkpoints.trust import outside_allowlist
 from cdcd_composer.commands import evaluate as eval_cli
 from cdcd_composer.commands import generate, train
-from cdcd_composer.data.tokenization import StoryTokens, load_tokenizer
+from cdcd_composer.data.tokenization import load_tokenizer
 from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.prompting import prompt_canvas, template_canvas
 from cdcd_composer.sampler import SOLVERS, SamplerSettings, network_evaluations, sample
+from cdcd_composer.story_tokens import StoryTokens
 
 L = 96
 
@@ -548,15 +549,15 @@ def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_p
 def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps_are_refused(
     trained_run, monkeypatch
 ):
-    import cdcd_composer.composer_model as composer_model
+    import cdcd_composer.sampler as sampler
 
     model = load_trained_model(str(trained_run / 'export'))
     spec = model.spec
     per_sample = spec.data.seq_len * (spec.model.vocab_size + 16 * spec.model.d_model) * 4
-    monkeypatch.setattr(composer_model, 'SAMPLING_MEMORY', 2 * per_sample)  # two samples per batch
-    assert model.sampling_batch_size() == 2
-    sizes, original = [], composer_model.sample
-    monkeypatch.setattr(composer_model, 'sample', lambda *a, **k: sizes.append(a[2]) or original(*a, **k))
+    monkeypatch.setattr(sampler, 'SAMPLING_MEMORY', 2 * per_sample)  # two samples per batch
+    assert sampler.sampling_batch_size(spec.model.vocab_size, spec.model.d_model, spec.data.seq_len) == 2
+    sizes, original = [], sampler.sample
+    monkeypatch.setattr(sampler, 'sample', lambda *a, **k: sizes.append(a[2]) or original(*a, **k))
     batched = model.generate_tokens(5, steps=2, seed=3)
     assert sizes == [2, 2, 1]
     assert torch.equal(batched, model.generate_tokens(5, steps=2, seed=3, batch_size=2))
@@ -598,7 +599,7 @@ def test_ctrl_c_in_generate_and_eval_is_one_line_and_writes_nothing(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(CDCDComposerModel, 'generate', interrupted)
+    monkeypatch.setattr(CDCDComposerModel, 'generate_tokens', interrupted)
     export, out = str(trained_run / 'export'), tmp_path / 'out.txt'
     assert generate.main([export, '--num_samples', '1', '--steps', '1', '--out', str(out)]) == 130
     argv = [export, '--data_root', str(tiny_dataset), '--judge', 'none', '--num_samples', '1', '--steps', '1']

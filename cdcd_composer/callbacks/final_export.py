@@ -12,7 +12,7 @@ from composer.utils import dist
 
 from cdcd_composer.averaged_weights import WEIGHT_CHOICES
 from cdcd_composer.composer_model import unwrap_model
-from cdcd_composer.export import split_folder, write_export
+from cdcd_composer.export import split_folder, training_progress, write_export
 from cdcd_composer.storage import Folder, check_writable, is_remote
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class FinalExport(Callback):
             model_state = unwrap_model(state.model).state_dict()
         if dist.get_global_rank() == 0:
             out = self.folder.format(run_name=state.run_name)
-            write_export(out, model_state, self.weights)
+            write_export(out, model_state, self.weights, training_progress(state.timestamp))
             logger.log_hyperparameters({'export_folder': out})
             destinations = artifact_destinations(logger)
             if destinations:
@@ -86,7 +86,7 @@ class FinalExport(Callback):
                     local = out
                     if is_remote(out):  # artifacts are uploaded from a local copy
                         local = f'{tmp}/export'
-                        write_export(local, model_state, self.weights)
+                        write_export(local, model_state, self.weights, training_progress(state.timestamp))
                     for destination in destinations:
                         log_export_artifact(destination, local, state.run_name)
                         log.info('export logged as an artifact to %s', type(destination).__name__)

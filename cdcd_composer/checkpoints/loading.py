@@ -18,7 +18,7 @@ from cdcd_composer import workarounds
 from cdcd_composer.averaged_weights import WEIGHT_CHOICES
 from cdcd_composer.checkpoints.trust import load_checkpoint_file, untrusted_cause
 from cdcd_composer.composer_model import CDCDComposerModel
-from cdcd_composer.export import load_export, model_from_state
+from cdcd_composer.export import load_export, model_from_state, training_progress
 from cdcd_composer.storage import is_remote
 from cdcd_composer.time_warping import TimeWarp
 
@@ -51,7 +51,10 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
         raise ValueError(
             f'{path!r} is not a Composer checkpoint (no model state); use one from train.py'
         ) from None
-    return model_from_state(state, path, weights)
+    model = model_from_state(state, path, weights)
+    timestamp = checkpoint['state'].get('timestamp')
+    model.trained = training_progress(timestamp) if isinstance(timestamp, dict) else None
+    return model
 
 
 def is_sharded_checkpoint(path: str) -> bool:

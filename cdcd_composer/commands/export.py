@@ -1,9 +1,13 @@
-"""Exports a Composer checkpoint as a weights-only export (safetensors + JSON + tokenizer).
+"""Exports a trained model: weights-only (safetensors + JSON + tokenizer), or as a Hugging Face folder.
 
     python export.py runs/x/checkpoints/latest-rank0.pt runs/x/export
     python export.py s3://bucket/runs/x/checkpoints/ep0-ba800-rank0.pt s3://bucket/x/export
+    python export.py runs/x/export runs/x/hf --format hf --eval report.json
+    python export.py runs/x/export runs/x/hf --format hf --push_to_hub user/cdcd-tinystories
 
-The export loads without unpickling anything (`generate.py`, `eval.py`).
+The weights-only export loads without unpickling anything (`generate.py`, `eval.py`). The
+Hugging Face folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` where
+only torch and transformers are installed, and samples with its `generate` method.
 """
 
 from __future__ import annotations
@@ -14,19 +18,56 @@ import sys
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.export import write_export
 
+FORMATS = ('cdcd', 'hf')
 
-def main(argv: list[str] | None = None) -> int:
-    """`python export.py CHECKPOINT OUT_DIR [--trust_checkpoint]`; failures are one line on stderr."""
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('checkpoint', help='a .pt checkpoint written by train.py (local or object store)')
+    p.add_argument('checkpoint', help='a .pt checkpoint from train.py or an export (local or object store)')
     p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
+    p.add_argument(
+        '--format', choices=FORMATS, default='cdcd',
+        help="cdcd: this package's weights-only export; hf: a Hugging Face folder (from_pretrained)",
+    )  # fmt: skip
+    p.add_argument('--eval', default=None, metavar='REPORT', help="eval.py --out's JSON, for the model card")
+    p.add_argument('--push_to_hub', default=None, metavar='REPO_ID', help='upload the hf folder to the Hub')
+    p.add_argument('--private', action='store_true', help='create the Hub repository private')
     add_loading_arguments(p)
     args = p.parse_args(argv)
+    if args.format != 'hf' and (args.eval or args.push_to_hub):
+        p.error('--eval and --push_to_hub go with --format hf')
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python export.py MODEL OUT_DIR [--format hf]`; failures are one line on stderr."""
+    args = parse_args(argv)
     try:
+        if args.format == 'hf':
+            from cdcd_composer.hf.folder import push_to_hub, read_report, write_hf_export
+
+            report = read_report(args.eval) if args.eval else None
         model = load_trained_model(args.checkpoint, trust=args.trust_checkpoint, weights=args.weights)
-        write_export(args.out_dir, model.state_dict(), args.weights)
+        if args.format == 'hf':
+            write_hf_export(args.out_dir, model, report)
+        else:
+            write_export(args.out_dir, model.state_dict(), args.weights, model.trained)
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f'exported {args.checkpoint} ({model.spec.weights} weights) to {args.out_dir}')
+    print(
+        f'exported {args.checkpoint} ({model.spec.weights} weights) to {args.out_dir} ({args.format} format)'
+    )
+    if args.push_to_hub:
+        try:
+            print(f'uploaded to {push_to_hub(args.out_dir, args.push_to_hub, args.private)}')
+        except Exception as e:  # huggingface_hub raises its own errors (network, auth) with long texts
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            print(
+                f'error: uploading {args.out_dir} to {args.push_to_hub} failed ({first}); the folder is '
+                'written: log in (huggingface-cli login) and rerun, or upload it with huggingface-cli upload',
+                file=sys.stderr,
+            )
+            return 2
     return 0

@@ -18,13 +18,21 @@ import dataclasses
 import json
 import sys
 
+import torch
 from tqdm import tqdm
 
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.outputs import check_output_file, write_output_file
 from cdcd_composer.prompting import Request
-from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, network_evaluations
+from cdcd_composer.sampler import (
+    DEFAULT_SOLVER,
+    DEFAULT_STEPS,
+    SOLVERS,
+    SamplerSettings,
+    decode_samples,
+    network_evaluations,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,14 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, self_conditioning=self_cond)
         request = Request(args.prompt, args.template, args.blank_length)
         with tqdm(total=args.steps, desc='sampling', unit='step') as bar:  # closed on any way out
-            texts = model.generate(
-                args.num_samples,
-                args.steps,
-                settings,
-                request=request,
-                seed=args.seed,
+            ids = model.generate_tokens(
+                args.num_samples, args.steps, settings, request=request, seed=args.seed,
                 on_step=lambda _: bar.update(),
-            )
+            )  # fmt: skip
+        texts = decode_samples(ids, model.spec.text_tokenizer, model.spec.data.eos_id)
     except (ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -110,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
     if args.out:
         try:
-            write_samples(args, texts, settings.solver)
+            write_samples(args, texts, ids, settings.solver)
         except ValueError as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
     return 0
 
 
-def write_samples(args: argparse.Namespace, texts: list[str], solver: str) -> None:
-    """Writes the samples to `--out`: JSON Lines (with the settings) if it ends in .jsonl, else text.
+def write_samples(args: argparse.Namespace, texts: list[str], ids: torch.Tensor, solver: str) -> None:
+    """Writes the samples to `--out`: JSON Lines (with the ids and settings) if it ends in .jsonl, else text.
 
     Raises:
         ValueError: the write failed (one line; `write_output_file`).
@@ -129,6 +134,7 @@ def write_samples(args: argparse.Namespace, texts: list[str], solver: str) -> No
     def write(f) -> None:
         for i, text in enumerate(texts):
             jsonl = args.out.endswith('.jsonl')
-            f.write(json.dumps({'text': text, 'index': i, **record}) + '\n' if jsonl else text + '\n\n')
+            row = {'text': text, 'index': i, 'ids': ids[i].tolist(), **record}
+            f.write(json.dumps(row) + '\n' if jsonl else text + '\n\n')
 
     write_output_file(args.out, write)
