@@ -69,34 +69,57 @@ def steps_for(solver: str, evaluations: int) -> int:
     return max(1, evaluations // 2 if solver == 'heun' else evaluations - 1)
 
 
-def quality(export: str, taus: list[float], samples: int, seed: int, counts: list[int]) -> None:
-    """Prints recognised sentences, distinct-2 and seconds per sample for each solver and budget."""
+SCHEDULES = ('warp', 'log', 'edm7', 'edm3', 'even')
+
+
+def schedule_timesteps(kind: str, model, steps: int) -> torch.Tensor:
+    """(steps + 1,) decreasing times from t_max to t_min.
+
+    'warp': the fitted warp's (the default); 'log': evenly spaced in ln t; 'edmR': EDM's
+    rho-schedule with rho = R; 'even': evenly spaced in t.
+    """
+    t_max, t_min = model.spec.t_max, model.spec.t_min
+    if kind == 'warp':
+        return model.time_warp.sampling_timesteps(steps)
+    if kind == 'log':
+        return torch.exp(torch.linspace(math.log(t_max), math.log(t_min), steps + 1))
+    if kind == 'even':
+        return torch.linspace(t_max, t_min, steps + 1)
+    rho, i = float(kind[3:]), torch.linspace(0.0, 1.0, steps + 1)
+    return (t_max ** (1 / rho) + i * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+
+
+def quality(export: str, args: argparse.Namespace) -> None:
+    """Prints recognised sentences, distinct-2 and seconds per sample per solver, schedule, tau and budget."""
     from cdcd_composer.checkpoints.loading import load_trained_model
+    from cdcd_composer.sampler import decode_samples, sample_in_batches
 
     model = load_trained_model(export)
-    synthetic = model.spec.data.source == 'synthetic'
-    print(f'{export}: {samples} unconditional samples, seed {seed}, self-conditioning '
-          f'{model.spec.self_conditioned}')  # fmt: skip
-    print(f'{"solver":<13}{"tau":>5}{"NFE":>6}{"steps":>7}{"recognised":>12}{"distinct-2":>12}{"H(unigram)":>12}'
-          f'{"s/sample":>10}')  # fmt: skip
-    for tau in taus:
-        for solver in SOLVERS:
-            for evaluations in counts:
-                settings = SamplerSettings(solver=solver, score_temperature=tau,
-                                           self_conditioning=model.spec.self_conditioned)  # fmt: skip
-                steps = steps_for(solver, evaluations)
-                start = time.perf_counter()
-                texts = model.generate(samples, steps, settings, seed=seed)
-                per_sample = (time.perf_counter() - start) / samples
-                tokenizer = model.spec.text_tokenizer
-                ids = [tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts]
-                stats = diversity(ids)
-                recognised = f'{recognised_fraction(texts):.1%}' if synthetic else '-'
-                nfe = network_evaluations(settings, steps)
-                head = f'{solver:<13}{tau:>5.2f}{nfe:>6}{steps:>7}{recognised:>12}'
-                print(
-                    f'{head}{stats["distinct_2"]:>12.3f}{stats["entropy_pooled"]:>12.3f}{per_sample:>10.3f}'
-                )
+    spec, tokenizer = model.spec, model.spec.text_tokenizer
+    synthetic = spec.data.source == 'synthetic'
+    print(f'{export}: {args.samples} unconditional samples, seed {args.seed}, self-conditioning '
+          f'{spec.self_conditioned}')  # fmt: skip
+    print(f'{"solver":<13}{"schedule":>9}{"tau":>5}{"NFE":>6}{"steps":>7}{"recognised":>12}{"distinct-2":>12}'
+          f'{"H(unigram)":>12}{"s/sample":>10}')  # fmt: skip
+    for tau in args.tau:
+        for solver in args.solvers:
+            for kind in args.schedules:
+                for evaluations in args.evaluations:
+                    settings = SamplerSettings(solver=solver, score_temperature=tau,
+                                               self_conditioning=spec.self_conditioned)  # fmt: skip
+                    steps = steps_for(solver, evaluations)
+                    start = time.perf_counter()
+                    ids = sample_in_batches(model.model, schedule_timesteps(kind, model, steps), args.samples,
+                                            spec.data.seq_len, settings, seed=args.seed)  # fmt: skip
+                    per_sample = (time.perf_counter() - start) / args.samples
+                    texts = decode_samples(ids, tokenizer, spec.data.eos_id)
+                    stats = diversity([tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts])
+                    recognised = f'{recognised_fraction(texts):.1%}' if synthetic else '-'
+                    nfe = network_evaluations(settings, steps)
+                    head = f'{solver:<13}{kind:>9}{tau:>5.2f}{nfe:>6}{steps:>7}{recognised:>12}'
+                    print(
+                        f'{head}{stats["distinct_2"]:>12.3f}{stats["entropy_pooled"]:>12.3f}{per_sample:>10.3f}'
+                    )
 
 
 def main() -> None:
@@ -115,10 +138,15 @@ def main() -> None:
     p.add_argument('--samples', type=int, default=64, help='samples per row (--quality)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--evaluations', type=int, nargs='+', default=[10, 25, 50, 100, 200])
+    p.add_argument('--solvers', nargs='+', choices=SOLVERS, default=list(SOLVERS), help='(--quality)')
+    p.add_argument(
+        '--schedules', nargs='+', choices=SCHEDULES, default=['warp'],
+        help="timesteps (--quality): the fitted warp, even in ln t, EDM's rho 7 or 3, even in t",
+    )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quality:
-        quality(args.quality, args.tau, args.samples, args.seed, args.evaluations)
+        quality(args.quality, args)
         return
     solvers = [('Euler', 200, False), ('Heun', 100, True)]
     print(f'batch {args.batch} x {args.seq_len}, vocabulary {args.vocab_size}, {args.threads} threads, '
