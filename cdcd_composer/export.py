@@ -55,6 +55,19 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str, name: str, fix: str) -> Any:
+    """The JSON in `path`.
+
+    Raises:
+        ValueError: one line, `{name} is unreadable (why); {fix}`.
+    """
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{name} is unreadable ({e}); {fix}') from None
+
+
 def split_folder(out: str) -> tuple[str, str]:
     """('runs/x', 'export') for 'runs/x/export'; ('.', 'export') for a bare name."""
     out = out.rstrip('/')
@@ -177,14 +190,9 @@ def read_export_config(local: str, where: str) -> dict[str, Any]:
     Raises:
         ValueError: one line naming the file and what is wrong with it.
     """
-    config_path = os.path.join(local, EXPORT_CONFIG)
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f'{where}/{EXPORT_CONFIG} is unreadable ({e}); export the checkpoint again'
-        ) from None
+    config = read_json(
+        os.path.join(local, EXPORT_CONFIG), f'{where}/{EXPORT_CONFIG}', 'export the checkpoint again'
+    )
     expected = {'format', 'spec', 'weights_sha256'}
     keys = set(config) if isinstance(config, dict) else set()
     if not expected <= keys <= expected | {'training'}:

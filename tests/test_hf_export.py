@@ -300,3 +300,19 @@ def test_the_generated_code_is_the_packages_code():
         warp_curve.WarpCurve,
     ):
         assert inspect.getsource(unit) in code  # the package's own text, not a copy kept by hand
+
+
+def test_a_bad_eval_report_is_refused_before_anything_is_written(demo_export, tmp_path, capsys):
+    (tmp_path / 'notes.json').write_text('{"rows": []}')
+    for report, message in (
+        (tmp_path / 'missing.json', 'is unreadable'),
+        (tmp_path / 'notes.json', 'not an eval.py report'),
+    ):
+        assert (
+            export_command.main(
+                [str(demo_export), str(tmp_path / 'hf'), '--format', 'hf', '--eval', str(report)]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert message in err and '\n' not in err and not (tmp_path / 'hf').exists()

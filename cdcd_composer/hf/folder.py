@@ -12,12 +12,11 @@ OUT/README.md               the model card
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from cdcd_composer.composer_model import CDCDComposerModel
-from cdcd_composer.export import split_folder
+from cdcd_composer.export import read_json, split_folder
 from cdcd_composer.hf.configuration_cdcd import HF_FORMAT, CDCDHFConfig
 from cdcd_composer.hf.model_card import model_card
 from cdcd_composer.hf.modeling_cdcd import (
@@ -86,13 +85,7 @@ def read_report(path: str) -> dict[str, Any]:
     Raises:
         ValueError: unreadable, or not an eval report.
     """
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f'--eval {path} is unreadable ({e}); pass the JSON that eval.py --out wrote'
-        ) from None
+    report = read_json(path, f'--eval {path}', 'pass the JSON that eval.py --out wrote')
     if not isinstance(report, dict) or not {'cross_entropy_vs_t', 'rows'} <= set(report):
         raise ValueError(f'--eval {path} is not an eval.py report; pass the JSON that eval.py --out wrote')
     return report
