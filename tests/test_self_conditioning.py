@@ -7,11 +7,15 @@ pytestmark = pytest.mark.slow
 
 
 def run_one_step(
-    tiny_config: dict, p: float, masking: bool = True, per: str = 'example', batches: int = 1
+    tiny_config: dict, p: float, masking: bool = True, per: str = 'example', batches: int = 1, **options
 ) -> tuple[list[dict], object]:
-    """Trains `batches` batches and records every training-mode call of the denoiser."""
-    cfg = dict(tiny_config, max_duration=f'{batches}ba', eval_interval='100ba', save_folder=None)
-    cfg['algorithms'] = dict(cfg['algorithms'], self_conditioning={'p': p, 'per': per})
+    """Trains `batches` batches and records every training-mode call of the denoiser.
+
+    `options`: more top-level config (a microbatch size) and `fuse`, for the algorithm.
+    """
+    fuse = options.pop('fuse', False)
+    cfg = dict(tiny_config, max_duration=f'{batches}ba', eval_interval='100ba', save_folder=None, **options)
+    cfg['algorithms'] = dict(cfg['algorithms'], self_conditioning={'p': p, 'per': per, 'fuse': fuse})
     if masking:
         cfg['masking'] = {'prefix': 0.5, 'random': 0.5, 'span': 0.0, 'drop': 0.0}
     trainer = train.main(cfg, return_trainer=True, do_train=False)
@@ -93,6 +97,24 @@ def test_p_half_per_example_runs_the_extra_pass_on_exactly_half(tiny_config):
     model = trainer.state.model
     batch = {'tokens': second['tokens']}
     assert model.flops_per_batch(batch) == int(3.5 * model.forward_flops(8, second['tokens'].shape[1]))
+
+
+def test_fused_passes_draw_and_choose_what_per_microbatch_passes_do(tiny_config):
+    """One no-grad pass per batch instead of one per microbatch, with the same training signal."""
+    kwargs = {'batches': 2, 'device_train_microbatch_size': 2}
+    unfused, _ = run_one_step(tiny_config, 0.5, **kwargs)
+    fused, trainer = run_one_step(tiny_config, 0.5, fuse=True, **kwargs)
+    assert [c['grad_enabled'] for c in unfused] == [False, True] * 8  # 2 batches x 4 microbatches
+    assert [(c['grad_enabled'], c['batch']) for c in fused] == [(False, 4), *[(True, 2)] * 4] * 2
+    trained = [c for c in unfused if c['grad_enabled']], [c for c in fused if c['grad_enabled']]
+    for plain, joined in zip(*trained):
+        for key in ('t', 'noise', 'mask', 'tokens'):  # the same corruption ...
+            assert torch.equal(plain[key], joined[key]), key
+        chosen = plain['self_cond'].flatten(1).any(-1)  # ... the same chosen examples and estimates
+        assert torch.equal(chosen, joined['self_cond'].flatten(1).any(-1)) and int(chosen.sum()) == 1
+        torch.testing.assert_close(plain['self_cond'], joined['self_cond'], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='fuse=true needs per: example'):
+        run_one_step(tiny_config, 0.5, per='batch', fuse=True)
 
 
 def test_sampler_feeds_the_previous_estimate_back(tiny_config):

@@ -38,6 +38,14 @@ class SelfConditioning(Algorithm):
       --overhead --set algorithms.self_conditioning.per=batch`). It recognised fewer sentences
       than `example` on both seeds of the ablation in docs/ablations.md, so it is not the default.
 
+    `fuse=True` (with `per='example'`) runs the no-grad passes of all of a batch's microbatches
+    as one pass at BATCH_START: each microbatch is corrupted and its examples chosen exactly as
+    above, in microbatch order, and one pass over the union of the chosen examples computes
+    their estimates (the weights do not change within a batch). It draws the same corruption
+    and chooses the same examples as the unfused form, so the training signal is the same; a
+    batch of k microbatches then pays one pass's kernel launches instead of k, at the memory of
+    a no-grad pass over p of the device batch (`python bench/train.py --overhead`).
+
     Both draws depend only on the seed and the position in training: identical after a resume,
     with no state to checkpoint, and the same forward calls and shapes on every rank (no
     per-rank coin that could hang FSDP).
@@ -45,27 +53,33 @@ class SelfConditioning(Algorithm):
     Args:
         p: Fraction of examples trained with self-conditioning (paper: 0.5).
         per: What one draw decides, `batch` or `example`.
+        fuse: One no-grad pass per batch instead of one per microbatch (`per='example'` only).
     """
 
-    def __init__(self, p: float = 0.5, per: str = 'example') -> None:
+    def __init__(self, p: float = 0.5, per: str = 'example', fuse: bool = False) -> None:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f'algorithms.self_conditioning.p={p} must lie in [0, 1]')
         if per not in GRANULARITIES:
             raise ValueError(
                 f'algorithms.self_conditioning.per={per!r} must be one of {", ".join(GRANULARITIES)}'
             )
-        self.p, self.per = p, per
+        if fuse and per != 'example':
+            raise ValueError('algorithms.self_conditioning.fuse=true needs per: example; set one of them')
+        self.p, self.per, self.fuse = p, per, fuse
         self._microbatch = (-1, 0)  # (batch index, microbatch index within it)
 
     def match(self, event: Event, state: State) -> bool:
-        """Runs at INIT (to register its FLOPs) and before every training forward."""
-        return event in (Event.INIT, Event.BEFORE_FORWARD)
+        """Runs at INIT (to register its FLOPs), then before every training forward (fused: BATCH_START)."""
+        return event in (Event.INIT, Event.BATCH_START if self.fuse else Event.BEFORE_FORWARD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """Adds `self_cond` (and the corruption it was computed for) to `state.batch`."""
         model = unwrap_model(state.model)
         if event == Event.INIT:
             model.extra_forward_fraction = self.p
+            return
+        if event == Event.BATCH_START:
+            state.batch = self._fused(model, state)
             return
         batch = model.corrupt(state.batch)
         if self.per == 'batch':
@@ -96,6 +110,33 @@ class SelfConditioning(Algorithm):
             self_cond[chosen] = self._estimate(model, subset, state)
         return self_cond
 
+    def _fused(self, model, state: State) -> dict[str, torch.Tensor]:
+        """The device batch with every microbatch corrupted and its estimates from one pass.
+
+        Microbatch i is the i-th chunk of `device_train_microbatch_size` examples, as Composer
+        splits the batch; its draws and chosen examples are those `_estimate_on_subset` makes.
+        """
+        batch = state.device.batch_to_device(state.batch)
+        size = state.device_train_microbatch_size or len(batch['tokens'])
+        keys = list(batch)
+        chunks = [
+            model.corrupt(dict(zip(keys, parts))) for parts in zip(*(batch[k].split(size) for k in keys))
+        ]
+        batch_index, offset, picks = int(state.timestamp.batch), 0, []
+        for i, chunk in enumerate(chunks):
+            count = len(chunk['tokens'])
+            order = torch.randperm(count, generator=self._generator(state, batch_index, i), device='cpu')
+            picks.append(order[: round(self.p * count)].sort().values + offset)
+            offset += count
+        merged = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+        chosen = torch.cat(picks).to(merged['tokens'].device, non_blocking=True)
+        if len(chosen):
+            subset = {
+                key: merged[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
+            }
+            merged['self_cond'][chosen] = self._estimate(model, subset, state)
+        return merged
+
     def _batch_heads(self, state: State) -> bool:
         """The batch's coin: the same on every rank and microbatch, and after a resume."""
         if self.p in (0.0, 1.0):
@@ -105,8 +146,14 @@ class SelfConditioning(Algorithm):
         return bool(torch.rand((), generator=generator) < self.p)
 
     def _example_generator(self, state: State) -> torch.Generator:
+        """The generator of this microbatch's chosen examples (microbatches counted per batch)."""
         batch_index = int(state.timestamp.batch)
         previous, count = self._microbatch
         self._microbatch = (batch_index, count + 1 if previous == batch_index else 0)
-        key = f'{state.rank_zero_seed}/{dist.get_global_rank()}/{batch_index}/{self._microbatch[1]}'
+        return self._generator(state, batch_index, self._microbatch[1])
+
+    @staticmethod
+    def _generator(state: State, batch_index: int, microbatch: int) -> torch.Generator:
+        """Seeded by (seed, rank, batch, microbatch): the same choice fused or not, and after a resume."""
+        key = f'{state.rank_zero_seed}/{dist.get_global_rank()}/{batch_index}/{microbatch}'
         return torch.Generator().manual_seed(zlib.crc32(key.encode()))

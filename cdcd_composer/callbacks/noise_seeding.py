@@ -17,7 +17,7 @@ class BatchNoiseSeed(Callback):
     uninterrupted run drew. `train.py` always installs it.
     """
 
-    def batch_start(self, state: State, logger: Logger) -> None:
-        """Seeds the model's draws for this batch."""
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        """Seeds the model's draws for this batch (at AFTER_DATALOADER: before BATCH_START)."""
         key = f'{state.rank_zero_seed}/{dist.get_global_rank()}/{int(state.timestamp.batch)}'
         unwrap_model(state.model).begin_batch(key)

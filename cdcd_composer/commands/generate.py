@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 import torch
@@ -32,6 +33,7 @@ from cdcd_composer.sampler import (
     SamplerSettings,
     decode_samples,
     network_evaluations,
+    sampling_batch_size,
 )
 
 
@@ -94,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         self_cond = {'auto': model.spec.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
         settings = dataclasses.replace(settings, self_conditioning=self_cond)
         request = Request(args.prompt, args.template, args.blank_length)
-        with tqdm(total=args.steps, desc='sampling', unit='step') as bar:  # closed on any way out
+        # Every solver step of every batch, so the bar's rate and time left cover the whole request.
+        config, batches = model.config, 1
+        if args.num_samples > 0:
+            size = sampling_batch_size(config.vocab_size, config.d_model, model.spec.data.seq_len)
+            batches = math.ceil(args.num_samples / size)
+        with tqdm(total=args.steps * batches, desc='sampling', unit='step') as bar:  # closed on any way out
             ids = model.generate_tokens(
                 args.num_samples, args.steps, settings, request=request, seed=args.seed,
                 on_step=lambda _: bar.update(),
