@@ -78,7 +78,9 @@ def run(tmp_path, name: str, ranks: int, overrides: list[str]) -> dict:
 
 @pytest.mark.parametrize(
     'before, after, strategy',
-    [(2, 1, 'ddp'), (1, 2, 'ddp'), (2, 1, 'fsdp2-sharded'), (1, 2, 'fsdp2-sharded')],
+    # 1 -> 2 under DDP (a full checkpoint read by every rank) is the plainest path, and 1 -> 2 under
+    # FSDP2 reads the same single file: it is left out to keep CI short.
+    [(2, 1, 'ddp'), (2, 1, 'fsdp2-sharded'), (1, 2, 'fsdp2-sharded')],
 )
 def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_order(
     tiny_dataset, tmp_path, before, after, strategy

@@ -106,7 +106,7 @@ def s3_run_command(
     overrides = [
         *tiny_overrides(tiny_dataset, folder),
         f'run_name={name}', 'autoresume=true', f'save_folder=s3://{bucket}/runs/{{run_name}}/checkpoints',
-        'save_interval=5ba', 'save_num_checkpoints_to_keep=-1', 'max_duration=30ba', 'eval_interval=10ba',
+        'save_interval=5ba', 'save_num_checkpoints_to_keep=-1', 'max_duration=20ba', 'eval_interval=10ba',
         'algorithms.ema.half_life=3ba',  # the exports compared below hold the averaged weights
         *[f'masking.{k}={v}' for k, v in MASKING.items()],
         *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
@@ -164,7 +164,7 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
     for rank in ranks:
         straight = dict(read_losses(tmp_path / f'straight-{rank}.txt'))
         after = read_losses(tmp_path / f'killed-{rank}.txt')[len(before[rank]) :]
-        assert [b for b, _ in after] == list(range(11, 31))  # resumed from the checkpoint of batch 10
+        assert [b for b, _ in after] == list(range(11, 21))  # resumed from the checkpoint of batch 10
         assert all(loss == straight[b] for b, loss in after), rank  # Bit-for-bit (hex floats).
     exports = [
         load_file(str(tmp_path / name / 'export' / 'model.safetensors')) for name in ('straight', 'killed')
@@ -186,7 +186,7 @@ def get_checkpoint(bucket: str, name: str, tmp_path: Path) -> dict:
     from composer.utils import get_file
 
     local = tmp_path / f'{name}-final.pt'
-    get_file(f's3://{bucket}/runs/{name}/checkpoints/ep0-ba30-rank0.pt', str(local))
+    get_file(f's3://{bucket}/runs/{name}/checkpoints/ep0-ba20-rank0.pt', str(local))
     return torch.load(local, weights_only=False)
 
 
@@ -294,9 +294,9 @@ def test_checkpoint_uploads_survive_an_outage(tiny_dataset, tmp_path, s3_endpoin
         run.kill()
         proxy.kill()
     keys = {k.rsplit('/', 1)[-1] for k in s3_keys(bucket, 'runs/outage/checkpoints/')}
-    assert {f'ep0-ba{b}-rank0.pt' for b in range(5, 31, 5)} | {'latest-rank0.pt.symlink'} <= keys
+    assert {f'ep0-ba{b}-rank0.pt' for b in range(5, 21, 5)} | {'latest-rank0.pt.symlink'} <= keys
     checkpoint = get_checkpoint(bucket, 'outage', tmp_path)
-    assert checkpoint['state']['timestamp']['Timestamp']['batch'] == 30
+    assert checkpoint['state']['timestamp']['Timestamp']['batch'] == 20
 
 
 def test_unreachable_bucket_is_named_before_training(tiny_config, tmp_path, s3_env):

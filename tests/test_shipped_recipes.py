@@ -1,4 +1,4 @@
-"""Every shipped YAML lives its whole life as shipped, shrunk in size only, on 1 process and 2 ranks.
+"""Every shipped YAML lives its whole life as shipped, shrunk in size only: 1 process, and 2 ranks (GPU recipes).
 
 Each run evaluates, checkpoints, is SIGKILLed once its checkpoint of batch 3 is saved, and the
 very same command then resumes and finishes (evaluating twice more). Its export is then read
@@ -67,8 +67,9 @@ def checkpoint_batches(folder: Path) -> list[int]:
     )
 
 
-@pytest.mark.parametrize('ranks', [1, 2])
-@pytest.mark.parametrize('name', SHIPPED)
+# Every recipe on one process; the multi-GPU recipes on 2 ranks too. cdcd-tiny and cdcd-char are
+# single-device recipes whose 2-rank path (DDP, no parallelism block) is cdcd-5m's.
+@pytest.mark.parametrize('name, ranks', [(name, 1) for name in SHIPPED] + [('cdcd-5m', 2), ('cdcd-140m', 2)])
 def test_shipped_recipe_evaluates_survives_sigkill_resumes_and_exports(
     name, ranks, tiny_dataset, byte_dataset, tmp_path, capsys
 ):
