@@ -1,4 +1,4 @@
-"""Every shipped YAML lives its whole life as shipped, shrunk in size only: 1 process, and 2 ranks (GPU recipes).
+"""Every shipped YAML lives its life as shipped, shrunk in size only: 1 process, and 2 ranks (GPU recipes).
 
 Each run evaluates, checkpoints, is SIGKILLed once its checkpoint of batch 3 is saved, and the
 very same command then resumes and finishes (evaluating twice more). Its export is then read
