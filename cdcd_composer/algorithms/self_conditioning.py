@@ -98,17 +98,25 @@ class SelfConditioning(Algorithm):
 
     def _estimate_on_subset(self, model, batch: dict, state: State) -> torch.Tensor:
         """`self_cond` with the estimate on `round(p * B)` chosen examples and zeros elsewhere."""
-        size = batch['tokens'].shape[0]
-        chosen = torch.randperm(size, generator=self._example_generator(state), device='cpu')
-        # Batch order, so p=1 runs the batch as is; copied without waiting for the device.
-        chosen = chosen[: round(self.p * size)].sort().values.to(batch['tokens'].device, non_blocking=True)
+        chosen = self._choose(batch['tokens'].shape[0], self._example_generator(state))
         self_cond = torch.zeros_like(batch['self_cond'])
+        self._estimate_chosen(model, batch, chosen, self_cond, state)
+        return self_cond
+
+    def _choose(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """`round(p * size)` of `size` examples, in batch order (so p=1 runs the batch as is), on the CPU."""
+        return torch.randperm(size, generator=generator, device='cpu')[: round(self.p * size)].sort().values
+
+    def _estimate_chosen(
+        self, model, batch: dict, chosen: torch.Tensor, self_cond: torch.Tensor, state: State
+    ) -> None:
+        """Writes the estimates of the `chosen` examples of a corrupted batch into `self_cond` (B, L, d)."""
+        chosen = chosen.to(batch['tokens'].device, non_blocking=True)  # without waiting for the device
         if len(chosen):
             subset = {
                 key: batch[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
             }
             self_cond[chosen] = self._estimate(model, subset, state)
-        return self_cond
 
     def _fused(self, model, state: State) -> dict[str, torch.Tensor]:
         """The device batch with every microbatch corrupted and its estimates from one pass.
@@ -125,16 +133,10 @@ class SelfConditioning(Algorithm):
         batch_index, offset, picks = int(state.timestamp.batch), 0, []
         for i, chunk in enumerate(chunks):
             count = len(chunk['tokens'])
-            order = torch.randperm(count, generator=self._generator(state, batch_index, i), device='cpu')
-            picks.append(order[: round(self.p * count)].sort().values + offset)
+            picks.append(self._choose(count, self._generator(state, batch_index, i)) + offset)
             offset += count
         merged = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
-        chosen = torch.cat(picks).to(merged['tokens'].device, non_blocking=True)
-        if len(chosen):
-            subset = {
-                key: merged[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
-            }
-            merged['self_cond'][chosen] = self._estimate(model, subset, state)
+        self._estimate_chosen(model, merged, torch.cat(picks), merged['self_cond'], state)
         return merged
 
     def _batch_heads(self, state: State) -> bool:
