@@ -141,10 +141,13 @@ SHUFFLE_ALGOS = ('py1e', 'py1b', 'py1br', 'py1s', 'py2s', 'naive')  # Streaming 
 DEVICES = ('cpu', 'gpu', 'mps')  # what Composer's get_device accepts here (null: GPU when present)
 # Ranges the types alone do not say: (key, check, what it must be); checked before any work.
 RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ('seed', lambda v: 0 <= v < 2**32, 'an integer in [0, 2^32 - 1]'),
     ('global_train_batch_size', _positive, 'a positive integer'),
     ('device_train_microbatch_size', lambda v: not isinstance(v, int) or v > 0,  # strings: validate()
      "a positive integer, 'auto' or null (the whole per-device batch)"),
     ('device_eval_batch_size', _positive, 'a positive integer'),
+    ('eval_subset_num_batches', lambda v: v == -1 or v > 0, 'a positive integer, or -1 for the whole split'),
+    ('save_num_checkpoints_to_keep', lambda v: v == -1 or v >= 0, 'an integer >= 0, or -1 to keep all'),
     ('dist_timeout', _positive, 'a positive number of seconds'),
     ('upload_attempts', _positive, 'a positive integer'),
     ('data.num_workers', _non_negative, 'an integer >= 0'),
@@ -282,6 +285,10 @@ def load_config(yaml_path: str, overrides: list[str] | None = None) -> dict[str,
     Raises:
         ValueError: missing file, malformed YAML or override, or an unresolvable reference.
     """
+    if os.path.isdir(yaml_path):
+        raise ValueError(
+            f'config file {yaml_path!r} is a directory; pass a YAML such as yamls/cdcd-tiny.yaml'
+        )
     if not os.path.isfile(yaml_path):
         raise ValueError(f'config file {yaml_path!r} not found; pass a YAML such as yamls/cdcd-tiny.yaml')
     for item in overrides or []:

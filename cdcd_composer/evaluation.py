@@ -109,6 +109,12 @@ class Judge:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = {}
+        looks_local = name_or_path.startswith(('/', '.', '~')) or os.sep * 2 in name_or_path
+        if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+            raise ValueError(
+                f'judge {name_or_path!r} is no local model folder; pass a folder holding a causal LM, '
+                "a hub name, 'smollm2' or 'none'"
+            )
         if name_or_path == DEFAULT_JUDGE:
             path = smollm2_gguf()
             name_or_path, kwargs = os.path.dirname(path), {'gguf_file': os.path.basename(path)}

@@ -70,10 +70,13 @@ class SamplerSettings:
             )
         if not 0 < self.score_temperature < math.inf:
             raise ValueError(
-                f'score temperature (--tau) must be a positive number, got {self.score_temperature}'
+                f'score temperature (--tau) must be a positive finite number, got {self.score_temperature}'
             )
         if not 0 < self.initial_noise_scale < math.inf:
-            raise ValueError(f'initial noise scale must be a positive number, got {self.initial_noise_scale}')
+            raise ValueError(
+                f'initial noise scale (--initial_noise_scale) must be a positive finite number, got '
+                f'{self.initial_noise_scale}'
+            )
         if not math.isfinite(self.guidance_scale):
             raise ValueError(
                 f'guidance scale (--guidance) must be a finite number (1: none), got {self.guidance_scale}'
@@ -205,7 +208,7 @@ def check_sampling_request(num_samples: int, steps: int, seed: int) -> None:
         ValueError: one line naming the value and its range.
     """
     if num_samples <= 0 or steps <= 0:
-        raise ValueError(f'the number of samples ({num_samples}) and steps ({steps}) must be positive')
+        raise ValueError(f'--num_samples {num_samples} and --steps {steps} must be positive')
     if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed
         raise ValueError(f'seed (--seed) {seed} must lie in [0, 2^63 - 1 - num_samples]')
     if steps > MAX_SAMPLING_STEPS:

@@ -195,6 +195,37 @@ class Folder:
         names = {key[len(prefix) :] for key in self.store.list_objects(prefix) if key.startswith(prefix)}
         return not names or OWNER_MARKER in names
 
+    def claim(self, what: str) -> None:
+        """Makes the root ours before anything is written into it.
+
+        An absent or empty root gets our marker; a marked one is ours already. A root holding
+        anything else (our lock and our staging aside) holds the user's files, whatever their
+        names, and is refused: files named like ours (`cdcd_dataset.json`) do not make it ours.
+
+        Args:
+            what: The setting that names the root, for the message (e.g. '--out_root').
+
+        Raises:
+            StorageError: one line naming the folder and the fix.
+        """
+        if self.store is None and os.path.exists(self.uri) and not os.path.isdir(self.uri):
+            raise StorageError(f'{self.uri} is a file, not a directory: choose another folder')
+        names = [n for n in self.list_names() if n != LOCK_FILE and not n.startswith(TEMP_PREFIX)]
+        if OWNER_MARKER in names:
+            return
+        if names:
+            raise StorageError(
+                f'{what} {self.uri} holds files cdcd-composer did not write (no {OWNER_MARKER} marker, '
+                f'found {", ".join(names[:3])}): choose a new or empty folder, or move them away'
+            )
+        if self.store is None:
+            os.makedirs(self.uri, exist_ok=True)
+            mark_owned(self.uri)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            mark_owned(tmp)
+            self.upload(os.path.join(tmp, OWNER_MARKER), OWNER_MARKER)
+
     def check_replaceable(self, rel: str) -> None:
         """Raises when replacing `rel` would delete something this package did not write.
 

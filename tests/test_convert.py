@@ -264,14 +264,14 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path, tokenizer_dir):
         out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), seq_len=32, overwrite=True
     )
     assert meta.seq_len == 32 and read_split(out, 'train').shape[1] == 32
-    assert [p.name for p in out.iterdir() if p.name.startswith('.')] == ['.cdcd-lock']  # no staging left
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == ['.cdcd-lock', '.cdcd-owned']
 
 
 def test_foreign_shards_are_not_replaced(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'all.txt', STORIES)
     (tmp_path / 'ds' / 'train').mkdir(parents=True)
     (tmp_path / 'ds' / 'train' / 'index.json').write_text('{"shards": [], "version": 2}')
-    with pytest.raises(ValueError, match='ds/train already exists and was not written by this converter'):
+    with pytest.raises(ValueError, match='ds holds files cdcd-composer did not write'):
         convert_files(tmp_path / 'ds', [src], val_fraction=0.2, tokenizer=str(tokenizer_dir))
     assert (tmp_path / 'ds' / 'train' / 'index.json').read_text() == '{"shards": [], "version": 2}'
 
@@ -294,6 +294,7 @@ def test_ctrl_c_keeps_completed_splits_and_a_rerun_finishes(tmp_path, tokenizer_
         )
     assert sorted(p.name for p in out.iterdir()) == [
         '.cdcd-lock',
+        '.cdcd-owned',
         'tokenizer',
         'train',
     ]  # No val, no staging, no metadata.
@@ -419,6 +420,11 @@ def test_the_converter_never_replaces_a_users_folder(tmp_path, tokenizer_dir, pa
     out = tmp_path / 'ds'
     (out / part).mkdir(parents=True)
     (out / part / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match=rf'ds holds files cdcd-composer did not write .*found {part}\)'):
+        convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), overwrite=overwrite)
+    assert (out / part / 'notes.txt').read_text() == 'mine'
+    # Inside a root the converter made (marked), a split folder it did not write is still refused.
+    (out / '.cdcd-owned').write_text('{}')
     with pytest.raises(ValueError, match=rf'ds/{part} already exists and was not written by this converter'):
         convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), overwrite=overwrite)
     assert (out / part / 'notes.txt').read_text() == 'mine'
@@ -426,16 +432,21 @@ def test_the_converter_never_replaces_a_users_folder(tmp_path, tokenizer_dir, pa
 
 @pytest.mark.parametrize('name', ['manifest.json', 'cdcd_dataset.json', 'cdcd_config.json'])
 @pytest.mark.parametrize('overwrite', [False, True])
-def test_a_users_file_named_like_ours_does_not_make_the_folder_ours(tmp_path, tokenizer_dir, name, overwrite):
+@pytest.mark.parametrize('where', ['ds', 'ds/train'])
+def test_a_users_file_named_like_ours_does_not_make_the_folder_ours(
+    tmp_path, tokenizer_dir, name, overwrite, where
+):
     """Only the `.cdcd-owned` marker says the converter wrote a folder: a user's own manifest.json
-    (or any file our formats also use) does not."""
+    (or any file our formats also use), in the root or in a split, does not."""
     src = write_text(tmp_path / 'all.txt', STORIES)
-    out = tmp_path / 'ds'
-    (out / 'train').mkdir(parents=True)
-    (out / 'train' / name).write_text('{"mine": true}')
-    with pytest.raises(ValueError, match=r'ds/train already exists and was not written by this converter'):
-        convert_files(out, [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), overwrite=overwrite)
-    assert (out / 'train' / name).read_text() == '{"mine": true}'
+    (tmp_path / where).mkdir(parents=True)
+    (tmp_path / where / name).write_text('{"mine": true}')
+    with pytest.raises(ValueError, match=r'ds holds files cdcd-composer did not write'):
+        convert_files(
+            tmp_path / 'ds', [src], val_fraction=0.2, tokenizer=str(tokenizer_dir), overwrite=overwrite
+        )
+    assert (tmp_path / where / name).read_text() == '{"mine": true}'
+    assert sorted(p.name for p in (tmp_path / where).iterdir()) == [name]
 
 
 def test_a_users_temporary_folder_survives_a_conversion(tmp_path, tokenizer_dir):

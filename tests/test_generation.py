@@ -439,15 +439,28 @@ def test_eval_cli_reports_samples_next_to_the_data(
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--steps', '0'], '--steps must all be at least 1'), (['--num_samples', '0'], '--num_samples must be'),
-    (['--batch_size', '0'], '--batch_size must be'),
+    (['--steps', '0'], 'argument --steps: must be a positive integer, got 0'),
+    (['--steps', '4', '-1'], 'argument --steps: must be a positive integer, got -1'),
+    (['--num_samples', '0'], 'argument --num_samples: must be a positive integer, got 0'),
+    (['--batch_size', 'x'], "argument --batch_size: must be a positive integer, got 'x'"),
 ])  # fmt: skip
 def test_eval_cli_refuses_empty_runs_in_one_line(trained_run, tiny_dataset, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_cli.main(
             [str(trained_run / 'export'), '--data_root', str(tiny_dataset), '--judge', 'none', *flags]
         )
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--steps', '-3'], 'argument --steps: must be a positive integer, got -3'),
+    (['--num_samples', '-1'], 'argument --num_samples: must be a positive integer, got -1'),
+    (['--blank_length', '0'], 'argument --blank_length: must be a positive integer, got 0'),
+])  # fmt: skip
+def test_generate_refuses_counts_below_one_naming_the_flag(trained_run, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main([str(trained_run / 'export'), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
 
 
 @pytest.mark.parametrize('flags, message', [

@@ -119,12 +119,47 @@ def test_the_allowlist_holds_every_type_of_a_real_checkpoint(tiny_config, tmp_pa
     assert int(resumed.state.timestamp.batch) == 6
 
 
-def test_a_text_file_given_as_a_checkpoint_is_one_line(tmp_path, capsys):
+class Reducing:
+    """Unpickling this calls `function(*args)`."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize('function, args, named', [
+    (exec, ('1',), 'exec'),  # torch: "GLOBAL exec was not an allowed global"
+    (os.system, ('true',), 'posix.system'),  # torch: "GLOBAL posix.system whose module is blocked"
+    (eval, ('1',), 'eval'),
+    (getattr, (os, 'getcwd'), 'getattr'),
+    (torch.load, ('x.pt',), 'torch.serialization.load'),
+    (pickle.loads, (b'.',), 'loads'),
+])  # fmt: skip
+def test_every_kind_of_code_in_a_pickle_is_refused_naming_it(function, args, named, tmp_path):
+    """Whatever callable a pickle names and however torch words its refusal, it is refused as
+    untrusted (never called, never reported as a damaged file)."""
+    pt = tmp_path / 'evil.pt'
+    try:
+        torch.save({'state': Reducing(function, *args)}, pt)
+    except TypeError:  # a module argument cannot be pickled: name the module's function instead
+        torch.save({'state': Reducing(function, 'os', 'getcwd')}, pt)
+    with pytest.raises(trust.UntrustedCheckpoint, match=f'because it holds .*{named}'):
+        trust.load_checkpoint_file(str(pt), str(pt), trust=False)
+
+
+@pytest.mark.parametrize(
+    'content', [b'not a checkpoint\n', b'hi', b'\x80\x02}q\x00.', b'PK\x03\x04' + b'\x00' * 40]
+)
+def test_a_file_that_is_no_checkpoint_is_one_line(content, tmp_path, capsys):
+    """Text, a stray pickle opcode stream, a broken zip: the unpickler raises many kinds (KeyError,
+    EOFError, RuntimeError...), and each becomes the same one line."""
     pt = tmp_path / 'notes.pt'
-    pt.write_text('not a checkpoint\n')
+    pt.write_bytes(content)
     assert generate.main([str(pt), '--steps', '1', '--num_samples', '1']) == 2
     err = capsys.readouterr().err
-    assert 'notes.pt is not a PyTorch checkpoint' in err and len(err.strip().splitlines()) == 1
+    assert 'notes.pt is not' in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_composer_guard_fails_loudly_when_its_target_is_gone(monkeypatch):

@@ -59,13 +59,23 @@ class FinalExport(Callback):
         self.folder = folder
         self.weights = weights
 
+    def check_destination(self, run_name: str) -> None:
+        """The export's folder is writable and ours to replace (absent, empty or marked).
+
+        `train.py` calls it before building anything, and rank 0 again at FIT_START.
+
+        Raises:
+            StorageError: one line naming the folder and the fix.
+        """
+        out = self.folder.format(run_name=run_name)
+        check_writable(out, 'callbacks.export_weights.folder')
+        parent, name = split_folder(out)
+        Folder(parent).check_replaceable(name)
+
     def fit_start(self, state: State, logger: Logger) -> None:
-        """Checks the destination before training, not after it: writable, and ours to replace."""
+        """Checks the destination before training, not after it."""
         if dist.get_global_rank() == 0:
-            out = self.folder.format(run_name=state.run_name)
-            check_writable(out, 'callbacks.export_weights.folder')
-            parent, name = split_folder(out)
-            Folder(parent).check_replaceable(name)
+            self.check_destination(state.run_name)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         """Gathers the full state dict and writes the export."""

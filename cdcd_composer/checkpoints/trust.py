@@ -13,6 +13,7 @@ unpickle of such a file, for one you wrote with other types and trust.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import re
 import zipfile
@@ -105,9 +106,9 @@ def load_checkpoint_file(
     """
     try:
         return weights_only_load(source, path, trust, flag)
-    except UntrustedCheckpoint:
+    except (UntrustedCheckpoint, OSError):
         raise
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler raise any kind (KeyError, struct.error...)
         raise not_a_checkpoint(path, e) from None
 
 
@@ -124,16 +125,32 @@ def weights_only_load(source: str | IO[bytes], path: str, trust: bool, flag: str
         with torch.serialization.safe_globals(checkpoint_globals()):
             return torch.load(source, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r'GLOBAL (\S+) was not|but got (.+)', str(e))
+        found = forbidden_global(e, source)
         if not found:  # not a forbidden type: a damaged file
             raise
-        found = next(g for g in found.groups() if g).strip()
         raise refusal(path, f'it holds {found}, outside the checkpoint allowlist', flag) from None
+
+
+def forbidden_global(error: pickle.UnpicklingError, source: str | IO[bytes]) -> str | None:
+    """What a weights-only refusal refused, whatever torch's wording, or None for a damaged file.
+
+    torch names the global in several phrasings ("GLOBAL builtins.exec was not an allowed global",
+    "unsupported GLOBAL posix.system whose module posix is blocked", "... but got <class>"); a local
+    file is also asked directly, without unpickling (`outside_allowlist`).
+    """
+    found = re.search(r'GLOBAL (\S+)|but got (.+)|call reduce for (\S+)', str(error))
+    if found:
+        return next(g for g in found.groups() if g).strip()
+    if isinstance(source, (str, os.PathLike)):
+        return ', '.join(outside_allowlist(str(source))) or None
+    return None
 
 
 def not_a_checkpoint(path: str, error: Exception) -> ValueError:
     """The one-line error for a file that is no PyTorch checkpoint."""
-    first = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+    first = (
+        f'{type(error).__name__}: {str(error).splitlines()[0][:100]}' if str(error) else type(error).__name__
+    )
     return ValueError(
         f'{path} is not a PyTorch checkpoint ({first}); pass a .pt written by train.py or an export directory'
     )

@@ -325,6 +325,7 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
     opt = options or ConvertOptions(**kwargs)
     check_options(opt)
     root = Folder(opt.out_root)
+    root.claim('--out_root')  # before the lock file: a folder of the user's is left as it was
     with root.lock():  # One conversion per local root at a time.
         root.remove_stale_staging()
         return _convert(opt, root)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cdcd_composer.arguments import positive_int
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
 from cdcd_composer.data.grammar import recognised_fraction, story_log_probability
@@ -248,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
     p.add_argument('--data_root', required=True, help='the dataset the model was trained on (for val)')
     p.add_argument('--local_cache', default=None, help='cache for an object-store data_root')
-    p.add_argument('--num_samples', type=int, default=32, help='samples per row (and validation stories)')
-    p.add_argument('--steps', type=int, nargs='+', default=[DEFAULT_STEPS // 4, DEFAULT_STEPS])
+    p.add_argument(
+        '--num_samples', type=positive_int, default=32, help='samples per row (and validation stories)'
+    )
+    p.add_argument('--steps', type=positive_int, nargs='+', default=[DEFAULT_STEPS // 4, DEFAULT_STEPS])
     p.add_argument('--tau', type=float, nargs='+', default=[1.0, 0.9], help='score temperatures')
     p.add_argument('--solver', choices=SOLVERS, default=DEFAULT_SOLVER, help='ODE solver (see generate.py)')
     p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument('--judge', default=DEFAULT_JUDGE, help="'smollm2', a causal LM name or path, or 'none'")
-    p.add_argument('--batch_size', type=int, default=16)
+    p.add_argument('--batch_size', type=positive_int, default=16)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', default=None, help='write the report as JSON here')
@@ -268,11 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.nll_samples == 1 or args.nll_samples < 0 or args.nll_canvases < 1:
         p.error('--nll_samples must be 0 (skip the bound) or at least 2, --nll_canvases at least 1')
-    for name in ('num_samples', 'batch_size'):
-        if getattr(args, name) < 1:
-            p.error(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if min(args.steps) < 1:
-        p.error(f'--steps must all be at least 1, got {args.steps}')
     try:
         if args.out:
             check_output_file(args.out)

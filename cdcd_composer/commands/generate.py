@@ -22,6 +22,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from cdcd_composer.arguments import positive_int
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.outputs import check_output_file, write_output_file
@@ -29,6 +30,7 @@ from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import (
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
+    SAMPLING_MEMORY,
     SOLVERS,
     SamplerSettings,
     decode_samples,
@@ -43,9 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
     p.add_argument('--prompt', default=None, help='text to continue')
     p.add_argument('--template', default=None, help='story with ___ blanks to fill')
-    p.add_argument('--blank_length', type=int, default=8, help='tokens per ___ blank')
-    p.add_argument('--num_samples', type=int, default=8)
-    p.add_argument('--steps', type=int, default=DEFAULT_STEPS, help='solver steps')
+    p.add_argument('--blank_length', type=positive_int, default=8, help='tokens per ___ blank')
+    p.add_argument('--num_samples', type=positive_int, default=8)
+    p.add_argument('--steps', type=positive_int, default=DEFAULT_STEPS, help='solver steps')
     p.add_argument(
         '--solver', choices=SOLVERS, default=DEFAULT_SOLVER,
         help='ODE solver: euler, heun (2 passes a step), exponential, dpmpp_2m (2nd-order multistep)',
@@ -97,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, self_conditioning=self_cond)
         request = Request(args.prompt, args.template, args.blank_length)
         # Every solver step of every batch, so the bar's rate and time left cover the whole request.
-        config, batches = model.config, 1
-        if args.num_samples > 0:
-            size = sampling_batch_size(config.vocab_size, config.d_model, model.spec.data.seq_len)
-            batches = math.ceil(args.num_samples / size)
+        config = model.config
+        size = sampling_batch_size(config.vocab_size, config.d_model, model.spec.data.seq_len)
+        batches = math.ceil(args.num_samples / size)
+        if batches > 1:  # a long job says so before it starts; the bar then shows its time left
+            fit = f'the samples that fit {SAMPLING_MEMORY / 2**30:g} GiB of activations'
+            print(f'sampling {args.num_samples:,} samples in {batches:,} batches of at most {size:,} ({fit})',
+                  file=sys.stderr)  # fmt: skip
         with tqdm(total=args.steps * batches, desc='sampling', unit='step') as bar:  # closed on any way out
             ids = model.generate_tokens(
                 args.num_samples, args.steps, settings, request=request, seed=args.seed,

@@ -17,7 +17,7 @@ from composer.utils import dist, get_device, reproducibility
 from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer import registry, workarounds
-from cdcd_composer.callbacks import BatchNoiseSeed
+from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
 from cdcd_composer.checkpoints.resume import (
     check_load_path,
     checkpoint_to_resume,
@@ -48,7 +48,7 @@ from cdcd_composer.sharding import (
     parallelism_for_world,
     trainer_parallelism,
 )
-from cdcd_composer.storage import check_writable
+from cdcd_composer.storage import StorageError, check_writable
 
 log = logging.getLogger('train')
 
@@ -87,6 +87,9 @@ def validate(cfg: TrainConfig) -> ValidatedRun:
     if cfg.save_folder is not None:
         check_writable(cfg.save_folder.format(run_name=cfg.run_name or 'run'), 'save_folder')
     check_load_path(cfg)
+    export = (cfg.callbacks or {}).get('export_weights', None)
+    if export is not None and cfg.run_name:  # without a run_name the folder is a new random one
+        FinalExport(**export).check_destination(cfg.run_name)
     cfg = resolve_autoresume(cfg)
     check_system(cfg)
     check_data_fits(cfg, meta)
@@ -314,22 +317,31 @@ def cli(argv: list[str]) -> None:
 
 
 def fit_or_say_where_it_stopped(trainer: Trainer, cfg: TrainConfig) -> None:
-    """`trainer.fit()`; on Ctrl-C, one line: the batch reached, the newest checkpoint, how to go on.
+    """`trainer.fit()`; on Ctrl-C or a storage failure, one line saying where the run stands.
+
+    The line says what happened, the batch reached, the newest checkpoint and how to go on.
 
     Raises:
-        SystemExit: interrupted (exit status 130, as a shell reports SIGINT).
+        SystemExit: interrupted (exit status 130, as a shell reports SIGINT), or a folder refused at
+            FIT_START, a full disk or a lost mount (status 1).
     """
     try:
         trainer.fit()
     except KeyboardInterrupt:
-        batch = int(trainer.state.timestamp.batch)
-        folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
-        newest = checkpoints_in(folder)[-1:] if folder else []
-        if not newest:
-            where = 'no checkpoint was kept, so a rerun starts afresh'
-        elif cfg.autoresume:
-            where = f'the newest checkpoint is {folder}/{newest[0]}: the same command resumes from it'
-        else:
-            where = f'the newest checkpoint is {folder}/{newest[0]}: add autoresume=true to resume from it'
-        print(f'interrupted at batch {batch}; {where}', file=sys.stderr)
+        print(f'interrupted at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
         raise SystemExit(130) from None
+    except (StorageError, OSError) as e:
+        print(f'error: {e}; stopped at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def where_it_stands(trainer: Trainer, cfg: TrainConfig) -> str:
+    """'N; the newest checkpoint is ...: how to resume' for a run that stopped early."""
+    batch = int(trainer.state.timestamp.batch)
+    folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
+    newest = checkpoints_in(folder)[-1:] if folder else []
+    if not newest:
+        return f'{batch}; no checkpoint was kept, so a rerun starts afresh'
+    if cfg.autoresume:
+        return f'{batch}; the newest checkpoint is {folder}/{newest[0]}: the same command resumes from it'
+    return f'{batch}; the newest checkpoint is {folder}/{newest[0]}: add autoresume=true to resume from it'

@@ -103,6 +103,12 @@ def check_tokenizer(meta: DatasetMetadata, tokenizer: PreTrainedTokenizerBase, w
     Raises:
         ValueError: one line naming both and the fix.
     """
+    if meta.vocab_size != len(tokenizer):
+        raise ValueError(
+            f'{root}/cdcd_dataset.json says vocab_size {meta.vocab_size}, but {whose} has {len(tokenizer)} '
+            'tokens: the file was edited or mixed with another dataset; rebuild it with '
+            f'`python data_prep/convert_tinystories.py --out_root {root} --overwrite`'
+        )
     if meta.tokenizer_sha256 is not None and tokenizer_sha256(tokenizer) != meta.tokenizer_sha256:
         raise ValueError(
             f'{whose} is not the tokenizer the shards in {root} were written with (its SHA-256 differs '
