@@ -35,3 +35,15 @@ def write_output_file(path: str, write: Callable[[IO[str]], None], flag: str = '
             write(f)
     except OSError as e:
         raise ValueError(f'{flag} {path}: writing failed ({e.strerror or e}); it may be partial') from None
+
+
+def error_line(error: Exception) -> str:
+    """What a CLI prints after `error: `: an OSError names its path and what the system said.
+
+    `[Errno 28] No space left on device: '/data/x'` becomes `/data/x: No space left on device
+    (check the path, its permissions and the free space)`; other errors are their own message.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        where = f'{error.filename}: ' if error.filename else ''
+        return f'{where}{error.strerror} (check the path, its permissions and the free space)'
+    return str(error)

@@ -513,7 +513,7 @@ def test_a_retrained_tokenizer_makes_a_rerun_redo_the_splits(tmp_path):
 def test_stories_all_too_long_say_so_and_name_the_option(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'long.txt', ['word ' * 400])
     with pytest.raises(
-        ValueError, match=r"split 'train' has no stories .*1 too_long.*raise --max_story_chars"
+        ValueError, match=r"split 'train' from .* has no stories .*1 too_long.*raise --max_story_chars"
     ):
         convert_files(
             tmp_path / 'ds', [src], val_files=[str(src)], tokenizer=str(tokenizer_dir), max_story_chars=100
@@ -547,3 +547,22 @@ def test_a_shard_size_limit_that_is_no_size_is_one_line(tmp_path, size, out, cap
     err = capsys.readouterr().err
     assert f'--size_limit {size!r} {out}' in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'ds').exists()
+
+
+def test_an_out_root_the_system_refuses_is_one_line_naming_the_path(tmp_path, capsys):
+    """An OSError at the boundary (here ENOENT under /proc) names the path and what the system said."""
+    args = ['--source', 'synthetic', '--num_train', '16', '--num_val', '4', '--train_tokenizer', '64']
+    assert main([*args, '--out_root', '/proc/no-such-dir/data', '--no_progress']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'error: /proc/no-such-dir: No such file or directory' + (
+        ' (check the path, its permissions and the free space)'
+    )
+
+
+def test_rows_without_the_text_column_name_the_files_and_the_column(tmp_path, tokenizer_dir):
+    rows = tmp_path / 'rows.jsonl'
+    rows.write_text('{"text": "Once upon a time there was a cat."}\n' * 20)
+    with pytest.raises(ValueError, match=rf"from {rows} has no stories .*bad_record.*field 'story'"):
+        convert_files(
+            tmp_path / 'ds', [rows], val_fraction=0.2, tokenizer=str(tokenizer_dir), text_column='story'
+        )

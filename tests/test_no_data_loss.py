@@ -60,3 +60,18 @@ def test_a_save_folder_under_a_file_is_named_before_training(tiny_config, tmp_pa
     cfg = dict(tiny_config, save_folder=str(tmp_path / 'runs' / 'checkpoints'))
     with pytest.raises(ValueError, match=r'save_folder .*: .*runs is a file, not a folder'):
         train.validate(parse_config(cfg))
+
+
+@pytest.mark.slow
+def test_checkpoint_rotation_deletes_only_the_checkpoints_it_wrote(tiny_config, tmp_path):
+    """A save_folder that already holds the user's files: keeping one checkpoint, saved every batch,
+    rotates through Composer's own files and leaves the user's as they were."""
+    folder = tmp_path / 'mine'
+    folder.mkdir()
+    (folder / 'notes.txt').write_text('mine')
+    (folder / 'ep0-ba9-notes.json').write_text('{"mine": true}')
+    cfg = dict(tiny_config, save_folder=str(folder), save_interval='1ba', save_num_checkpoints_to_keep=1)
+    train.main(cfg)
+    assert (folder / 'notes.txt').read_text() == 'mine'
+    assert (folder / 'ep0-ba9-notes.json').read_text() == '{"mine": true}'
+    assert sorted(p.name for p in folder.glob('ep*-rank0.pt')) == ['ep0-ba4-rank0.pt']

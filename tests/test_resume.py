@@ -349,24 +349,30 @@ def test_resuming_on_data_converted_again_differently_is_refused(tiny_config, tm
     assert int(resumed.state.timestamp.batch) == 4
 
 
-def test_ctrl_c_says_where_the_run_stands_and_the_same_command_resumes(tiny_config, tmp_path, capsys):
-    class CtrlC(Callback):
+@pytest.mark.parametrize('stop, code, said', [
+    (KeyboardInterrupt, 130, 'interrupted at batch 3'),  # what Python raises in the main thread on SIGINT
+    (lambda: OSError(28, 'No space left on device', '/data/run/x'), 1,
+     'error: /data/run/x: No space left on device (check the path, its permissions and the free space); '
+     'stopped at batch 3'),
+])  # fmt: skip
+def test_ctrl_c_or_a_full_disk_says_where_the_run_stands_and_the_same_command_resumes(
+    stop, code, said, tiny_config, tmp_path, capsys
+):
+    class Stop(Callback):
         def batch_end(self, state, logger) -> None:
             if int(state.timestamp.batch) == 3:
-                raise KeyboardInterrupt  # what Python raises in the main thread on SIGINT
+                raise stop()
 
     cfg = dict(tiny_config, autoresume=True, save_interval='2ba', max_duration='4ba')
     parsed = parse_config(cfg)
     trainer = train.main(cfg, return_trainer=True, do_train=False)
-    trainer.state.callbacks.append(CtrlC())
+    trainer.state.callbacks.append(Stop())
     with pytest.raises(SystemExit) as exit_:
         train.fit_or_say_where_it_stopped(trainer, parsed)
-    assert exit_.value.code == 130
+    assert exit_.value.code == code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     newest = tmp_path / 'checkpoints' / 'ep0-ba2-rank0.pt'
-    assert (
-        err == f'interrupted at batch 3; the newest checkpoint is {newest}: the same command resumes from it'
-    )
+    assert err == f'{said}; the newest checkpoint is {newest}: the same command resumes from it'
     trainer.close()
     resumed = train.main(cfg, return_trainer=True)
     assert int(resumed.state.timestamp.batch) == 4

@@ -47,6 +47,7 @@ from cdcd_composer.data.sources import Record, carve, concat_files, expand_files
 from cdcd_composer.data.splits import SplitWriter
 from cdcd_composer.data.stats import SplitStats
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_sha256, train_wordpiece
+from cdcd_composer.outputs import error_line
 from cdcd_composer.storage import MANIFEST_FILE, OWNER_MARKER, Folder
 from cdcd_composer.story_tokens import StoryTokens
 
@@ -243,7 +244,7 @@ def write_split(
             stats.add(chunk)
             bar.update(chunk.counts['stories'])
         if not writer.examples:
-            raise no_stories(split, stats)
+            raise no_stories(opt, split, stats)
         manifest = split_manifest(opt, split, tokenizer, name, dtype, stats, writer)
         writer.commit(manifest)
     c = manifest['counts']
@@ -260,16 +261,19 @@ def write_split(
     return manifest
 
 
-def no_stories(split: str, stats: SplitStats) -> ValueError:
-    """The error of a split whose every story was skipped: how many, why, and what to change."""
+def no_stories(opt: ConvertOptions, split: str, stats: SplitStats) -> ValueError:
+    """The error of a split whose every story was skipped: where from, how many, why, what to change."""
     reasons = {k.removeprefix('skipped_'): v for k, v in stats.counts.items() if k.startswith('skipped_')}
-    fix = (
-        'raise --max_story_chars or split the stories'
-        if set(reasons) == {'too_long'}
-        else 'check the source and --text_column'
-    )
+    if set(reasons) == {'too_long'}:
+        fix = 'raise --max_story_chars or split the stories'
+    elif 'bad_record' in reasons:
+        fix = f'records without a field {opt.text_column!r} are skipped: set --text_column to the story field'
+    else:
+        fix = 'check the source files'
+    files = opt.val_files if split == 'val' and opt.val_files else opt.train_files
+    source = ', '.join(files[:3]) if opt.source == 'files' else f'--source {opt.source}'
     return ValueError(
-        f'split {split!r} has no stories ({stats.stories_read} read, all skipped: '
+        f'split {split!r} from {source} has no stories ({stats.stories_read} read, all skipped: '
         f'{", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) or "empty"}); {fix}'
     )
 
@@ -446,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = convert(opt)
     except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {error_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

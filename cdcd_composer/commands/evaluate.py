@@ -29,7 +29,7 @@ from cdcd_composer.data.grammar import recognised_fraction, story_log_probabilit
 from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity, unigram_entropy
-from cdcd_composer.outputs import check_output_file, write_output_file
+from cdcd_composer.outputs import check_output_file, error_line, write_output_file
 from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, decode_samples
 
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, nll_samples=args.nll_samples, nll_canvases=args.nll_canvases,
         )  # fmt: skip
     except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {error_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -17,6 +17,7 @@ import sys
 
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.export import write_export
+from cdcd_composer.outputs import error_line
 
 FORMATS = ('cdcd', 'hf')
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             write_export(args.out_dir, model.state_dict(), args.weights, model.trained)
     except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {error_line(e)}', file=sys.stderr)
         return 2
     print(
         f'exported {args.checkpoint} ({model.spec.weights} weights) to {args.out_dir} ({args.format} format)'

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cdcd_composer.arguments import positive_int
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
-from cdcd_composer.outputs import check_output_file, write_output_file
+from cdcd_composer.outputs import check_output_file, error_line, write_output_file
 from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import (
     DEFAULT_SOLVER,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         texts = decode_samples(ids, model.spec.text_tokenizer, model.spec.data.eos_id)
     except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {error_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted while sampling: nothing was printed or written; rerun to sample', file=sys.stderr)

@@ -40,6 +40,7 @@ from cdcd_composer.data.metadata import TOKENIZER_DIR, DatasetMetadata, check_to
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.loggers import ResumableProgressBar
 from cdcd_composer.model import compile_denoiser
+from cdcd_composer.outputs import error_line
 from cdcd_composer.preflight import check_object_stores, check_system
 from cdcd_composer.sharding import (
     LoadSingleFileCheckpoint,
@@ -87,7 +88,7 @@ def validate(cfg: TrainConfig) -> ValidatedRun:
     if cfg.save_folder is not None:
         check_writable(cfg.save_folder.format(run_name=cfg.run_name or 'run'), 'save_folder')
     check_load_path(cfg)
-    export = (cfg.callbacks or {}).get('export_weights', None)
+    export = registry.enabled(cfg.callbacks).get('export_weights')
     if export is not None and cfg.run_name:  # without a run_name the folder is a new random one
         FinalExport(**export).check_destination(cfg.run_name)
     cfg = resolve_autoresume(cfg)
@@ -331,7 +332,7 @@ def fit_or_say_where_it_stopped(trainer: Trainer, cfg: TrainConfig) -> None:
         print(f'interrupted at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
         raise SystemExit(130) from None
     except (StorageError, OSError) as e:
-        print(f'error: {e}; stopped at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
+        print(f'error: {error_line(e)}; stopped at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
         raise SystemExit(1) from None
 
 
