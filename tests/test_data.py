@@ -163,3 +163,24 @@ def test_a_description_that_states_another_seq_len_than_the_shards_is_refused(
     encoding = f'ndarray:{blob["token_dtype"]}:{blob["seq_len"]}'
     assert f'holds examples encoded as {encoding}, but cdcd_dataset.json says' in message
     assert '\n' not in message
+
+
+def test_a_description_that_states_another_vocabulary_than_its_tokenizer_is_refused(
+    tiny_dataset, tiny_config, tmp_path
+):
+    """A smaller vocab_size would build an embedding table the shards' ids overflow (an IndexError
+    mid-training before); it is one line naming the file before anything is built."""
+    import json
+
+    from cdcd_composer.commands.train import validate
+    from cdcd_composer.config import parse_config
+
+    root = tmp_path / 'ds'
+    shutil.copytree(tiny_dataset, root)
+    blob = json.loads((root / 'cdcd_dataset.json').read_text())
+    (root / 'cdcd_dataset.json').write_text(json.dumps(blob | {'vocab_size': 7}))
+    cfg = dict(tiny_config, data=dict(tiny_config['data'], root=str(root)))
+    with pytest.raises(
+        ValueError, match=rf'{root}/cdcd_dataset.json says vocab_size 7, but tokenizer/ has 512'
+    ):
+        validate(parse_config(cfg))

@@ -560,7 +560,7 @@ def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_p
 
 
 def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps_are_refused(
-    trained_run, monkeypatch
+    trained_run, monkeypatch, capsys
 ):
     import cdcd_composer.sampler as sampler
 
@@ -574,6 +574,13 @@ def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps
     batched = model.generate_tokens(5, steps=2, seed=3)
     assert sizes == [2, 2, 1]
     assert torch.equal(batched, model.generate_tokens(5, steps=2, seed=3, batch_size=2))
+    # generate.py says so before it starts (the bar then shows the time left).
+    assert generate.main([str(trained_run / 'export'), '--num_samples', '5', '--steps', '2']) == 0
+    said = capsys.readouterr().err
+    assert (
+        f'sampling 5 samples in 3 batches of at most 2 (the samples that fit {2 * per_sample / 2**30:g} GiB'
+        in said
+    )
     with pytest.raises(ValueError, match='1000000000 solver steps would run for days'):
         model.generate_tokens(1, steps=1_000_000_000)
     for seed in (-1, 2**64):
@@ -623,3 +630,9 @@ def test_ctrl_c_in_generate_and_eval_is_one_line_and_writes_nothing(
         'interrupted while evaluating: no report was printed or written; rerun to evaluate',
     ]
     assert not out.exists() and not (tmp_path / 'r.json').exists()
+
+
+@pytest.mark.parametrize('name', ['/no/such/judge', './judge-folder', '~/nothing-here'])
+def test_a_judge_path_that_is_no_folder_is_one_line(name):
+    with pytest.raises(ValueError, match=r'is no local model folder; pass a folder holding a causal LM'):
+        Judge(name)

@@ -22,6 +22,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from cdcd_composer import sampler
 from cdcd_composer.arguments import positive_int
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
@@ -30,7 +31,6 @@ from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import (
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
-    SAMPLING_MEMORY,
     SOLVERS,
     SamplerSettings,
     decode_samples,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sampling_batch_size(config.vocab_size, config.d_model, model.spec.data.seq_len)
         batches = math.ceil(args.num_samples / size)
         if batches > 1:  # a long job says so before it starts; the bar then shows its time left
-            fit = f'the samples that fit {SAMPLING_MEMORY / 2**30:g} GiB of activations'
+            fit = f'the samples that fit {sampler.SAMPLING_MEMORY / 2**30:g} GiB of activations'
             print(f'sampling {args.num_samples:,} samples in {batches:,} batches of at most {size:,} ({fit})',
                   file=sys.stderr)  # fmt: skip
         with tqdm(total=args.steps * batches, desc='sampling', unit='step') as bar:  # closed on any way out
