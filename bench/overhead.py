@@ -16,7 +16,9 @@ as on a GPU at the YAML's microbatch.
 s/batch is the mean over the timed batches (the mean, as self-conditioning's per-batch coin makes
 a batch either one pass or two per microbatch); aten ops/batch are counted by `torch.profiler`
 over one batch (that batch is not timed). `vs bare` divides by the bare step; `vs 1 rank`
-divides the 2-rank row by the 1-process row (the same per-rank microbatches).
+divides the 2-rank row by the 1-process row (the same per-rank microbatches). The three rows run
+`--repeats` times, interleaved, and each shows its median run: on a shared machine a burst of
+other work slows one run, not one row.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def print_table(args: argparse.Namespace, config_path, random_token_dataset) -> 
     extra = ['--set', *args.set] if args.set else []
     print(
         f'CPU, 1 thread per rank, fp32; tiny width {WIDTHS}, vocab {VOCAB}, {SEQ_LEN} tokens, '
-        f'{MICROBATCHES} microbatches of {MICROBATCH} per rank'
+        f'{MICROBATCHES} microbatches of {MICROBATCH} per rank; median of {args.repeats} interleaved runs'
     )
     print(f'{"row":<34}{"s/batch":>10}{"aten ops/batch":>16}{"vs bare":>9}{"vs 1 rank":>11}')
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,12 +164,22 @@ def print_table(args: argparse.Namespace, config_path, random_token_dataset) -> 
         for name in configs:
             path = config_path(name)
             common = [me, '--row', path, '--batches', str(args.batches), '--data_root', data_root, *extra]
-            bare = run_subprocess([sys.executable, me, '--row', path, '--bare', '--steps', str(args.steps)])
-            one = run_subprocess([launcher, '-n', '1', *common, '--ranks', '1'])
-            two = run_subprocess([launcher, '-n', '2', *common, '--ranks', '2'])
+            commands = {
+                'bare': [sys.executable, me, '--row', path, '--bare', '--steps', str(args.steps)],
+                'one': [launcher, '-n', '1', *common, '--ranks', '1'],
+                'two': [launcher, '-n', '2', *common, '--ranks', '2'],
+            }
+            # Interleaved repeats, each row's median: a busy machine slows one run, not a row.
+            runs = [{k: run_subprocess(cmd) for k, cmd in commands.items()} for _ in range(args.repeats)]
+            bare, one, two = (median_run([run[k] for run in runs]) for k in commands)
             print_row(f'{name} bare step', bare, bare)
             print_row(f'{name} composer, 1 process', one, bare)
             print_row(f'{name} composer, 2 ranks', two, bare, one)
+
+
+def median_run(rows: list[dict]) -> dict:
+    """The run whose s/batch is the median of `rows` (the lower one of an even count)."""
+    return sorted(rows, key=lambda row: row['seconds'])[(len(rows) - 1) // 2]
 
 
 def print_row(label: str, row: dict, bare: dict, one: dict | None = None) -> None:

@@ -268,6 +268,7 @@ def main() -> None:
         '--overhead', action='store_true',
         help='each YAML at a tiny width: Composer path vs bare step, 1 and 2 ranks (bench/overhead.py)',
     )  # fmt: skip
+    p.add_argument('--repeats', type=int, default=3, help='--overhead: interleaved runs per row (median)')
     p.add_argument('--row', help=argparse.SUPPRESS)
     p.add_argument('--trainer_row', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()

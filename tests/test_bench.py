@@ -41,6 +41,8 @@ def test_overhead_rows_put_the_composer_path_on_1_and_2_ranks_beside_the_bare_st
         '8',
         '--steps',
         '1',
+        '--repeats',
+        '1',
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
