@@ -216,7 +216,8 @@ class Folder:
         if names:
             raise StorageError(
                 f'{what} {self.uri} holds files cdcd-composer did not write (no {OWNER_MARKER} marker, '
-                f'found {", ".join(names[:3])}): choose a new or empty folder, or move them away'
+                f'found {", ".join(names[:3])}): choose a new or empty folder, or move them away (a dataset '
+                f'an earlier cdcd-composer wrote lacks the marker: add an empty {OWNER_MARKER} file to it)'
             )
         if self.store is None:
             os.makedirs(self.uri, exist_ok=True)
