@@ -68,3 +68,28 @@ def test_gpu_check_refuses_without_a_gpu():
     assert proc.returncode == 2
     assert 'needs a CUDA GPU' in proc.stderr and 'CDCD_GPU_CHECK_REHEARSE=1' in proc.stderr
     assert proc.stdout == ''  # nothing ran
+
+
+def test_the_probe_classifies_its_export_inputs(tmp_path):
+    """`bench/probe.py` builds its fixtures and classifies each input (here the export CLI's six: a
+    malicious pickle, a user's folder, a missing file, a file as the destination, a NaN export, a
+    real one), printing one count per class."""
+    cmd = [
+        sys.executable,
+        'bench/probe.py',
+        '--work',
+        str(tmp_path / 'probe'),
+        '--only',
+        'export',
+        '--verbose',
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = {
+        line.split('|')[1].strip(): line.split('|')[-2].strip()
+        for line in proc.stdout.splitlines()
+        if '|' in line
+    }
+    assert table['one-line error'] == '5' and table['handled'] == '1', proc.stdout
+    for cls in ('code execution', 'data loss', 'traceback', 'silent', 'unclear'):
+        assert table[cls] == '0', proc.stdout
