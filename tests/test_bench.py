@@ -14,6 +14,15 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
+def run_bench(script: str, *args: str) -> str:
+    """What `python SCRIPT ARGS` prints, from the repository root; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def test_trainer_row_runs_the_composer_path_beside_the_bare_step():
     cmd = [
         sys.executable, 'bench/train.py', '--trainer', '--configs', 'cdcd-tiny', '--vocab_size', '64',
@@ -31,24 +40,9 @@ def test_trainer_row_runs_the_composer_path_beside_the_bare_step():
 
 
 def test_overhead_rows_put_the_composer_path_on_1_and_2_ranks_beside_the_bare_step():
-    cmd = [
-        sys.executable,
-        'bench/train.py',
-        '--overhead',
-        '--configs',
-        'cdcd-tiny',
-        '--batches',
-        '8',
-        '--steps',
-        '1',
-        '--repeats',
-        '1',
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {
-        line[:34].strip(): line[34:].split() for line in proc.stdout.splitlines() if line.startswith('cdcd-')
-    }
+    flags = ['--configs', 'cdcd-tiny', '--batches', '8', '--steps', '1', '--repeats', '1']
+    printed = run_bench('bench/train.py', '--overhead', *flags)
+    rows = {line[:34].strip(): line[34:].split() for line in printed.splitlines() if line.startswith('cdcd-')}
     assert set(rows) == {
         'cdcd-tiny bare step',
         'cdcd-tiny composer, 1 process',
@@ -74,22 +68,12 @@ def test_the_probe_classifies_its_export_inputs(tmp_path):
     """`bench/probe.py` builds its fixtures and classifies each input (here the export CLI's six: a
     malicious pickle, a user's folder, a missing file, a file as the destination, a NaN export, a
     real one), printing one count per class."""
-    cmd = [
-        sys.executable,
-        'bench/probe.py',
-        '--work',
-        str(tmp_path / 'probe'),
-        '--only',
-        'export',
-        '--verbose',
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = run_bench('bench/probe.py', '--work', str(tmp_path / 'probe'), '--only', 'export', '--verbose')
     table = {
         line.split('|')[1].strip(): line.split('|')[-2].strip()
-        for line in proc.stdout.splitlines()
+        for line in printed.splitlines()
         if '|' in line
     }
-    assert table['one-line error'] == '5' and table['handled'] == '1', proc.stdout
+    assert table['one-line error'] == '5' and table['handled'] == '1', printed
     for cls in ('code execution', 'data loss', 'traceback', 'silent', 'unclear'):
-        assert table[cls] == '0', proc.stdout
+        assert table[cls] == '0', printed
