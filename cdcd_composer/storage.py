@@ -222,10 +222,14 @@ class Folder:
         if self.store is None:
             os.makedirs(self.uri, exist_ok=True)
             mark_owned(self.uri)
-            return
+        else:
+            self.upload_marker('')
+
+    def upload_marker(self, rel: str) -> None:
+        """Uploads our owner marker into the folder `rel` of a remote root ('' for the root itself)."""
         with tempfile.TemporaryDirectory() as tmp:
             mark_owned(tmp)
-            self.upload(os.path.join(tmp, OWNER_MARKER), OWNER_MARKER)
+            self.upload(os.path.join(tmp, OWNER_MARKER), f'{rel}/{OWNER_MARKER}' if rel else OWNER_MARKER)
 
     def check_replaceable(self, rel: str) -> None:
         """Raises when replacing `rel` would delete something this package did not write.

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from streaming import MDSWriter
 
-from cdcd_composer.storage import MANIFEST_FILE, OWNER_MARKER, Folder, mark_owned
+from cdcd_composer.storage import MANIFEST_FILE, Folder, mark_owned
 
 
 class SplitWriter:
@@ -52,10 +51,7 @@ class SplitWriter:
             # Old objects go first: from here on the split is visibly incomplete until commit.
             root.remove(self.split)
             self.writer = MDSWriter(out=(self.staging, root.join(self.split)), **kwargs)
-            marker = os.path.join(tempfile.mkdtemp(prefix='cdcd-marker-'), OWNER_MARKER)
-            mark_owned(os.path.dirname(marker))
-            root.upload(marker, f'{self.split}/{OWNER_MARKER}')
-            shutil.rmtree(os.path.dirname(marker))
+            root.upload_marker(self.split)
         return self
 
     def write_examples(self, examples: np.ndarray) -> None:
