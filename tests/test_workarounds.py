@@ -42,6 +42,7 @@ def test_every_workaround_is_listed_guarded_and_documented():
     [
         workarounds.gloo_gradient_reductions,
         workarounds.streaming_releases_probed_blocks,
+        workarounds.engine_debug_log,
         lambda: workarounds.weights_only_composer_loads(trust=False),
         lambda: EMA(),
         lambda: AppendingFileLogger(),
@@ -67,6 +68,33 @@ def test_the_patches_are_idempotent_and_keep_the_original():
     workarounds.streaming_node_namespace()
     workarounds.streaming_node_namespace()
     assert prefix._get_path(3, 'locals') == 'node0_000003_locals'
+
+
+def test_the_engine_formats_debug_lines_only_when_asked(monkeypatch, caplog):
+    """Without $ENGINE_DEBUG the prefix (which reads the state) is never built; with it, Composer's line."""
+    from composer.core import Event
+    from composer.core.engine import Engine
+
+    class Unread:
+        @property
+        def state(self):
+            raise AssertionError('the debug prefix was built')
+
+    workarounds.engine_debug_log()
+    workarounds.engine_debug_log()
+    assert not hasattr(Engine._debug_log.__wrapped__, '__wrapped__')
+    monkeypatch.delenv('ENGINE_DEBUG', raising=False)
+    Engine._debug_log(Unread(), Event.BATCH_START, 'Running event')
+
+    class Read:
+        class state:
+            class timestamp:
+                epoch, batch = 0, 7
+
+    monkeypatch.setenv('ENGINE_DEBUG', '1')
+    with caplog.at_level('DEBUG', logger='composer.core.engine'):
+        Engine._debug_log(Read(), Event.BATCH_START, 'Running event')
+    assert '[ep=0][ba=7][event=BATCH_START]: Running event' in caplog.text
 
 
 def test_the_package_exports_resolve():
