@@ -21,7 +21,7 @@ $(DATA)/cdcd_dataset.json: | $(VENV)/.installed
 
 demo: install $(DATA)/cdcd_dataset.json
 	$(PY) train.py yamls/cdcd-tiny.yaml
-	$(PY) generate.py runs/cdcd-tiny/export --num_samples 64 --steps 200 --tau 0.7
+	$(PY) generate.py runs/cdcd-tiny/export --num_samples 64 --tau 0.7
 
 lint: install
 	$(VENV)/bin/ruff check .

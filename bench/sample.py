@@ -2,10 +2,10 @@
 
     python bench/sample.py                  # batch 16 x 128 tokens, 2 threads, 30522-token vocabulary
 
-Rows: Euler 200 steps and Heun 100 steps (about the same number of model evaluations), with
-half-length prompts, guidance off (g = 1: one pass per evaluation) and on (g = 2: an extra
-unconditional pass). Randomly initialised weights: speed does not depend on training.
-Self-conditioning is on, as in the recipe; it adds no model calls.
+Rows: Euler 200 steps, Heun 100 steps (about the same number of model evaluations) and the
+default sampler (dpmpp_2m, 24 steps), with half-length prompts, guidance off (g = 1: one pass
+per evaluation) and on (g = 2: an extra unconditional pass). Randomly initialised weights:
+speed does not depend on training. Self-conditioning is on, as in the recipe; it adds no model calls.
 
     python bench/sample.py --quality runs/cdcd-tiny/export    # quality against network evaluations
 
@@ -13,12 +13,14 @@ Self-conditioning is on, as in the recipe; it adds no model calls.
 network evaluations per sample (denoiser passes, the final argmax pass included), 64
 unconditional samples at the run's score temperature (`--tau`, default the demo's 0.7, seed
 0): the share of sentences the corpus grammar recognises (synthetic data), distinct-2, the
-unigram entropy of the samples, and seconds per sample.
+unigram entropy of the samples, and seconds per sample. `c` is the time at which each step
+evaluates the model, as a multiple of t (`--eval_time_scales`; default each solver's own).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -32,7 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cdcd_composer.data.grammar import recognised_fraction  # noqa: E402
 from cdcd_composer.evaluation import diversity  # noqa: E402
 from cdcd_composer.model import CDCDConfig, CDCDTransformer  # noqa: E402
-from cdcd_composer.sampler import SOLVERS, SamplerSettings, network_evaluations, sample  # noqa: E402
+from cdcd_composer.sampler import (  # noqa: E402
+    DEFAULT_SOLVER,
+    DEFAULT_STEPS,
+    SOLVERS,
+    SamplerSettings,
+    network_evaluations,
+    sample,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,13 +108,13 @@ def quality(export: str, args: argparse.Namespace) -> None:
     synthetic = spec.data.source == 'synthetic'
     print(f'{export}: {args.samples} unconditional samples, seed {args.seed}, self-conditioning '
           f'{spec.self_conditioned}')  # fmt: skip
-    print(f'{"solver":<13}{"schedule":>9}{"tau":>5}{"NFE":>6}{"steps":>7}{"recognised":>12}{"distinct-2":>12}'
+    print(f'{"solver":<13}{"schedule":>9}{"tau":>5}{"c":>6}{"NFE":>6}{"steps":>7}{"recognised":>12}{"distinct-2":>12}'
           f'{"H(unigram)":>12}{"s/sample":>10}')  # fmt: skip
     for tau in args.tau:
         for solver in args.solvers:
-            for kind in args.schedules:
+            for kind, scale in itertools.product(args.schedules, args.eval_time_scales):
                 for evaluations in args.evaluations:
-                    settings = SamplerSettings(solver=solver, score_temperature=tau,
+                    settings = SamplerSettings(solver=solver, score_temperature=tau, eval_time_scale=scale,
                                                self_conditioning=spec.self_conditioned)  # fmt: skip
                     steps = steps_for(solver, evaluations)
                     start = time.perf_counter()
@@ -116,7 +125,8 @@ def quality(export: str, args: argparse.Namespace) -> None:
                     stats = diversity([tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts])
                     recognised = f'{recognised_fraction(texts):.1%}' if synthetic else '-'
                     nfe = network_evaluations(settings, steps)
-                    head = f'{solver:<13}{kind:>9}{tau:>5.2f}{nfe:>6}{steps:>7}{recognised:>12}'
+                    c = settings.eval_time_scale
+                    head = f'{solver:<13}{kind:>9}{tau:>5.2f}{c:>6.2f}{nfe:>6}{steps:>7}{recognised:>12}'
                     print(
                         f'{head}{stats["distinct_2"]:>12.3f}{stats["entropy_pooled"]:>12.3f}{per_sample:>10.3f}'
                     )
@@ -140,6 +150,10 @@ def main() -> None:
     p.add_argument('--evaluations', type=int, nargs='+', default=[10, 25, 50, 100, 200])
     p.add_argument('--solvers', nargs='+', choices=SOLVERS, default=list(SOLVERS), help='(--quality)')
     p.add_argument(
+        '--eval_time_scales', nargs='+', type=float, default=[None], metavar='C',
+        help="the model evaluated at C t (--quality; default: each solver's own, SamplerSettings)",
+    )  # fmt: skip
+    p.add_argument(
         '--schedules', nargs='+', choices=SCHEDULES, default=['warp'],
         help="timesteps (--quality): the fitted warp, even in ln t, EDM's rho 7 or 3, even in t",
     )  # fmt: skip
@@ -148,21 +162,21 @@ def main() -> None:
     if args.quality:
         quality(args.quality, args)
         return
-    solvers = [('Euler', 200, False), ('Heun', 100, True)]
+    solvers = [('euler', 200), ('heun', 100), (DEFAULT_SOLVER, DEFAULT_STEPS)]  # the paper's, and the default
     print(f'batch {args.batch} x {args.seq_len}, vocabulary {args.vocab_size}, {args.threads} threads, '
           f'{args.timed_steps} steps timed per row and scaled to the full count')  # fmt: skip
-    print(f'{"model":<10}{"solver":<12}{"guidance":<22}{"seconds":>9}{"seq/s":>8}{"vs off":>8}')
+    print(f'{"model":<10}{"solver":<15}{"guidance":<22}{"seconds":>9}{"seq/s":>8}{"vs off":>8}')
     for config in args.configs:
         model = build(config, args.vocab_size)
         name = os.path.basename(config).removesuffix('.yaml')
-        for solver, steps, heun in solvers:
-            off = SamplerSettings(heun=heun, self_conditioning=True)  # g = 1: no unconditional pass.
-            on = SamplerSettings(heun=heun, self_conditioning=True, guidance_scale=2.0)
+        for solver, steps in solvers:
+            off = SamplerSettings(solver=solver, self_conditioning=True)  # g = 1: no unconditional pass.
+            on = SamplerSettings(solver=solver, self_conditioning=True, guidance_scale=2.0)
             base = None
             for label, settings in (('off (g=1, prompted)', off), ('on (g=2, prompted)', on)):
                 s = seconds(model, steps, settings, args.batch, args.seq_len, args.timed_steps)
                 base = base or s
-                row = f'{name:<10}{f"{solver} {steps}":<12}{label:<22}'
+                row = f'{name:<10}{f"{solver} {steps}":<15}{label:<22}'
                 print(f'{row}{s:>9.2f}{args.batch / s:>8.2f}{s / base:>8.2f}')
 
 

@@ -28,7 +28,13 @@ from cdcd_composer.masking import MaskingConfig, sample_generate_mask
 from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, DenoiserOutput, TimeEmbedding
 from cdcd_composer.prompting import Request
 from cdcd_composer.run_spec import RunSpec
-from cdcd_composer.sampler import SamplerSettings, check_sampling_request, decode_samples, sample_in_batches
+from cdcd_composer.sampler import (
+    DEFAULT_STEPS,
+    SamplerSettings,
+    check_sampling_request,
+    decode_samples,
+    sample_in_batches,
+)
 from cdcd_composer.time_warping import TimeWarp
 from cdcd_composer.warp_curve import WarpCurve
 
@@ -356,7 +362,7 @@ class CDCDComposerModel(ComposerModel):
     def generate_tokens(
         self,
         num_samples: int,
-        steps: int = 200,
+        steps: int = DEFAULT_STEPS,
         settings: SamplerSettings | None = None,
         *,
         request: Request | None = None,
@@ -393,7 +399,11 @@ class CDCDComposerModel(ComposerModel):
         )  # fmt: skip
 
     def generate(
-        self, num_samples: int, steps: int = 200, settings: SamplerSettings | None = None, **kwargs: Any
+        self,
+        num_samples: int,
+        steps: int = DEFAULT_STEPS,
+        settings: SamplerSettings | None = None,
+        **kwargs: Any,
     ) -> list[str]:
         """`generate_tokens` decoded to text, each cut at its end-of-story token (same arguments)."""
         tokens = self.generate_tokens(num_samples, steps, settings, **kwargs)

@@ -172,7 +172,8 @@ def test_the_multistep_solver_is_second_order_on_a_moving_estimate():
 
     def solve(solver, n):
         steps = torch.logspace(2, 0, n + 1, dtype=torch.float64)
-        return _exponential_integrator(Moving(), x, steps, SamplerSettings(solver=solver), None)
+        settings = SamplerSettings(solver=solver, eval_time_scale=1.0)  # the same ODE for both solvers
+        return _exponential_integrator(Moving(), x, steps, settings, None)
 
     fine = solve('dpmpp_2m', 4000)
 
@@ -182,6 +183,40 @@ def test_the_multistep_solver_is_second_order_on_a_moving_estimate():
     assert error('dpmpp_2m', 8) < error('exponential', 8) / 50
     assert error('exponential', 16) > error('exponential', 8) / 2.5  # first order: halves per halving
     assert error('dpmpp_2m', 16) < error('dpmpp_2m', 8) / 3.5  # second order (or better)
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+def test_every_step_evaluates_the_model_at_the_scaled_time(solver):
+    """Step i evaluates at c t_i (Heun's correction at c t_(i+1)) and still runs from t_i to t_(i+1)."""
+    from cdcd_composer.sampler import _euler_or_heun, _exponential_integrator
+
+    seen, target = [], torch.randn(1, 2, 3)
+
+    class Recording:
+        def __call__(self, x, t):
+            seen.append(float(t))
+            return target
+
+    steps, x = torch.tensor([20.0, 8.0, 3.0, 1.0]), torch.randn(1, 2, 3) * 20
+    solve = _euler_or_heun if solver in ('euler', 'heun') else _exponential_integrator
+    out = solve(Recording(), x, steps, SamplerSettings(solver=solver, eval_time_scale=1.5), None)
+    expected = [20.0, 8.0, 8.0, 3.0, 3.0] if solver == 'heun' else [20.0, 8.0, 3.0]
+    assert seen == pytest.approx([1.5 * t for t in expected])
+    unscaled = solve(Recording(), x, steps, SamplerSettings(solver=solver, eval_time_scale=1.0), None)
+    torch.testing.assert_close(out, unscaled)  # the estimate is the same here, so are the steps
+
+
+def test_the_default_sampler_and_each_solvers_own_time_scale():
+    from cdcd_composer.sampler import DEFAULT_STEPS, EVAL_TIME_SCALES
+
+    default = SamplerSettings()
+    assert (default.solver, default.eval_time_scale, DEFAULT_STEPS) == ('dpmpp_2m', 1.15, 24)
+    assert network_evaluations(default, DEFAULT_STEPS) == 25
+    for solver in SOLVERS:
+        assert SamplerSettings(solver=solver).eval_time_scale == EVAL_TIME_SCALES.get(solver, 1.0)
+    assert SamplerSettings(solver='dpmpp_2m', eval_time_scale=1.0).eval_time_scale == 1.0
+    with pytest.raises(ValueError, match='--time_shift and --eval_time_scale'):
+        SamplerSettings(solver='euler', time_shift=0.1, eval_time_scale=1.2)
 
 
 def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer):
@@ -199,6 +234,8 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
     ('initial_noise_scale', math.nan, 'initial noise scale'), ('initial_noise_scale', -1.0, 'initial noise'),
     ('guidance_scale', math.nan, 'guidance'), ('guidance_scale', math.inf, 'guidance'),
     ('time_shift', math.nan, 'time shift'), ('time_shift', math.inf, 'time shift'),
+    ('eval_time_scale', 0.0, 'evaluation time scale'), ('eval_time_scale', math.nan, 'evaluation time scale'),
+    ('eval_time_scale', math.inf, 'evaluation time scale'),
 ])  # fmt: skip
 def test_bad_sampler_settings_fail_by_name_nan_included(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -12,7 +12,7 @@ from conftest import REPO
 from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.commands import generate, train
 from cdcd_composer.data.grammar import recognised_fraction
-from cdcd_composer.sampler import DEFAULT_SOLVER, decode_samples, sample
+from cdcd_composer.sampler import DEFAULT_SOLVER, SamplerSettings, decode_samples, sample
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,9 @@ def test_samples_decode_and_generate_cli(trained, tmp_path, capsys):
     assert [r['index'] for r in rows] == [0, 1] and all(
         f'[{r["index"]}] {r["text"]}' in printed for r in rows
     )
-    assert f'network evaluations: 4 per sample ({DEFAULT_SOLVER}, 3 steps)' in printed  # + the argmax pass
+    scale = SamplerSettings().eval_time_scale  # the default solver's evaluation time, printed
+    assert f'4 per sample ({DEFAULT_SOLVER}, 3 steps, model evaluated at {scale:g} t)' in printed
+    assert {(r['solver'], r['eval_time_scale']) for r in rows} == {(DEFAULT_SOLVER, scale)}
     # The share it prints is the grammar's verdict on the very samples it wrote.
     assert f'recognised sentences: {recognised_fraction([r["text"] for r in rows]):.1%}' in printed
 

@@ -13,6 +13,7 @@ from composer.utils import create_interval_scheduler, dist
 
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.prompting import Request
+from cdcd_composer.sampler import DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class TrainingSamples(Callback):
     Args:
         interval: How often, as a Composer time string ('500ba').
         num_samples: Stories per event.
-        steps: Solver steps (few: this is a preview).
+        steps: Solver steps of the default sampler (`sampler.DEFAULT_SOLVER`).
         prompt: Continuation prompt for half the samples (None: all unconditional).
         seed: Seed of the initial noise (the same every time, so samples show progress).
     """
@@ -39,7 +40,7 @@ class TrainingSamples(Callback):
         self,
         interval: str = '500ba',
         num_samples: int = 4,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         prompt: str | None = 'Once upon a time',
         seed: int = 0,
     ) -> None:
