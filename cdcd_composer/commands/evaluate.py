@@ -1,6 +1,6 @@
 """Evaluates a trained model: validation CE against t, and samples next to real validation text.
 
-    python eval.py runs/cdcd-tiny/export --data_root data/synthetic --steps 50 200 --tau 1.0 0.9
+    python eval.py runs/cdcd-tiny/export --data_root data/synthetic --steps 6 24 --tau 1.0 0.9
 
 For every (steps, tau) it draws unconditional samples and samples prompted with the first half
 of validation stories, and reports the judge's NLL per token (and perplexity), unigram entropy
