@@ -19,6 +19,7 @@ Patches here (package: defect):
 - `streaming_releases_probed_blocks` (mosaicml-streaming): each probed block holds a descriptor.
 - `streaming_node_namespace` (mosaicml-streaming): two nodes on one host pick the same names.
 - `engine_debug_log` (mosaicml): the engine formats a debug line per event and per callback nobody reads.
+- `autoresume_downloads_the_newest` (mosaicml): a second resume from a bucket loads the first one's copy.
 
 Subclasses elsewhere, guarded the same way when built:
 - `loggers.AppendingFileLogger` (mosaicml): `FileLogger(overwrite=False)` still truncates.
@@ -64,6 +65,7 @@ WORKAROUNDS = {
     ),
     'streaming_node_namespace': Workaround('mosaicml-streaming', 'none found'),
     'engine_debug_log': Workaround('mosaicml', 'none found'),
+    'autoresume_downloads_the_newest': Workaround('mosaicml', 'none found'),
     'AppendingFileLogger': Workaround('mosaicml', 'none found'),
     'ResumableProgressBar': Workaround('mosaicml', 'none found'),
     'HybridShardConfig': Workaround('mosaicml', 'none found'),
@@ -110,6 +112,7 @@ def apply_all(trust_checkpoint: bool) -> None:
     streaming_releases_probed_blocks()
     streaming_node_namespace()
     engine_debug_log()
+    autoresume_downloads_the_newest()
 
 
 def gloo_gradient_reductions() -> None:
@@ -316,3 +319,38 @@ def engine_debug_log() -> None:
 
     debug_log.__wrapped__ = original  # type: ignore[attr-defined]
     Engine._debug_log = debug_log  # type: ignore[method-assign]
+
+
+def autoresume_downloads_the_newest() -> None:
+    """Makes every autoresume from an object store download the checkpoint it resumes from.
+
+    With `save_folder` an object-store URI, Composer 0.32's `Trainer._get_autoresume_checkpoint`
+    downloads the checkpoint that `latest-rank0.pt.symlink` names to
+    `os.path.join(save_folder, 'latest-rank0.pt')` taken as a local path (`./s3:/bucket/...`
+    under the working directory), and downloads only when that file is absent. A second resume
+    of the same run from the same directory therefore finds the first resume's copy and loads
+    it: an older checkpoint, silently, and the batches since are trained again. Local rank 0
+    (the rank that downloads) removes that copy before Composer looks for it, so each resume
+    reads the newest checkpoint; a local `save_folder` is left to Composer as it is.
+    """
+    require('autoresume_downloads_the_newest')
+    from composer.trainer.trainer import Trainer
+    from composer.utils import dist, format_name_with_dist, parse_uri
+
+    original = getattr(Trainer._get_autoresume_checkpoint, '__wrapped__', Trainer._get_autoresume_checkpoint)
+
+    def get_autoresume_checkpoint(
+        self: Trainer, save_folder: str, save_latest_filename: str, *args, **kwargs
+    ):
+        if parse_uri(save_folder)[0] and dist.get_local_rank() == 0:
+            run_name = self.state.run_name
+            folder = format_name_with_dist(save_folder, run_name)
+            copy = os.path.abspath(
+                os.path.join(folder, format_name_with_dist(save_latest_filename, run_name))
+            )
+            if os.path.isfile(copy):
+                os.remove(copy)
+        return original(self, save_folder, save_latest_filename, *args, **kwargs)
+
+    get_autoresume_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
+    Trainer._get_autoresume_checkpoint = get_autoresume_checkpoint  # type: ignore[method-assign]

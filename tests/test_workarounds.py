@@ -43,6 +43,7 @@ def test_every_workaround_is_listed_guarded_and_documented():
         workarounds.gloo_gradient_reductions,
         workarounds.streaming_releases_probed_blocks,
         workarounds.engine_debug_log,
+        workarounds.autoresume_downloads_the_newest,
         lambda: workarounds.weights_only_composer_loads(trust=False),
         lambda: EMA(),
         lambda: AppendingFileLogger(),
@@ -95,6 +96,41 @@ def test_the_engine_formats_debug_lines_only_when_asked(monkeypatch, caplog):
     with caplog.at_level('DEBUG', logger='composer.core.engine'):
         Engine._debug_log(Read(), Event.BATCH_START, 'Running event')
     assert '[ep=0][ba=7][event=BATCH_START]: Running event' in caplog.text
+
+
+def test_an_object_store_autoresume_never_loads_an_earlier_resumes_copy(tmp_path, monkeypatch):
+    """Composer downloads the resumed checkpoint to ./s3:/bucket/... and reuses it if present:
+    the patch removes that copy before Composer looks, for a URI save_folder only."""
+    from composer.trainer.trainer import Trainer
+
+    seen = []
+
+    def composers(self, save_folder, save_latest_filename, *args, **kwargs):
+        seen.append([p.name for p in (tmp_path / 's3:' / 'bucket' / 'run' / 'ckpt').glob('*')])
+        return None
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Trainer, '_get_autoresume_checkpoint', composers)
+    workarounds.autoresume_downloads_the_newest()
+    assert Trainer._get_autoresume_checkpoint.__wrapped__ is composers
+
+    class State:
+        run_name = 'run'
+
+    trainer = type('T', (), {'state': State()})()
+    stale = tmp_path / 's3:' / 'bucket' / 'run' / 'ckpt' / 'latest-rank0.pt'
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b'the first resume downloaded this')
+    (stale.parent / 'mine.txt').write_text('kept')
+    Trainer._get_autoresume_checkpoint(
+        trainer, 's3://bucket/{run_name}/ckpt', 'latest-rank{rank}.pt', '', [], False
+    )
+    assert seen == [['mine.txt']]  # Composer found no copy, so it downloads the newest
+    local = tmp_path / 'local' / 'latest-rank0.pt'
+    local.parent.mkdir()
+    local.write_bytes(b'a local run')
+    Trainer._get_autoresume_checkpoint(trainer, str(local.parent), 'latest-rank{rank}.pt', '', [], False)
+    assert local.read_bytes() == b'a local run'  # a local save_folder is Composer's as it is
 
 
 def test_the_package_exports_resolve():
