@@ -9,7 +9,7 @@
 # and at 512 (the largest that fits an H200: 64 GiB; an 80 GB H100 holds 256), each with its
 # peak memory; the real Composer path (`train.py`'s Trainer from yamls/cdcd-140m.yaml) for 100
 # batches; `composer train.py` writing an export; and generate.py's sampling throughput
-# (sequences/s at 200 Euler steps).
+# (sequences/s at 200 steps of the default sampler, dpmpp_2m).
 #
 # Air-gapped machines: put the wheels of ../shared/gpu/fetch_wheels.sh in .whl/ (git-ignored);
 # they are installed into /tmp/site and put on PYTHONPATH (see ../shared/gpu/README.md).
@@ -67,6 +67,6 @@ model.generate($SAMPLES, $STEPS)
 if '$DEVICE' == 'cuda':
     torch.cuda.synchronize()
 seconds = time.perf_counter() - start
-print(f'sampling: {$SAMPLES} sequences x {$STEPS} Euler steps in {seconds:.1f} s = {$SAMPLES / seconds:.2f} sequences/s')
+print(f'sampling: {$SAMPLES} sequences x {$STEPS} steps of the default sampler in {seconds:.1f} s = {$SAMPLES / seconds:.2f} sequences/s')
 EOF
 echo "results in $OUT"

@@ -82,7 +82,7 @@ def model_card(model: CDCDComposerModel, report: dict[str, Any] | None = None) -
         '```python',
         'from transformers import AutoModel',
         'model = AutoModel.from_pretrained(PATH_OR_REPO, trust_remote_code=True)',
-        "print(model.generate(num_samples=4, steps=200, prompt='Once upon a time', tau=0.7, seed=0).texts)",
+        "print(model.generate(num_samples=4, prompt='Once upon a time', tau=0.7, seed=0).texts)",
         '```',
         '',
         '`generate` returns `ids` (num_samples, seq_len) and `texts`. With the same settings and seed '
