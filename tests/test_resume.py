@@ -328,6 +328,24 @@ def test_an_unpointed_run_in_a_bucket_resumes_from_its_newest_complete_checkpoin
     assert cfg.load_path is None  # a resolved copy: the config passed in is left as it was
 
 
+@pytest.mark.slow
+def test_every_resume_from_a_bucket_reads_its_newest_checkpoint(tiny_config, s3_env, tmp_path, monkeypatch):
+    """Composer downloads the resumed checkpoint under ./s3:/ and would reuse that copy on the next
+    resume from the same directory (`workarounds.autoresume_downloads_the_newest`)."""
+    bucket = s3_env()
+    monkeypatch.chdir(tmp_path)  # where Composer puts its download
+    unneeded = ('training_samples', 'export_weights')
+    callbacks = {k: v for k, v in tiny_config['callbacks'].items() if k not in unneeded}
+    cfg = dict(tiny_config, run_name='twice', autoresume=True, save_interval='2ba', eval_interval='100ba',
+               callbacks=callbacks, save_folder=f's3://{bucket}/runs/{{run_name}}/checkpoints')  # fmt: skip
+    train.main(dict(cfg, max_duration='2ba'))
+    for start in (2, 4):  # two resumes, each from the checkpoint the previous run ended with
+        trainer = train.main(dict(cfg, max_duration=f'{start + 2}ba'), return_trainer=True, do_train=False)
+        assert int(trainer.state.timestamp.batch) == start
+        trainer.fit()
+        trainer.close()
+
+
 @pytest.mark.parametrize('change, message', [
     ({'seq_len': 64}, r'another seq_len \(96 tokens, not 64\)'),
     ({'train_tokenizer': 400}, 'another tokenizer'),
