@@ -249,14 +249,14 @@ def _euler_or_heun(
 ) -> torch.Tensor:
     """Euler steps x <- x + (t' - t) d(x, t) with d = -t s / tau; Heun adds the trapezoidal correction."""
     tau, last = settings.score_temperature, len(timesteps) - 2
+    shift, scale = settings.time_shift, settings.eval_time_scale
     for i in range(last + 1):
         t_i, t_next = timesteps[i], timesteps[i + 1]
-        shift, scale = settings.time_shift, settings.eval_time_scale
         t_model = scale * t_i if shift is None else t_next + shift
         direction = -t_i * score(denoiser(x, t_model), x, t_i) / tau
         x_euler = x + (t_next - t_i) * direction
         if settings.solver == 'heun' and i < last:  # The last step stays Euler (EDM Alg. 1).
-            x0_next = denoiser(x_euler, settings.eval_time_scale * t_next)
+            x0_next = denoiser(x_euler, scale * t_next)
             direction_next = -t_next * score(x0_next, x_euler, t_next) / tau
             x = x + (t_next - t_i) * 0.5 * (direction + direction_next)
         else:
