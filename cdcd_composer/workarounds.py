@@ -20,6 +20,7 @@ Patches here (package: defect):
 - `streaming_node_namespace` (mosaicml-streaming): two nodes on one host pick the same names.
 - `engine_debug_log` (mosaicml): the engine formats a debug line per event and per callback nobody reads.
 - `autoresume_downloads_the_newest` (mosaicml): a second resume from a bucket loads the first one's copy.
+- `checkpoint_pointer_follows_its_upload` (mosaicml): the `latest` pointer lags its checkpoint by up to 30 s.
 
 Subclasses elsewhere, guarded the same way when built:
 - `loggers.AppendingFileLogger` (mosaicml): `FileLogger(overwrite=False)` still truncates.
@@ -66,6 +67,7 @@ WORKAROUNDS = {
     'streaming_node_namespace': Workaround('mosaicml-streaming', 'none found'),
     'engine_debug_log': Workaround('mosaicml', 'none found'),
     'autoresume_downloads_the_newest': Workaround('mosaicml', 'none found'),
+    'checkpoint_pointer_follows_its_upload': Workaround('mosaicml', 'none found'),
     'AppendingFileLogger': Workaround('mosaicml', 'none found'),
     'ResumableProgressBar': Workaround('mosaicml', 'none found'),
     'HybridShardConfig': Workaround('mosaicml', 'none found'),
@@ -113,6 +115,7 @@ def apply_all(trust_checkpoint: bool) -> None:
     streaming_node_namespace()
     engine_debug_log()
     autoresume_downloads_the_newest()
+    checkpoint_pointer_follows_its_upload()
 
 
 def gloo_gradient_reductions() -> None:
@@ -354,3 +357,34 @@ def autoresume_downloads_the_newest() -> None:
 
     get_autoresume_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
     Trainer._get_autoresume_checkpoint = get_autoresume_checkpoint  # type: ignore[method-assign]
+
+
+POINTER_POLL_SECONDS = 1.0
+
+
+def checkpoint_pointer_follows_its_upload() -> None:
+    """Uploads an object-store run's `latest` pointer about a second after its checkpoint is up.
+
+    Composer 0.32's `CheckpointSaver` uploads `latest-rank0.pt.symlink` once a background worker
+    has seen every file of the new checkpoint in the bucket, and that worker looks again only
+    every 30 s (`_symlink_upload_wait_before_next_try_in_seconds`, fixed in `__init__`). So the
+    pointer lags its checkpoint by up to 30 s, a run killed in that window resumes from the
+    checkpoint before, and every run's end waits up to 30 s per pending pointer. Looking every
+    `POINTER_POLL_SECONDS` costs one HEAD request per second while an upload is in flight.
+    """
+    require('checkpoint_pointer_follows_its_upload')
+    from composer.callbacks import CheckpointSaver
+
+    original = getattr(CheckpointSaver.__init__, '__wrapped__', CheckpointSaver.__init__)
+    @functools.wraps(original)
+    def init(self: CheckpointSaver, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        if not hasattr(self, '_symlink_upload_wait_before_next_try_in_seconds'):
+            raise missing(
+                'checkpoint_pointer_follows_its_upload', 'CheckpointSaver',
+                '_symlink_upload_wait_before_next_try_in_seconds',
+            )  # fmt: skip
+        self._symlink_upload_wait_before_next_try_in_seconds = POINTER_POLL_SECONDS
+
+    init.__wrapped__ = original  # type: ignore[attr-defined]
+    CheckpointSaver.__init__ = init  # type: ignore[method-assign]

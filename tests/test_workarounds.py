@@ -44,6 +44,7 @@ def test_every_workaround_is_listed_guarded_and_documented():
         workarounds.streaming_releases_probed_blocks,
         workarounds.engine_debug_log,
         workarounds.autoresume_downloads_the_newest,
+        workarounds.checkpoint_pointer_follows_its_upload,
         lambda: workarounds.weights_only_composer_loads(trust=False),
         lambda: EMA(),
         lambda: AppendingFileLogger(),
@@ -131,6 +132,20 @@ def test_an_object_store_autoresume_never_loads_an_earlier_resumes_copy(tmp_path
     local.write_bytes(b'a local run')
     Trainer._get_autoresume_checkpoint(trainer, str(local.parent), 'latest-rank{rank}.pt', '', [], False)
     assert local.read_bytes() == b'a local run'  # a local save_folder is Composer's as it is
+
+
+def test_a_checkpoint_saver_looks_for_its_upload_every_second(tmp_path):
+    """Composer waits 30 s between looks before it uploads the `latest` pointer; the patch, 1 s."""
+    from composer.callbacks import CheckpointSaver
+
+    workarounds.checkpoint_pointer_follows_its_upload()
+    workarounds.checkpoint_pointer_follows_its_upload()
+    assert not hasattr(CheckpointSaver.__init__.__wrapped__, '__wrapped__')
+    saver = CheckpointSaver(folder=str(tmp_path))
+    assert saver._symlink_upload_wait_before_next_try_in_seconds == workarounds.POINTER_POLL_SECONDS == 1.0
+    unpatched = object.__new__(CheckpointSaver)
+    CheckpointSaver.__init__.__wrapped__(unpatched, folder=str(tmp_path))
+    assert unpatched._symlink_upload_wait_before_next_try_in_seconds == 30.0  # Composer's, still there
 
 
 def test_the_package_exports_resolve():
