@@ -376,6 +376,7 @@ def checkpoint_pointer_follows_its_upload() -> None:
     from composer.callbacks import CheckpointSaver
 
     original = getattr(CheckpointSaver.__init__, '__wrapped__', CheckpointSaver.__init__)
+
     @functools.wraps(original)
     def init(self: CheckpointSaver, *args, **kwargs) -> None:
         original(self, *args, **kwargs)
