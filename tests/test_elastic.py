@@ -76,6 +76,26 @@ def run(tmp_path, name: str, ranks: int, overrides: list[str]) -> dict:
     return torch.load(record)
 
 
+def common_overrides(dataset, out) -> list[str]:
+    """cdcd-tiny shrunk, refitting every 2 batches, with EMA, without evals, samples or export."""
+    return [
+        *tiny_overrides(dataset, out), 'eval_interval=100ba', 'callbacks.training_samples=false',
+        'callbacks.export_weights=false', 'callbacks.time_warp_refit.interval=2ba',
+        'callbacks.time_warp_refit.buffer_size=64', 'callbacks.time_warp_refit.n_bins=8',
+        'algorithms.ema={half_life: 2ba}',
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def straight(tiny_dataset, tmp_path_factory) -> dict:
+    """The uninterrupted 8 batches on 1 process: one process trains the plain model whatever the
+    parallelism config says, so every case below shares this reference."""
+    out = tmp_path_factory.mktemp('straight')
+    return run(
+        out, 'straight', 1, [*common_overrides(tiny_dataset, out), 'max_duration=8ba', 'save_folder=null']
+    )
+
+
 @pytest.mark.parametrize(
     'before, after, strategy',
     # 1 -> 2 under DDP (a full checkpoint read by every rank) is the plainest path, and 1 -> 2 under
@@ -83,19 +103,13 @@ def run(tmp_path, name: str, ranks: int, overrides: list[str]) -> dict:
     [(2, 1, 'ddp'), (2, 1, 'fsdp2-sharded'), (1, 2, 'fsdp2-sharded')],
 )
 def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_order(
-    tiny_dataset, tmp_path, before, after, strategy
+    tiny_dataset, tmp_path, before, after, strategy, straight
 ):
-    common = [
-        *tiny_overrides(tiny_dataset, tmp_path), 'eval_interval=100ba', 'callbacks.training_samples=false',
-        'callbacks.export_weights=false', 'callbacks.time_warp_refit.interval=2ba',
-        'callbacks.time_warp_refit.buffer_size=64', 'callbacks.time_warp_refit.n_bins=8',
-        'algorithms.ema={half_life: 2ba}',
-    ]  # fmt: skip
+    common = common_overrides(tiny_dataset, tmp_path)
     if strategy == 'fsdp2-sharded':
         # 2 ranks write one shard file per rank, which DCP reshards when loaded on 1 (FSDP kept to load
         # it); 1 process trains without FSDP and writes one file, which 2 FSDP ranks load whole.
         common.append('parallelism_config={fsdp: {state_dict_type: sharded}}')
-    straight = run(tmp_path, 'straight', 1, [*common, 'max_duration=8ba', 'save_folder=null'])
     first = run(tmp_path, 'first', before, [*common, 'max_duration=4ba', f'save_folder={tmp_path}/ckpt'])
     sharded = strategy == 'fsdp2-sharded' and before == 2
     checkpoint = tmp_path / 'ckpt' / ('ep0-ba4' if sharded else 'ep0-ba4-rank0.pt')
