@@ -151,7 +151,7 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
         return cmd
 
     def run(name: str) -> None:
-        proc = subprocess.run(command(name), env=env, capture_output=True, text=True)
+        proc = subprocess.run(command(name), env=env, capture_output=True, text=True, cwd=tmp_path)
         ranks = ''.join(p.read_text()[-1500:] for p in tmp_path.glob('err*.txt'))
         assert proc.returncode == 0, proc.stderr[-1500:] + ranks
 
@@ -162,7 +162,7 @@ def test_sigkill_and_the_same_command_resume_exactly_from_s3(strategy, tiny_data
         env, PAUSE_AT_BATCH='11', PAUSE_POINTER_NAMES='ba10', PAUSE_MARKER=str(tmp_path / 'paused-{rank}'),
         PAUSE_POINTER=f's3://{bucket}/runs/killed/checkpoints/latest-rank0.pt.symlink',
     )  # fmt: skip
-    kill_when_paused(command('killed'), [tmp_path / f'paused-{r}' for r in ranks], pause)
+    kill_when_paused(command('killed'), [tmp_path / f'paused-{r}' for r in ranks], pause, cwd=tmp_path)
     before = {r: read_losses(tmp_path / f'killed-{r}.txt') for r in ranks}
     assert all([b for b, _ in before[r]] == list(range(1, 12)) for r in ranks)
     run('killed')  # The same command again.
@@ -290,7 +290,9 @@ def test_checkpoint_uploads_survive_an_outage(tiny_dataset, tmp_path, s3_endpoin
     env = dict(
         os.environ, OMP_NUM_THREADS='1', S3_ENDPOINT_URL=f'http://127.0.0.1:{port}', BATCH_SLEEP_SECONDS='0.5'
     )
-    run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(  # in tmp_path: Composer downloads under ./s3:/
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     try:
         wait_for(lambda: lines(losses) >= 4, run, 'batch 4')
         (control / 'down').touch()  # The store goes away while the checkpoints of batches 5, 10, ... are due.
