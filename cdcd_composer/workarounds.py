@@ -387,5 +387,4 @@ def checkpoint_pointer_follows_its_upload() -> None:
             )  # fmt: skip
         self._symlink_upload_wait_before_next_try_in_seconds = POINTER_POLL_SECONDS
 
-    init.__wrapped__ = original  # type: ignore[attr-defined]
-    CheckpointSaver.__init__ = init  # type: ignore[method-assign]
+    CheckpointSaver.__init__ = init  # functools.wraps keeps the original as __wrapped__  # type: ignore[method-assign]
