@@ -2,10 +2,11 @@
 
     python bench/compile.py                          # cdcd-140m's structure at a tiny width
     python bench/compile.py --configs cdcd-5m cdcd-140m --batches 50
+    python bench/compile.py --compile_config '{"mode": "max-autotune-no-cudagraphs"}'
 
 For each YAML (at bench/overhead.py's tiny width, 1 process, fp32, 1 thread) it trains the same
-`--batches` batches eagerly and compiled, with the YAML's self-conditioning (one coin per batch)
-and masks, on the offline corpus (`--data_root`, default data/synthetic), with the time warp
+`--batches` batches eagerly and compiled (`compile_config`, default `{}`), with the YAML's
+self-conditioning and masks, on the offline corpus (`--data_root`, default data/synthetic), with the time warp
 refitted every 10 batches so that refitted warps are installed during the run. It prints:
 - graph breaks inside the denoiser's forward (`torch._dynamo.explain`, for the training pass,
   self-conditioning's pass and a sampling pass);
@@ -57,7 +58,7 @@ def graph_breaks(config: str) -> int:
     return breaks
 
 
-def train_row(config: str, data_root: str, batches: int, compiled: bool) -> dict:
+def train_row(config: str, data_root: str, batches: int, compile_config: str | None) -> dict:
     """Trains `batches` batches through `train.py`'s Trainer; per-batch seconds and compile counts."""
     from composer.core import Callback
     from torch._dynamo import utils as dynamo_utils
@@ -86,8 +87,8 @@ def train_row(config: str, data_root: str, batches: int, compiled: bool) -> dict
 
     refit = {'interval': '10ba', 'buffer_size': 512, 'min_points': 128, 'min_evidence': 0.0}
     extra = [f'callbacks.time_warp_refit.{key}={value}' for key, value in refit.items()]
-    if compiled:
-        extra.append('compile_config={}')
+    if compile_config is not None:
+        extra.append(f'compile_config={compile_config}')
     cfg = load_config(config, overhead.trainer_overrides(data_root, batches, 1, extra))
     trainer = train.main(cfg, return_trainer=True, do_train=False)
     trainer.state.callbacks.append(Recorder())
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument('--configs', nargs='+', default=['cdcd-140m'])
     p.add_argument('--batches', type=int, default=50)
     p.add_argument('--data_root', default=os.path.join(REPO, 'data', 'synthetic'))
+    p.add_argument('--compile_config', default='{}', help="the compiled row's compile_config (JSON)")
     args = p.parse_args()
     if not os.path.exists(os.path.join(args.data_root, 'cdcd_dataset.json')):
         sys.exit(f'no converted dataset at {args.data_root}; run: python data_prep/convert_tinystories.py '
@@ -148,8 +150,8 @@ def main() -> None:
     for name in args.configs:
         path = bench_train.config_path(name)
         breaks = graph_breaks(path)
-        eager = train_row(path, data_root, args.batches, compiled=False)
-        result = summarise(eager, train_row(path, data_root, args.batches, compiled=True))
+        eager = train_row(path, data_root, args.batches, compile_config=None)
+        result = summarise(eager, train_row(path, data_root, args.batches, args.compile_config))
         r = result
         cells = [name, breaks, r['refits'], r['graphs'], r['warm_up'], r['recompiles_after'],
                  f'{result["compile_seconds"]:.1f}', f'{result["eager"]:.3f}', f'{result["compiled"]:.3f}',

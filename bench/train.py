@@ -140,6 +140,7 @@ def trainer_config(args: argparse.Namespace) -> dict:
         'callbacks.time_warp_refit.plot_folder=null', 'data.local_cache=null',
     ]  # fmt: skip
     overrides.append(f'global_train_batch_size={args.batch_size}')  # one process: its whole batch
+    overrides.append('device=cpu' if args.device == 'cpu' else 'device=gpu')
     overrides += args.set
     if args.precision != 'amp_bf16' or args.device == 'cpu':
         overrides.append(f'precision={args.precision}')

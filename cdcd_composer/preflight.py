@@ -12,13 +12,23 @@ from cdcd_composer.sharding import check_sharding, fsdp_version
 from cdcd_composer.storage import Folder, is_remote
 
 
+def trains_on_gpu(device: str | None) -> bool:
+    """Whether a run with `device` trains on a GPU (null: if one is present, as Composer does)."""
+    return device == 'gpu' or (device is None and torch.cuda.is_available())
+
+
+def default_precision(device: str | None) -> str:
+    """What `precision: null` means for a run on `device`: bf16 autocast on a GPU, fp32 elsewhere."""
+    return 'amp_bf16' if trains_on_gpu(device) else 'fp32'
+
+
 def check_system(cfg: TrainConfig) -> None:
     """Precision, device, FSDP and microbatch combinations this Composer cannot run, named before any work.
 
     Raises:
         ValueError: one line naming the setting and the fix.
     """
-    on_gpu = cfg.device == 'gpu' or (cfg.device is None and torch.cuda.is_available())
+    on_gpu = trains_on_gpu(cfg.device)
     sharded = (cfg.parallelism_config or {}).get('fsdp') is not None
     if not on_gpu and cfg.precision not in (None, 'fp32'):
         raise ValueError(f'precision={cfg.precision} needs a GPU; on CPU set precision=fp32 (or null)')

@@ -40,7 +40,7 @@ def test_trainer_row_runs_the_composer_path_beside_the_bare_step():
 
 
 def test_overhead_rows_put_the_composer_path_on_1_and_2_ranks_beside_the_bare_step():
-    flags = ['--configs', 'cdcd-tiny', '--batches', '8', '--steps', '1', '--repeats', '1']
+    flags = ['--configs', 'cdcd-tiny', '--batches', '8', '--repeats', '1']
     printed = run_bench('bench/train.py', '--overhead', *flags)
     rows = {line[:34].strip(): line[34:].split() for line in printed.splitlines() if line.startswith('cdcd-')}
     assert set(rows) == {

@@ -2,10 +2,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from cdcd_composer.commands.train import validate
 from cdcd_composer.config import load_config, parse_config
+from cdcd_composer.preflight import default_precision
 
 
 @pytest.mark.parametrize('name', ['cdcd-tiny', 'cdcd-char', 'cdcd-5m', 'cdcd-140m'])
@@ -199,3 +201,10 @@ def test_an_override_of_another_shape_names_the_key():
         load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), ['loggers.file=[a,b]'])
     assert "override 'loggers.file=[a,b]': loggers.file is a mapping in the YAML" in str(exc.value)
     assert '\n' not in str(exc.value)
+
+
+@pytest.mark.parametrize('device, precision', [('cpu', 'fp32'), ('gpu', 'amp_bf16'), ('mps', 'fp32')])
+def test_precision_null_follows_the_device_the_run_trains_on(device, precision):
+    """`precision: null` is bf16 autocast on a GPU and fp32 elsewhere, even where a GPU is present."""
+    assert default_precision(device) == precision
+    assert default_precision(None) == ('amp_bf16' if torch.cuda.is_available() else 'fp32')

@@ -10,7 +10,6 @@ import sys
 import warnings
 from typing import Any
 
-import torch
 from composer import DataSpec, Evaluator, Trainer
 from composer.core import Callback
 from composer.utils import dist, get_device, reproducibility
@@ -41,7 +40,7 @@ from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.loggers import ResumableProgressBar
 from cdcd_composer.model import compile_denoiser
 from cdcd_composer.outputs import error_line
-from cdcd_composer.preflight import check_object_stores, check_system
+from cdcd_composer.preflight import check_object_stores, check_system, default_precision
 from cdcd_composer.sharding import (
     LoadSingleFileCheckpoint,
     ReduceOnLastMicrobatch,
@@ -239,7 +238,7 @@ def build_trainer(run: ValidatedRun) -> Trainer:
             callbacks=build_callbacks(cfg, parallelism, resume_from),
             loggers=build_loggers(cfg),
             progress_bar=False,  # `loggers` holds the progress bar
-            precision=cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32'),
+            precision=cfg.precision or default_precision(cfg.device),
             device_train_microbatch_size=cfg.device_train_microbatch_size or per_device_batch_size(cfg),
             parallelism_config=trainer_parallelism(parallelism),
             **system_arguments(cfg),
