@@ -1,15 +1,18 @@
-"""Every workaround of a dependency's defect, in one place, each with its upstream issue and a version guard.
+"""Every workaround of a dependency's defect, in one place, each with its upstream issue.
 
-A workaround is written against one version of its package: the one `setup.py` pins. Before a
-patch changes anything (or a subclass that works around a defect is built), `require` checks
-that this version is installed and otherwise fails loudly, naming the workaround: a new
-release may have fixed the defect, or moved the code the patch replaces. Then read the
-upstream issue, drop the workaround if it is fixed, else check the patch against the new
-code and update `PINNED`.
+A workaround is written against one version of its package (the one `setup.py` pins), but GPU
+images ship their own torch (torch 2.11 beside Composer 0.32.1 and Streaming 0.13.0 installed
+without their deps is supported). So a patch checks what it patches, not the version: the
+attribute it replaces, the signature of the function it wraps, or a small self-test of the
+defect. Where that check passes the patch applies, whatever the version; where it fails the
+patch stays off with a one-line warning naming it (`Unpatchable`), and the run goes on: a
+workaround never ends a run. `require` notes a subclass workaround built on a version it was
+not written for, once, and lets it build.
 
 The patches replace module attributes of torch, Composer or Streaming; each keeps the
 original under `__wrapped__` and is idempotent. `apply_all` applies them all; `train.py`
-calls it once per process, before anything is built.
+calls it once per process, before anything is built. The two gloo patches apply only to a run
+on the CPU, where gloo is the process group's backend.
 
 Patches here (package: defect):
 - `gloo_gradient_reductions` (torch): gloo's reduce-scatter sums when asked to average.
@@ -37,13 +40,17 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import io
+import logging
 import os
 import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PINNED = {'torch': '2.7.0', 'mosaicml': '0.32.1', 'mosaicml-streaming': '0.13.0'}  # as in setup.py
 
@@ -81,41 +88,66 @@ def installed_version(package: str) -> str:
     return importlib.metadata.version(package).split('+')[0]
 
 
-def require(name: str) -> None:
-    """Fails loudly when the package a workaround was written for is not at its pinned version.
+class Unpatchable(RuntimeError):
+    """What a patch replaces is not what it was written against: the patch stays off."""
 
-    Raises:
-        RuntimeError: one line naming the workaround, both versions and the upstream issue.
+
+_NOTED: set[str] = set()
+
+
+def require(name: str) -> None:
+    """Notes, once, a subclass workaround built on another version than it was written for; never raises.
+
+    The subclasses here override behaviour, not private code paths, so they build on any version;
+    the warning names what to check (the upstream issue may be fixed there).
     """
     workaround = WORKAROUNDS[name]
     pinned, found = PINNED[workaround.package], installed_version(workaround.package)
-    if found != pinned:
-        raise RuntimeError(
-            f'cdcd_composer.workarounds: {name} was written for {workaround.package} {pinned}, found '
-            f'{found}; upstream: {workaround.upstream}. Drop it if fixed there, else check it against '
-            f'{found} and update PINNED'
-        )
+    if found != pinned and name not in _NOTED:
+        _NOTED.add(name)
+        log.warning(
+            'cdcd_composer.workarounds: %s was written for %s %s, found %s; it still applies (upstream: %s)',
+            name, workaround.package, pinned, found, workaround.upstream,
+        )  # fmt: skip
 
 
-def missing(name: str, where: str, attribute: str) -> RuntimeError:
-    """The error of a patch whose target is gone although the version matches (a patched install)."""
-    return RuntimeError(
-        f'cdcd_composer.workarounds.{name}: {where} has no {attribute} (its package changed); '
-        'update the patch'
+def missing(name: str, where: str, attribute: str) -> Unpatchable:
+    """The error of a patch whose target is not the one it was written against."""
+    return Unpatchable(
+        f'cdcd_composer.workarounds: {name} stays off: {where} has no {attribute} as '
+        f'{WORKAROUNDS[name].package} {PINNED[WORKAROUNDS[name].package]} has (found '
+        f'{installed_version(WORKAROUNDS[name].package)}); upstream: {WORKAROUNDS[name].upstream}'
     )
 
 
-def apply_all(trust_checkpoint: bool) -> None:
-    """Applies every patch; `trust_checkpoint` lets checkpoint loads unpickle types outside the allowlist."""
-    gloo_gradient_reductions()
-    cpu_stream_events()
-    weights_only_composer_loads(trust_checkpoint)
-    weights_only_sharded_loads(trust_checkpoint)
-    streaming_releases_probed_blocks()
-    streaming_node_namespace()
-    engine_debug_log()
-    autoresume_downloads_the_newest()
-    checkpoint_pointer_follows_its_upload()
+def apply_all(trust_checkpoint: bool, on_cpu: bool = True) -> list[str]:
+    """Applies every patch whose target checks pass, warning in one line for each that stays off.
+
+    `trust_checkpoint` lets checkpoint loads unpickle types outside the allowlist; `on_cpu` (a run
+    on the CPU, whose collectives are gloo's) adds the two gloo patches.
+
+    Returns:
+        The names of the patches that stayed off, each already warned about in one line.
+    """
+    patches = [
+        functools.partial(weights_only_composer_loads, trust_checkpoint),
+        functools.partial(weights_only_sharded_loads, trust_checkpoint),
+        streaming_releases_probed_blocks,
+        streaming_node_namespace,
+        engine_debug_log,
+        autoresume_downloads_the_newest,
+        checkpoint_pointer_follows_its_upload,
+    ]
+    if on_cpu:
+        patches = [gloo_gradient_reductions, cpu_stream_events, *patches]
+    off = []
+    for patch in patches:
+        try:
+            patch()
+        except Unpatchable as error:
+            log.warning('%s', error)
+            off.append(getattr(patch, 'func', patch).__name__)
+    return off
 
 
 def gloo_gradient_reductions() -> None:
@@ -127,23 +159,53 @@ def gloo_gradient_reductions() -> None:
     cross-replica reduction fails. On gloo groups FSDP2 is sent down the path it has for fp16
     reductions: SUM collectives, then one division by the data-parallel size.
     """
-    require('gloo_gradient_reductions')
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
     original = getattr(_fsdp_collectives, '_get_gradient_divide_factors', None)
     if original is None:
         raise missing('gloo_gradient_reductions', '_fsdp_collectives', '_get_gradient_divide_factors')
     original = getattr(original, '__wrapped__', original)
+    parameters = list(inspect.signature(original).parameters)
+    if parameters == ['reduce_scatter_group', 'all_reduce_group', 'reduce_dtype', 'device_type']:
+        divide_factors = _gloo_divide_factors_2_7(original)  # torch 2.7: (pre, post) factors
+    elif 'force_sum_reduction_for_comms' in parameters:
+        divide_factors = _gloo_divide_factors_forced_sum(original)  # torch >= 2.9: its own switch
+    else:
+        raise missing('gloo_gradient_reductions', '_get_gradient_divide_factors', 'a known signature')
+    _fsdp_collectives._get_gradient_divide_factors = divide_factors
+
+
+def _is_gloo(group: Any) -> bool:
+    """Whether a (possibly None) process group runs on gloo."""
+    return group is not None and torch.distributed.get_backend(group) == 'gloo'
+
+
+def _gloo_divide_factors_2_7(original: Any) -> Any:
+    """The `_get_gradient_divide_factors` of torch 2.7, sending gloo groups down its fp16 path."""
 
     @functools.wraps(original)
     def divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=''):
-        if torch.distributed.get_backend(reduce_scatter_group) != 'gloo':
+        if not _is_gloo(reduce_scatter_group):
             return original(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
         replicas = all_reduce_group.size() if all_reduce_group is not None else 1
         # A pre-divide factor of 1 selects ReduceOp.SUM for both collectives and divides nothing first.
         return 1.0, float(reduce_scatter_group.size() * replicas)
 
-    _fsdp_collectives._get_gradient_divide_factors = divide_factors
+    return divide_factors
+
+
+def _gloo_divide_factors_forced_sum(original: Any) -> Any:
+    """The `_get_gradient_divide_factors` of newer torch, with `force_sum_reduction_for_comms` on gloo."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def divide_factors(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        if _is_gloo(bound.arguments.get('reduce_scatter_group')):
+            bound.arguments['force_sum_reduction_for_comms'] = True  # SUM collectives, then one division
+        return original(*bound.args, **bound.kwargs)
+
+    return divide_factors
 
 
 def cpu_stream_events() -> None:
@@ -152,7 +214,6 @@ def cpu_stream_events() -> None:
     CPU collectives here complete before they return, so an always-complete `torch.cpu.Event`
     is the truth.
     """
-    require('cpu_stream_events')
     if torch.cpu.Stream().record_event() is None:
         torch.cpu.Stream.record_event = lambda self: torch.cpu.Event()
 
@@ -164,7 +225,6 @@ def weights_only_composer_loads(trust: bool) -> None:
     `torch.load(weights_only=False)` (composer/utils/checkpoint.py; composer/checkpoint/load.py
     imports it by name). Both references are replaced by the load of `checkpoints.trust`.
     """
-    require('weights_only_composer_loads')
     import composer.checkpoint.load as new_loader
     import composer.utils.checkpoint as loader
 
@@ -213,7 +273,6 @@ def weights_only_sharded_loads(trust: bool) -> None:
     (`DefaultLoadPlanner.load_bytes`); Composer's sharded resume and `dcp_to_torch_save` use both.
     The first gets `checkpoints.trust.DCPMetadataUnpickler`, the second the weights-only load.
     """
-    require('weights_only_sharded_loads')
     from torch.distributed.checkpoint import default_planner, filesystem
 
     from cdcd_composer.checkpoints.trust import weights_only_load
@@ -251,7 +310,6 @@ def streaming_releases_probed_blocks() -> None:
     Blocks attached (create=False) here skip the `atexit` hook, so the builtin `SharedMemory`
     closes them once dropped; blocks created keep it.
     """
-    require('streaming_releases_probed_blocks')
     from streaming.base.shared import SharedMemory
     from streaming.base.shared import prefix as streaming_prefix
 
@@ -283,7 +341,6 @@ def streaming_node_namespace() -> str:
     Returns:
         The namespace.
     """
-    require('streaming_node_namespace')
     import streaming.base.dataset
     import streaming.base.util
     from streaming.base.shared import prefix as streaming_prefix
@@ -311,9 +368,10 @@ def engine_debug_log() -> None:
     microbatches in the shipped YAMLs, 3% of a launch-bound batch (`bench/train.py --overhead`).
     With `$ENGINE_DEBUG` set the original runs, and logs as before.
     """
-    require('engine_debug_log')
     from composer.core.engine import Engine
 
+    if not hasattr(Engine, '_debug_log'):
+        raise missing('engine_debug_log', 'composer.core.engine.Engine', '_debug_log')
     original = getattr(Engine._debug_log, '__wrapped__', Engine._debug_log)
 
     def debug_log(self: Engine, event: Any, msg: str) -> None:
@@ -336,11 +394,19 @@ def autoresume_downloads_the_newest() -> None:
     (the rank that downloads) removes that copy before Composer looks for it, so each resume
     reads the newest checkpoint; a local `save_folder` is left to Composer as it is.
     """
-    require('autoresume_downloads_the_newest')
     from composer.trainer.trainer import Trainer
     from composer.utils import dist, format_name_with_dist, parse_uri
 
-    original = getattr(Trainer._get_autoresume_checkpoint, '__wrapped__', Trainer._get_autoresume_checkpoint)
+    original = getattr(Trainer, '_get_autoresume_checkpoint', None)
+    original = getattr(original, '__wrapped__', original)
+    if original is None or list(inspect.signature(original).parameters)[:3] != [
+        'self',
+        'save_folder',
+        'save_latest_filename',
+    ]:
+        raise missing(
+            'autoresume_downloads_the_newest', 'Trainer', '_get_autoresume_checkpoint(save_folder, ...)'
+        )
 
     def get_autoresume_checkpoint(
         self: Trainer, save_folder: str, save_latest_filename: str, *args, **kwargs
@@ -372,19 +438,25 @@ def checkpoint_pointer_follows_its_upload() -> None:
     checkpoint before, and every run's end waits up to 30 s per pending pointer. Looking every
     `POINTER_POLL_SECONDS` costs one HEAD request per second while an upload is in flight.
     """
-    require('checkpoint_pointer_follows_its_upload')
     from composer.callbacks import CheckpointSaver
 
     original = getattr(CheckpointSaver.__init__, '__wrapped__', CheckpointSaver.__init__)
+    probe = object.__new__(CheckpointSaver)
+    try:  # the attribute is set in __init__: build one to see it (no I/O happens there)
+        original(probe, folder='{run_name}/checkpoints')
+    except Exception as error:  # noqa: BLE001 - any failure means the target is not the known one
+        raise missing(
+            'checkpoint_pointer_follows_its_upload', 'CheckpointSaver', '__init__(folder=...)'
+        ) from error
+    if not hasattr(probe, '_symlink_upload_wait_before_next_try_in_seconds'):
+        raise missing(
+            'checkpoint_pointer_follows_its_upload', 'CheckpointSaver',
+            '_symlink_upload_wait_before_next_try_in_seconds',
+        )  # fmt: skip
 
     @functools.wraps(original)
     def init(self: CheckpointSaver, *args, **kwargs) -> None:
         original(self, *args, **kwargs)
-        if not hasattr(self, '_symlink_upload_wait_before_next_try_in_seconds'):
-            raise missing(
-                'checkpoint_pointer_follows_its_upload', 'CheckpointSaver',
-                '_symlink_upload_wait_before_next_try_in_seconds',
-            )  # fmt: skip
         self._symlink_upload_wait_before_next_try_in_seconds = POINTER_POLL_SECONDS
 
     CheckpointSaver.__init__ = init  # functools.wraps keeps the original as __wrapped__  # type: ignore[method-assign]

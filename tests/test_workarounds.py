@@ -1,4 +1,5 @@
-"""Every dependency workaround is guarded: written for the pinned versions, loud when they change."""
+"""Every dependency workaround checks what it patches: it applies where its target is the known one,
+stays off with one line where not, and never ends a run."""
 
 import ast
 import re
@@ -20,7 +21,8 @@ def test_the_pins_of_the_workarounds_are_the_pins_of_setup_py():
 
 
 def test_every_workaround_is_listed_guarded_and_documented():
-    """Each entry is checked by `require` where it lives, and named in the module's docstring."""
+    """Each subclass notes its version with `require` where it lives, each patch is a function of
+    `workarounds` that `apply_all` runs, and each is named in the module's docstring."""
     sources = {path: path.read_text() for path in (REPO / 'cdcd_composer').rglob('*.py')}
     required = {
         node.args[0].value
@@ -31,7 +33,12 @@ def test_every_workaround_is_listed_guarded_and_documented():
         and node.args
         and isinstance(node.args[0], ast.Constant)
     }
-    assert required == set(workarounds.WORKAROUNDS)
+    patches = {name for name in workarounds.WORKAROUNDS if callable(getattr(workarounds, name, None))}
+    assert required | patches == set(workarounds.WORKAROUNDS) and not required & patches
+    applied = (
+        (REPO / 'cdcd_composer' / 'workarounds.py').read_text().split('def apply_all')[1].split('\ndef ')[0]
+    )
+    assert all(name in applied for name in patches)
     for name, workaround in workarounds.WORKAROUNDS.items():
         assert f'`{name}`' in workarounds.__doc__ or f'.{name}`' in workarounds.__doc__, name
         assert workaround.upstream == 'none found' or workaround.upstream.startswith('https://github.com/')
@@ -40,22 +47,84 @@ def test_every_workaround_is_listed_guarded_and_documented():
 @pytest.mark.parametrize(
     'build',
     [
-        workarounds.gloo_gradient_reductions,
-        workarounds.streaming_releases_probed_blocks,
-        workarounds.engine_debug_log,
-        workarounds.autoresume_downloads_the_newest,
-        workarounds.checkpoint_pointer_follows_its_upload,
-        lambda: workarounds.weights_only_composer_loads(trust=False),
         lambda: EMA(),
         lambda: AppendingFileLogger(),
         lambda: ResumableProgressBar(),
         lambda: HybridShardConfig(),
     ],
 )
-def test_a_new_release_stops_a_workaround_before_it_patches(build, monkeypatch):
+def test_a_subclass_workaround_builds_on_a_new_release_with_one_warning(build, monkeypatch, caplog):
     monkeypatch.setattr(workarounds, 'installed_version', lambda package: '99.0.0')
-    with pytest.raises(RuntimeError, match=r'was written for \S+ [0-9.]+, found 99\.0\.0; upstream: '):
+    monkeypatch.setattr(workarounds, '_NOTED', set())
+    with caplog.at_level('WARNING', logger='cdcd_composer.workarounds'):
         build()
+        build()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and re.search(
+        r'was written for \S+ [0-9.]+, found 99\.0\.0; it still applies', lines[0]
+    )
+
+
+def test_a_patch_whose_target_changed_stays_off_with_one_line_and_the_run_goes_on(monkeypatch, caplog):
+    """A newer torch or Composer: each patch checks what it patches, never the version."""
+    from composer.core.engine import Engine
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    monkeypatch.setattr(workarounds, 'installed_version', lambda package: '99.0.0')
+
+    def unknown(a, b):  # a signature no torch had
+        return None, None
+
+    monkeypatch.setattr(_fsdp_collectives, '_get_gradient_divide_factors', unknown)
+    monkeypatch.delattr(Engine, '_debug_log')
+    with caplog.at_level('WARNING', logger='cdcd_composer.workarounds'):
+        off = workarounds.apply_all(trust_checkpoint=False, on_cpu=True)
+    assert off == ['gloo_gradient_reductions', 'engine_debug_log']
+    assert _fsdp_collectives._get_gradient_divide_factors is unknown  # left as it was
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all('stays off' in line and '\n' not in line for line in lines)
+    assert 'found 99.0.0' in lines[0]
+
+
+def test_the_gloo_patch_follows_the_signature_of_newer_torch(monkeypatch):
+    """torch 2.9+ takes a factor and force_sum_reduction_for_comms and returns four values: the
+    patch forces SUM collectives on gloo groups and leaves every other group to torch."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    calls = []
+
+    def newer(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type='', factor=None,
+              force_sum_reduction_for_comms=False):  # fmt: skip
+        calls.append(force_sum_reduction_for_comms)
+        return None, 2.0, 'SUM', 'SUM'
+
+    class Group:
+        def __init__(self, backend):
+            self.backend = backend
+
+    monkeypatch.setattr(_fsdp_collectives, '_get_gradient_divide_factors', newer)
+    monkeypatch.setattr(workarounds.torch.distributed, 'get_backend', lambda group: group.backend)
+    workarounds.gloo_gradient_reductions()
+    patched = _fsdp_collectives._get_gradient_divide_factors
+    assert patched(Group('gloo'), None, workarounds.torch.float32, 'cpu', None, False) == (
+        None,
+        2.0,
+        'SUM',
+        'SUM',
+    )
+    patched(Group('nccl'), None, workarounds.torch.float32, device_type='cuda')
+    assert calls == [True, False]
+
+
+def test_a_gpu_run_leaves_the_gloo_collectives_alone(monkeypatch):
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    original = _fsdp_collectives._get_gradient_divide_factors
+    monkeypatch.setattr(
+        _fsdp_collectives, '_get_gradient_divide_factors', getattr(original, '__wrapped__', original)
+    )
+    workarounds.apply_all(trust_checkpoint=False, on_cpu=False)
+    assert not hasattr(_fsdp_collectives._get_gradient_divide_factors, '__wrapped__')
 
 
 def test_the_patches_are_idempotent_and_keep_the_original():

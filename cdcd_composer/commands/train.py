@@ -40,7 +40,7 @@ from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.loggers import ResumableProgressBar
 from cdcd_composer.model import compile_denoiser
 from cdcd_composer.outputs import error_line
-from cdcd_composer.preflight import check_object_stores, check_system, default_precision
+from cdcd_composer.preflight import check_object_stores, check_system, default_precision, trains_on_gpu
 from cdcd_composer.sharding import (
     LoadSingleFileCheckpoint,
     ReduceOnLastMicrobatch,
@@ -273,7 +273,7 @@ def prepare_process(cfg: TrainConfig) -> None:
     if not dist.is_initialized():
         # Streaming needs the process group before the datasets are built.
         dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
-    workarounds.apply_all(trust_checkpoint=cfg.trust_checkpoint)
+    workarounds.apply_all(trust_checkpoint=cfg.trust_checkpoint, on_cpu=not trains_on_gpu(cfg.device))
     clean_shared_memory(cfg.data.root, cfg.data.local_cache, (cfg.data.train_split, cfg.data.eval_split))
 
 
