@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -11,6 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 PRECONDITIONINGS = ('cdcd', 'edm', 'tanh')
+# GEMM dimensions aligned for tensor-core kernels: the vocabulary (the head's output width) to a
+# multiple of 64, the denoiser's input width (3 d_embed + 1) to a multiple of 16.
+VOCAB_MULTIPLE, INPUT_MULTIPLE = 64, 16
+# Rows per chunk of the eager cross-entropy: an fp32 chunk of about 2**26 logits (256 MiB).
+CE_CHUNK_LOGITS = 2**26
 EMBEDDING_NORMS = ('l2', 'layernorm')
 
 
@@ -95,24 +101,75 @@ def rotary_tables(length: int, d_head: int, device: torch.device, dtype: torch.d
     return RotaryTables(angles.cos().to(dtype), angles.sin().to(dtype))
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Channels i and i + D/2 of x (..., L, D) rotated by the angles of (cos, sin) (L, D/2): three kernels."""
+    half = x.shape[-1] // 2
+    cos2 = torch.cat((cos, cos), dim=-1)  # (L, D): tiny
+    out = x * cos2
+    out[..., :half].addcmul_(x[..., half:], sin, value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding whose backward is the inverse rotation: no saved activations, no zero-filled grads."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
 def rotary(x: torch.Tensor, tables: RotaryTables | None = None) -> torch.Tensor:
     """Applies rotary position embeddings (RoFormer) to x: (..., L, D_head), D_head even.
 
-    Consecutive channel pairs (2i, 2i+1) rotate by position * 10000^(-2i / D_head).
-    `tables` (from `rotary_tables`) are computed here when not given.
+    Rotate-half layout (GPT-NeoX, Llama): channels i and i + D_head/2 rotate together by
+    position * 10000^(-2i / D_head). The same rotation as RoFormer's interleaved pairs (2i, 2i+1)
+    up to a fixed permutation of the head's channels, which the learned q/k projections absorb;
+    contiguous halves replace strided slices. `tables` (from `rotary_tables`) are computed here
+    when not given.
     """
     *_, length, d_head = x.shape
     cos, sin = tables if tables is not None else rotary_tables(length, d_head, x.device, x.dtype)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # No-ops when the tables were made for x's dtype.
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotary.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
+
+
+def layer_norm(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
+    """F.layer_norm without learned affine, in autocast's compute dtype when autocast is on.
+
+    Autocast runs layer_norm in fp32 on CUDA, which doubles the bytes it and everything after
+    it moves; like llm-foundry's low-precision LayerNorm, the input is cast to the autocast
+    dtype and normalised there (the kernel accumulates its statistics in fp32 anyway).
+    """
+    device = x.device.type
+    if device != 'meta' and torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+        with without_autocast(device):
+            return F.layer_norm(x, shape, eps=eps)
+    return F.layer_norm(x, shape, eps=eps)
+
+
+def without_autocast(device: str) -> contextlib.AbstractContextManager:
+    """Autocast off for `device` (a no-op on the meta device, which has no autocast)."""
+    if device != 'meta':
+        return torch.autocast(device_type=device, enabled=False)
+    return contextlib.nullcontext()
 
 
 class AdaptiveLayerNorm(nn.Module):
     """LayerNorm whose shift and scale come from the time embedding (FiLM), zero-initialised.
 
     At initialisation it is a plain (affine-free) LayerNorm, so training starts from an
-    ordinary transformer (§6.1).
+    ordinary transformer (§6.1). The norm runs in the autocast dtype (`layer_norm`) and the
+    modulation is one fused multiply-add.
     """
 
     def __init__(self, d_model: int, d_time: int) -> None:
@@ -125,7 +182,8 @@ class AdaptiveLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """x: (B, L, d_model); time: (B, d_time). Returns (B, L, d_model)."""
         shift, scale = self.modulation(time)[:, None, :].chunk(2, dim=-1)
-        return self.norm(x) * (1.0 + scale) + shift
+        normed = layer_norm(x, self.norm.normalized_shape, self.norm.eps)
+        return torch.addcmul(shift.to(normed.dtype), normed, (1.0 + scale).to(normed.dtype))
 
 
 class Attention(nn.Module):
@@ -188,45 +246,114 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least n."""
+    return -(-n // multiple) * multiple
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy (N,) float32 of (N, V) logits in any float dtype, without an fp32 copy.
+
+    Forward: one fp32 log-softmax per chunk of rows (`CE_CHUNK_LOGITS` logits), read from the
+    logits' own dtype. Backward: softmax in the logits' dtype (fp32 accumulation inside the
+    kernel), scaled by the incoming gradient in place, minus it at the targets: the gradient is
+    written once, in the logits' dtype, which is what the head's backward reads anyway. Only the
+    logits (already alive for the head) and the targets are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets)
+        ce = torch.empty(len(logits), device=logits.device, dtype=torch.float32)
+        with without_autocast(logits.device.type):
+            for rows in _chunks(logits):
+                log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+                ce[rows] = -log_probs.gather(1, targets[rows, None]).squeeze(1)
+        return ce
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        with without_autocast(logits.device.type):
+            for rows in _chunks(logits):
+                probs = out[rows]
+                torch.ops.aten._softmax.out(logits[rows], -1, False, out=probs)
+                g = grad[rows]
+                probs.mul_(g[:, None])
+                probs.scatter_add_(1, targets[rows, None], -g[:, None].to(probs.dtype))
+        return out, None
+
+
+def _chunks(logits: torch.Tensor) -> list[slice]:
+    """Row slices of (N, V) logits, each about `CE_CHUNK_LOGITS` logits."""
+    step = max(1, CE_CHUNK_LOGITS // logits.shape[-1])
+    return [slice(start, start + step) for start in range(0, len(logits), step)]
+
+
+def vocabulary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token CE in nats, float32: logits (..., V) any float dtype, targets (...) -> (...).
+
+    Under torch.compile Inductor fuses the upcast into the reduction, so the plain expression is
+    used there; eager, `_ChunkedCrossEntropy` keeps the fp32 copy of the logits to one chunk.
+    Flattened to rows: the softmax runs over contiguous rows (the (B, V, L) layout that
+    `cross_entropy` expects for sequences was 2.7x slower on CPU).
+    """
+    rows, flat_targets = logits.flatten(0, -2), targets.flatten()
+    if torch.compiler.is_compiling() or not rows.is_contiguous():
+        ce = F.cross_entropy(rows.float(), flat_targets, reduction='none')
+    else:
+        ce = _ChunkedCrossEntropy.apply(rows, flat_targets)
+    return ce.view(targets.shape)
+
+
 class DenoiserOutput(NamedTuple):
     """What one denoiser pass returns.
 
     Attributes:
-        logits: (B, L, vocab_size) over the clean tokens.
+        logits: (B, L, vocab_size) over the clean tokens (a view of the padded head's output).
         x0_hat: (B, L, d_embed) float32 expected embedding (Eq. 7, preconditioned), when asked for.
         embedding_error: (B, L) float32 ||x0_hat - e||^2 / d_embed per token (the auxiliary MSE
             of Difformer / simple-diffusion-lm), when asked for.
+        cross_entropy: (B, L) float32 CE of the clean tokens in nats, when asked for.
     """
 
     logits: torch.Tensor
     x0_hat: torch.Tensor | None = None
     embedding_error: torch.Tensor | None = None
+    cross_entropy: torch.Tensor | None = None
 
 
 class CDCDTransformer(nn.Module):
     """Denoiser: predicts logits over the vocabulary at every position.
 
-    Per position the input is `[c_in(t) * x_t * m, e * (1 - m), m, p * m]` (width 3*d_embed+1),
-    where m = 1 marks positions to generate, e the clean embedding of given tokens and p the
-    self-conditioning input (zeros when unused).
+    Per position the input is `[c_in(t) * x_t * m, e * (1 - m), m, p * m]` (width 3*d_embed+1,
+    zero-padded to a multiple of `INPUT_MULTIPLE`), where m = 1 marks positions to generate, e
+    the clean embedding of given tokens and p the self-conditioning input (zeros when unused).
+    The head's output is padded to `padded_vocab_size` (a multiple of `VOCAB_MULTIPLE`); the
+    padded logits are -inf, so they are never predicted, sampled or counted, and every output
+    is vocabulary-sized.
     """
 
     def __init__(self, config: CDCDConfig) -> None:
         super().__init__()
         self.config = config
+        self.padded_vocab_size = round_up(config.vocab_size, VOCAB_MULTIPLE)
+        self.input_width = 3 * config.d_embed + 1
         self.embedding = nn.Embedding(config.vocab_size, config.d_embed)
         if config.embedding_norm == 'layernorm':
             # eps far below the rows' variance at init (std embed_init_std = 0.001: variance 1e-6).
             self.embedding_norm = nn.LayerNorm(config.d_embed, eps=1e-12)
         self.time_embedding = TimeEmbedding(config.n_fourier, config.d_time)
-        self.input_projection = nn.Linear(3 * config.d_embed + 1, config.d_model)
+        self.input_projection = nn.Linear(round_up(self.input_width, INPUT_MULTIPLE), config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_out = AdaptiveLayerNorm(config.d_model, config.d_time)
         if config.tie_output_head:
             self.head = nn.Linear(config.d_model, config.d_embed)
         else:
-            self.head = nn.Linear(config.d_model, config.vocab_size)
+            self.head = nn.Linear(config.d_model, self.padded_vocab_size)
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_pad_unaligned_weights)
 
     def reset_parameters(self) -> None:
         """Linear weights N(0, 0.02), biases 0, embeddings N(0, embed_init_std); adaLN stays 0."""
@@ -275,6 +402,7 @@ class CDCDTransformer(nn.Module):
         x_t: torch.Tensor | None = None,
         expected_embedding: bool = False,
         embedding_error: bool = False,
+        cross_entropy: bool = False,
     ) -> DenoiserOutput:
         """Logits of the clean tokens given noisy embeddings, and what is derived from them.
 
@@ -291,6 +419,7 @@ class CDCDTransformer(nn.Module):
             x_t: (B, L, d_embed) noisy embeddings (sampling), instead of tokens + noise.
             expected_embedding: Fill in `x0_hat`.
             embedding_error: Fill in `embedding_error`.
+            cross_entropy: Fill in `cross_entropy`, the CE of `tokens`.
 
         Returns:
             A `DenoiserOutput`; the fields not asked for are None.
@@ -302,18 +431,32 @@ class CDCDTransformer(nn.Module):
             x_t = clean + t[:, None, None].to(clean.dtype) * noise.to(clean.dtype)
         m = generate_mask.to(x_t.dtype)[..., None]  # (B, L, 1)
         scale = c_in(t).to(x_t.dtype)[:, None, None]
-        features = torch.cat([scale * x_t * m, clean * (1.0 - m), m, self_cond.to(x_t.dtype) * m], dim=-1)
-        h = self.input_projection(features)  # (B, L, d_model)
+        parts = [scale * x_t * m, clean * (1.0 - m), m, self_cond.to(x_t.dtype) * m]
+        pad = self.input_projection.in_features - self.input_width
+        if pad:
+            parts.append(m.new_zeros(*m.shape[:-1], pad))
+        h = self.input_projection(torch.cat(parts, dim=-1))  # (B, L, d_model)
         time = self.time_embedding(t).to(h.dtype)  # (B, d_time)
         rope = rotary_tables(h.shape[1], self.config.d_model // self.config.n_heads, h.device, h.dtype)
         for block in self.blocks:
             h = block(h, time, rope)
-        logits = self.head(self.norm_out(h, time))
-        if self.config.tie_output_head:
-            logits = logits @ self.embedding_matrix().t().to(logits.dtype)
-        x0_hat = self.denoised(logits, x_t, t) if expected_embedding or embedding_error else None
+        padded = self.padded_logits(self.norm_out(h, time))
+        logits = padded[..., : self.config.vocab_size]
+        x0_hat = self.denoised(padded, x_t, t) if expected_embedding or embedding_error else None
         error = (x0_hat - clean.float()).square().mean(-1) if embedding_error else None
-        return DenoiserOutput(logits, x0_hat if expected_embedding else None, error)
+        ce = vocabulary_cross_entropy(padded, tokens) if cross_entropy else None
+        return DenoiserOutput(logits, x0_hat if expected_embedding else None, error, ce)
+
+    def padded_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Head output (B, L, padded_vocab_size) with the padded logits at -inf."""
+        logits = self.head(h)
+        if self.config.tie_output_head:
+            table = F.pad(self.embedding_matrix(), (0, 0, 0, self.padded_vocab_size - self.config.vocab_size))
+            logits = logits @ table.t().to(logits.dtype)
+        if self.padded_vocab_size > self.config.vocab_size:
+            with torch.no_grad():  # a few columns; their softmax is 0, so their gradient is too
+                logits[..., self.config.vocab_size :] = float('-inf')
+        return logits
 
     def denoised(self, logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0_hat = c_skip(t) x_t + c_out(t) softmax(logits) @ E, float32 (B, L, d_embed); t: (B,)."""
@@ -324,9 +467,15 @@ class CDCDTransformer(nn.Module):
         return c_skip[:, None, None] * x_t.float() + c_out[:, None, None] * expected
 
     def expected_embedding(self, logits: torch.Tensor) -> torch.Tensor:
-        """x0_hat = softmax(logits) @ E with the normalised E (Eq. 7). (B, L, V) -> (B, L, d_embed)."""
-        probs = logits.float().softmax(dim=-1)
-        return probs @ self.embedding_matrix().float()
+        """x0_hat = softmax(logits) @ E with the normalised E (Eq. 7): (B, L, V or padded) -> (B, L, d_embed).
+
+        Always float32, autocast or not: a softmax over the vocabulary read from the logits' dtype
+        and a float32 product (TF32 where the caller allows it). It feeds the sampler's ODE and
+        self-conditioning, whose input it is.
+        """
+        with without_autocast(logits.device.type):
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)[..., : self.config.vocab_size]
+            return probs @ self.embedding_matrix().float()
 
     def non_embedding_parameters(self) -> int:
         """Parameter count without the embedding table and the vocabulary-sized output head."""
@@ -334,6 +483,22 @@ class CDCDTransformer(nn.Module):
         if not self.config.tie_output_head:
             vocab_sized |= {id(self.head.weight), id(self.head.bias)}
         return sum(p.numel() for p in self.parameters() if id(p) not in vocab_sized)
+
+
+def _pad_unaligned_weights(
+    module: CDCDTransformer, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load pre-hook: weights saved before the head and the input were padded load, zero-padded."""
+    config = module.config
+    unpadded = {'input_projection.weight': (config.d_model, module.input_width)}
+    if not config.tie_output_head:
+        unpadded |= {'head.weight': (config.vocab_size, config.d_model), 'head.bias': (config.vocab_size,)}
+    for name, shape in unpadded.items():
+        saved = state_dict.get(prefix + name)
+        target = module.get_parameter(name)
+        if isinstance(saved, torch.Tensor) and tuple(saved.shape) == shape and saved.shape != target.shape:
+            grow = [size - old for size, old in zip(target.shape, shape)]
+            state_dict[prefix + name] = F.pad(saved, [x for g in reversed(grow) for x in (0, g)])
 
 
 def score(x0_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

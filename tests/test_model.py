@@ -6,7 +6,7 @@ import yaml
 from conftest import REPO, TINY_MODEL
 
 from cdcd_composer.composer_model import CDCDComposerModel
-from cdcd_composer.model import CDCDConfig, CDCDTransformer, c_in, rotary, score
+from cdcd_composer.model import CDCDConfig, CDCDTransformer, c_in, rotary, score, vocabulary_cross_entropy
 
 VOCAB = 50
 
@@ -62,7 +62,7 @@ def test_given_positions_carry_no_loss_and_no_noise(wrapper):
     mask[:, :5] = False
     batch['generate_mask'] = mask
     out = wrapper(batch)
-    ce = wrapper.token_cross_entropy(out['logits'], batch['tokens'])
+    ce = vocabulary_cross_entropy(out['logits'], batch['tokens'])
     torch.testing.assert_close(out['loss'], ce[:, 5:].mean())
     torch.testing.assert_close(out['ce_per_sequence'], ce[:, 5:].mean(-1))
     # Given positions ignore the noise entirely: the output is the same for any noise there.
@@ -182,3 +182,90 @@ def test_denoiser_forward_is_one_graph_for_torch_compile(preconditioning):
     for kwargs in calls:
         explained = torch._dynamo.explain(denoiser)(*args, **kwargs)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+# -- the step's kernels: each matches the formula it replaced, in fp32 and in bf16 ---------------
+def _interleaved_rotary(x: torch.Tensor) -> torch.Tensor:
+    """The RoFormer layout the rotate-half one replaced: pairs (2i, 2i+1) through strided slices."""
+    from cdcd_composer.model import rotary_tables
+
+    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], x.device, x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def test_rotate_half_rotary_is_the_interleaved_one_up_to_a_channel_permutation():
+    x = torch.randn(2, 3, 10, 8, dtype=torch.float64, requires_grad=True)
+    halves = torch.cat((torch.arange(0, 8, 2), torch.arange(1, 8, 2)))  # (2i, 2i+1) -> (i, i + 4)
+    torch.testing.assert_close(rotary(x[..., halves]), _interleaved_rotary(x)[..., halves])
+    # Its backward is the inverse rotation, and a rotation keeps norms.
+    torch.autograd.gradcheck(lambda v: rotary(v), (x,))
+    torch.testing.assert_close(rotary(x).norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_cross_entropy_matches_torchs_in_value_and_gradient(dtype, tolerance, monkeypatch):
+    """Several chunks, padded columns at -inf: the loss and the gradient of F.cross_entropy on fp32."""
+    from cdcd_composer import model as model_module
+
+    monkeypatch.setattr(model_module, 'CE_CHUNK_LOGITS', 64 * 7)  # 7 rows per chunk: 3 chunks
+    logits = (torch.randn(20, 64) * 3).to(dtype)
+    logits[:, 50:] = float('-inf')
+    logits.requires_grad_(True)
+    targets = torch.randint(0, 50, (20,))
+    weights = torch.rand(20)
+    ce = vocabulary_cross_entropy(logits, targets)
+    assert ce.dtype == torch.float32
+    (ce * weights).sum().backward()
+    reference = logits.detach().float()[:, :50].requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(reference, targets, reduction='none')
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ce, expected, rtol=tolerance, atol=tolerance)
+    assert logits.grad.dtype == dtype and (logits.grad[:, 50:] == 0).all()
+    torch.testing.assert_close(logits.grad[:, :50].float(), reference.grad, rtol=tolerance, atol=tolerance)
+
+
+def test_layer_norm_runs_in_the_autocast_dtype_and_matches_fp32():
+    from cdcd_composer.model import AdaptiveLayerNorm
+
+    norm = AdaptiveLayerNorm(32, 8)
+    torch.nn.init.normal_(norm.modulation.weight, std=0.1)
+    x, time = torch.randn(2, 5, 32) * 4 + 1, torch.randn(2, 8)
+    reference = norm(x, time)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = norm(x, time)
+    assert reference.dtype == torch.float32 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, rtol=2e-2, atol=3e-2)
+
+
+def test_the_padded_vocabulary_is_never_predicted_and_old_weights_load(wrapper):
+    """The head is 64-aligned (50 -> 64), the input 16-aligned (3 * 8 + 1 = 25 -> 32): outputs stay
+    vocabulary-sized, the padded logits are -inf, and a state saved unpadded loads with zeros."""
+    model = wrapper.model
+    assert model.head.out_features == 64 and model.input_projection.in_features % 16 == 0
+    with torch.no_grad():
+        model.head.bias[VOCAB:] = 1e4  # even a padded logit the head would favour is never chosen
+    batch = wrapper.corrupt(_batch())
+    out = wrapper.denoise(batch, expected_embedding=True, cross_entropy=True)
+    assert out.logits.shape[-1] == VOCAB and out.logits.argmax(-1).max() < VOCAB
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.cross_entropy).all()
+    assert out.x0_hat.dtype == torch.float32
+    unpadded = {k: v.clone() for k, v in model.state_dict().items()}
+    unpadded['head.weight'] = unpadded['head.weight'][:VOCAB]
+    unpadded['head.bias'] = unpadded['head.bias'][:VOCAB]
+    unpadded['input_projection.weight'] = unpadded['input_projection.weight'][:, : model.input_width]
+    fresh = CDCDTransformer(model.config)
+    fresh.load_state_dict(unpadded)
+    assert (fresh.head.weight[VOCAB:] == 0).all() and (
+        fresh.input_projection.weight[:, model.input_width :] == 0
+    ).all()
+    args = (batch['tokens'], batch['t'], batch['generate_mask'], batch['self_cond'])
+    again, before = fresh(*args, noise=batch['noise']), model(*args, noise=batch['noise'])
+    torch.testing.assert_close(again.logits, before.logits)
+
+
+def test_x0_hat_is_float32_under_autocast(wrapper):
+    batch = wrapper.corrupt(_batch())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = wrapper.denoise(batch, expected_embedding=True)
+    assert out.logits.dtype == torch.bfloat16 and out.x0_hat.dtype == torch.float32

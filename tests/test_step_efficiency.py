@@ -10,6 +10,7 @@ from composer.optim import DecoupledAdamW
 from cdcd_composer.algorithms.self_conditioning import SelfConditioning
 from cdcd_composer.callbacks.time_warp_refit import TimeWarpRefit
 from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.model import vocabulary_cross_entropy
 from cdcd_composer.optim import FusedDecoupledAdamW
 
 TINY = {
@@ -76,4 +77,4 @@ def test_fused_optimizer_makes_composers_decoupled_adamw_update():
 def test_token_cross_entropy_equals_the_sequence_layout():
     logits, tokens = torch.randn(3, 7, 50), torch.randint(0, 50, (3, 7))
     expected = F.cross_entropy(logits.transpose(1, 2), tokens, reduction='none')
-    torch.testing.assert_close(CDCDComposerModel.token_cross_entropy(logits, tokens), expected)
+    torch.testing.assert_close(vocabulary_cross_entropy(logits, tokens), expected)
