@@ -35,9 +35,10 @@ test: lint
 test-fast: lint
 	$(VENV)/bin/pytest -q -rs -m "not slow"
 
-# Only the tests that need CUDA, on a machine with a GPU.
-test-gpu: install
-	$(VENV)/bin/pytest -q -rs -m gpu
+# Only the tests that need CUDA, on a machine with a GPU, with the Python that has its torch and
+# nothing installed (GPU images are often air-gapped: docs/gpu.md). A venv: make test-gpu PYTHON=.venv/bin/python
+test-gpu:
+	PYTHONPATH=$${PYTHONPATH:-$(CURDIR)} $(PYTHON) -m pytest -p no:cacheprovider -q -rs -m gpu tests/test_gpu.py
 
 clean:
 	rm -rf runs $(DATA)

@@ -213,6 +213,20 @@ def trace(model: CDCDComposerModel, batch_size: int, seq_len: int) -> Recorder:
     return recorder
 
 
+def peak_bytes(config: str, batch_size: int, seq_len: int, vocab_size: int | None) -> int:
+    """Estimated peak bytes of one training microbatch and the weights, gradients and AdamW state."""
+    r = trace(load_model(config, vocab_size), batch_size, seq_len)
+    return r.peak + r.weights
+
+
+def largest_microbatch(config: str, gib: float, seq_len: int = 128, vocab_size: int | None = None) -> int:
+    """The largest microbatch in 64, 128, ..., 512 whose estimated peak fits 90% of `gib` (64 at least)."""
+    at_64, at_128 = (peak_bytes(config, size, seq_len, vocab_size) for size in (64, 128))
+    per_example = (at_128 - at_64) / 64
+    fits = [size for size in range(64, 513, 64) if at_64 + (size - 64) * per_example <= 0.9 * gib * GIB]
+    return max(fits, default=64)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Prints the table (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,7 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--seq_len', type=int, default=128)
     p.add_argument('--vocab_size', type=int, default=None, help="default: the YAML's, else BERT's 30522")
     p.add_argument('--top', type=int, default=8, help='the ops that move the most bytes, at the first size')
+    p.add_argument(
+        '--fit_gib', type=float, default=None,
+        help='only print the largest microbatch (a multiple of 64, at most 512) whose estimated peak fits '
+        '90%% of this many GiB (the peak is linear in the microbatch: traced at 64 and 128)',
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.fit_gib is not None:
+        fits = largest_microbatch(args.config, args.fit_gib, args.seq_len, args.vocab_size)
+        print(f'microbatch_that_fits={fits}')
+        return
     with open(args.config) as f:
         microbatch = yaml.safe_load(f).get('device_train_microbatch_size')
     sizes = args.batch_sizes or [microbatch if isinstance(microbatch, int) else 64]

@@ -34,9 +34,13 @@ def sizes(model_cfg: dict, seq_len: int) -> dict[str, float]:
     with torch.device('meta'):
         model = CDCDComposerModel(model_cfg)
     inner = model.model
+    rows, columns = inner.alignment_padding()  # GEMM alignment, not model capacity
     head = 0 if model.config.tie_output_head else inner.head.weight.numel() + inner.head.bias.numel()
+    head -= rows * (inner.head.in_features + 1)
     return {
-        'total': sum(p.numel() for p in inner.parameters()),
+        'total': sum(p.numel() for p in inner.parameters())
+        - rows * (inner.head.in_features + 1)
+        - columns * model.config.d_model,
         'non_embedding': inner.non_embedding_parameters(),
         'head': head,
         'flops_per_token': model.forward_flops(1, seq_len) / seq_len,

@@ -414,6 +414,8 @@ class CDCDComposerModel(ComposerModel):
             for m in self.model.modules()
             if isinstance(m, nn.Linear) and id(m.weight) in per_sequence
         )
+        rows, columns = self.model.alignment_padding()  # executed, but not the model's FLOPs
+        per_token_params -= (rows + columns) * self.config.d_model
         tokens = batch_size * seq_len
         flops = 2 * per_token_params * tokens + 2 * per_sequence_params * batch_size
         flops += self.config.n_layers * 4 * seq_len * self.config.d_model * tokens  # QK^T and AV.

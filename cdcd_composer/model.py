@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -478,11 +479,20 @@ class CDCDTransformer(nn.Module):
             return probs @ self.embedding_matrix().float()
 
     def non_embedding_parameters(self) -> int:
-        """Parameter count without the embedding table and the vocabulary-sized output head."""
+        """Parameter count without the embedding table, the vocabulary-sized output head and padding."""
         vocab_sized = {id(self.embedding.weight)}
         if not self.config.tie_output_head:
             vocab_sized |= {id(self.head.weight), id(self.head.bias)}
-        return sum(p.numel() for p in self.parameters() if id(p) not in vocab_sized)
+        counted = sum(p.numel() for p in self.parameters() if id(p) not in vocab_sized)
+        return counted - self.alignment_padding()[1] * self.config.d_model
+
+    def alignment_padding(self) -> tuple[int, int]:
+        """(Head rows past the vocabulary, input columns past 3 d_embed + 1): GEMM alignment, not capacity.
+
+        Parameter counts and model FLOPs (MFU) leave them out.
+        """
+        rows = 0 if self.config.tie_output_head else self.head.out_features - self.config.vocab_size
+        return rows, self.input_projection.in_features - self.input_width
 
 
 def _pad_unaligned_weights(
@@ -524,6 +534,26 @@ def compile_denoiser(denoiser: CDCDTransformer, options: dict[str, Any]) -> None
 
     if any(isinstance(block, FSDPModule) for block in denoiser.blocks):
         for block in denoiser.blocks:
-            block.forward = torch.compile(block.forward, **options)
+            block.forward = _batch_dynamic(torch.compile(block.forward, **options))
     else:
-        denoiser.forward = torch.compile(denoiser.forward, **options)
+        denoiser.forward = _batch_dynamic(torch.compile(denoiser.forward, **options))
+
+
+def _batch_dynamic(compiled: Any) -> Any:
+    """`compiled`, told that dim 0 of every tensor argument (the batch) may vary.
+
+    A run calls the denoiser at many batch sizes (microbatches, self-conditioning's chosen
+    examples, evaluation, the NLL bound, training samples). Marked before the first call, each
+    kind of call (grad mode, train or eval, which outputs) compiles once for every batch size,
+    instead of once static and once more dynamic: a real run's mix stays well under dynamo's
+    recompile limit (tests/test_compile.py).
+    """
+
+    @functools.wraps(compiled)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim():
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return compiled(*args, **kwargs)
+
+    return call

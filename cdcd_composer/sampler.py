@@ -312,7 +312,9 @@ class _Denoiser:
     def __init__(
         self, model: CDCDTransformer, tokens: torch.Tensor, mask: torch.Tensor, settings: SamplerSettings
     ):
-        self.model, self.tokens, self.mask, self.settings = model, tokens, mask, settings
+        # Contiguous: a compiled denoiser guards on strides, and prompts arrive broadcast.
+        self.model, self.tokens, self.mask = model, tokens.contiguous(), mask.contiguous()
+        self.settings = settings
         self.self_cond = torch.zeros(*tokens.shape, model.config.d_embed, device=tokens.device)
         # Guidance needs an unconditional pass only when something is given and g != 1.
         self.guided = settings.guidance_scale != 1.0 and not bool(mask.all())

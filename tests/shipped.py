@@ -5,8 +5,9 @@ and nothing else: widths (depth kept at 2 or more), batch and microbatch, interv
 and half-lives, sample counts, worker counts, and the dataset (a small one, so its vocabulary
 and canvas are small). Every algorithm, callback, logger, the parallelism and the checkpoint
 format stay as the YAML ships them; paths stay relative, so a run in `cwd` writes `runs/...`
-there. The one change that is not a size: `amp_*` precision becomes fp32, which is all a CPU
-runs under Composer.
+there. Two changes that are not sizes: `amp_*` precision becomes fp32, which is all a CPU
+runs under Composer, and `compile_config` becomes null, since compiling on a CPU costs minutes
+per graph (tests/test_compile.py runs a compiled recipe).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def shrunk_overrides(name: str, data_root: Path) -> list[str]:
         out.append('device_train_microbatch_size=2')  # Gradient accumulation stays: 4 or 2 microbatches.
     if str(cfg.get('precision')).startswith('amp'):
         out.append('precision=fp32')
+    if cfg.get('compile_config') is not None:
+        out.append('compile_config=null')
     if (cfg.get('algorithms') or {}).get('ema'):
         out.append('algorithms.ema.half_life=4ba')
     callbacks = cfg.get('callbacks') or {}

@@ -77,3 +77,24 @@ def test_the_probe_classifies_its_export_inputs(tmp_path):
     assert table['one-line error'] == '5' and table['handled'] == '1', printed
     for cls in ('code execution', 'data loss', 'traceback', 'silent', 'unclear'):
         assert table[cls] == '0', printed
+
+
+def test_the_gpu_check_fits_its_budget_and_names_every_step():
+    """The timeouts sum to at most 420 s and every step the script runs has one."""
+    import re
+
+    script = (REPO / 'bench' / 'gpu_check.sh').read_text()
+    timeouts = dict(item.split(':') for item in re.search(r'TIMEOUTS="([^"]+)"', script).group(1).split())
+    assert sum(int(s) for s in timeouts.values()) <= 420, timeouts
+    ran = re.findall(r'^(?:\[.*\] \|\| )?step (\w+) ', script, re.M)
+    assert ran[0] == 'smoke' and set(ran) == set(timeouts), ran
+
+
+def test_the_roofline_of_the_flagship_microbatch():
+    """cdcd-140m's training microbatch, traced on fake tensors: at most 40 GB of non-matmul traffic
+    and an H100 ceiling of at least 30% (57.1 GB and 25.0% before the step's kernels changed)."""
+    printed = run_bench('bench/roofline.py', '--config', 'yamls/cdcd-140m.yaml', '--batch_sizes', '64')
+    row = next(line for line in printed.splitlines() if line.startswith('| 64 |')).split('|')[1:-1]
+    size, kernels, tflop, gigabytes, share, peak, h100, h200 = (cell.strip() for cell in row)
+    assert float(gigabytes) <= 40 and float(h100.rstrip('%')) >= 30, printed
+    assert 8.0 < float(tflop) < 8.4  # 3 x 332 MFLOPs x 8,192 tokens: the trace sees every matmul

@@ -113,9 +113,12 @@ def load_trained_model(
             'raw': the weights as trained. `model.spec.weights` says which were loaded.
 
     Returns:
-        The model in eval mode.
+        The model in eval mode. On a GPU, float32 matmuls (the sampler's and evaluation's, which
+        run without autocast) are allowed TF32 from here on (`torch.set_float32_matmul_precision`).
     """
     check_device(device)
+    if torch.device(device).type == 'cuda':
+        torch.set_float32_matmul_precision('high')
     if path.endswith('.pt') or is_sharded_checkpoint(path) or (not is_remote(path) and os.path.isfile(path)):
         model = load_composer_checkpoint(path, trust, weights)
     else:
