@@ -376,7 +376,7 @@ class CDCDComposerModel(ComposerModel):
             warp: Timesteps from the fitted time warp (False: evenly spaced in t).
             on_step: Called after each solver step of each batch (progress bars).
         """
-        check_sampling_request(num_samples, steps, seed)  # before the timesteps are allocated
+        check_sampling_request(num_samples, steps, seed, batch_size)  # before the timesteps are allocated
         spec = self.spec
         settings = settings or SamplerSettings(self_conditioning=spec.self_conditioned)
         if given is None:

@@ -16,8 +16,29 @@ from cdcd_composer.story_tokens import StoryTokens
 BLANK = '___'
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text.strip(), add_special_tokens=False)['input_ids'] if text.strip() else []
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, what: str) -> list[int]:
+    """The ids of `text` read as text, refusing what the tokenizer would silently lose.
+
+    Control-token text such as `[SEP]` is split like any other word, never a control token.
+
+    Raises:
+        ValueError: one line naming `what`: text that is not valid UTF-8, or a word longer than the
+            tokenizer reads (WordPiece turns it into one [UNK]).
+    """
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as error:
+        raise ValueError(f'{what} is not valid UTF-8 (byte {error.start}); pass UTF-8 text') from None
+    limit = getattr(getattr(tokenizer.backend_tokenizer, 'model', None), 'max_input_chars_per_word', None)
+    longest = max(text.split(), key=len, default='')
+    if limit and len(longest) > limit:
+        raise ValueError(
+            f'{what} has a word of {len(longest)} characters ({longest[:20]}...); the tokenizer reads '
+            f'at most {limit} per word and would turn it into one unknown token: break it up'
+        )
+    if not text.strip():
+        return []
+    return tokenizer(text.strip(), add_special_tokens=False, split_special_tokens=True)['input_ids']
 
 
 def _check_fits(what: str, n: int, seq_len: int) -> None:
@@ -34,7 +55,7 @@ def prompt_canvas(
         ValueError: the prompt does not leave room on the canvas.
     """
     ids = StoryTokens.of(tokenizer)
-    given = [ids.bos, *_encode(tokenizer, prompt)]
+    given = [ids.bos, *_encode(tokenizer, prompt, '--prompt')]
     _check_fits(f'--prompt {prompt!r}', len(given) + 1, seq_len)
     tokens = torch.full((seq_len,), ids.pad, dtype=torch.long)
     tokens[: len(given)] = torch.tensor(given)
@@ -64,7 +85,7 @@ def template_canvas(
     open_end = not pieces[-1].strip()
     tokens, mask = [ids.bos], [False]
     for i, piece in enumerate(pieces):
-        encoded = _encode(tokenizer, piece)
+        encoded = _encode(tokenizer, piece, '--template')
         tokens += encoded
         mask += [False] * len(encoded)
         if i < len(pieces) - 1 and not (open_end and i == len(pieces) - 2):

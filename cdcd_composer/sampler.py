@@ -19,6 +19,7 @@ Prompts, infilling, classifier-free guidance and self-conditioning work with eve
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ DEFAULT_STEPS = 24
 # (docs/ablations.md); 1 (the paper's evaluation at t) for the others.
 EVAL_TIME_SCALES = {'dpmpp_2m': 1.15}
 MAX_SAMPLING_STEPS = 100_000
+MAX_SAMPLES = 1_000_000  # per call: a day of sampling for cdcd-140m on one GPU
 SAMPLING_MEMORY = 2 << 30  # bytes of activations per solver batch when no batch_size is given
 
 
@@ -70,6 +72,9 @@ class SamplerSettings:
     eval_time_scale: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ('heun', 'self_conditioning'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
         if self.solver not in SOLVERS:
             raise ValueError(f'solver (--solver) {self.solver!r} must be one of {", ".join(SOLVERS)}')
         if self.heun and self.solver not in (DEFAULT_SOLVER, 'heun'):
@@ -191,7 +196,7 @@ def sample_in_batches(
     Returns:
         (num_samples, seq_len) int64 token ids.
     """
-    check_sampling_request(num_samples, len(timesteps) - 1, seed)
+    check_sampling_request(num_samples, len(timesteps) - 1, seed, batch_size)
     device = next(model.parameters()).device
     batch_size = batch_size or sampling_batch_size(model.config.vocab_size, model.config.d_model, seq_len)
     rows = []
@@ -227,12 +232,25 @@ def sampling_batch_size(vocab_size: int, d_model: int, seq_len: int) -> int:
     return max(1, SAMPLING_MEMORY // (seq_len * (vocab_size + 16 * d_model) * 4))
 
 
-def check_sampling_request(num_samples: int, steps: int, seed: int) -> None:
-    """Counts and seed that sampling can honour.
+def check_sampling_request(num_samples: int, steps: int, seed: int, batch_size: int | None = None) -> None:
+    """Counts and seed that sampling can honour: integers (not bools, not floats), in range.
 
     Raises:
         ValueError: one line naming the value and its range.
     """
+    counts = {'num_samples': num_samples, 'steps': steps, 'seed': seed, 'batch_size': batch_size}
+    for name, value in counts.items():
+        if value is None and name == 'batch_size':
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f'{name} (--{name}) must be an integer, got {value!r}')
+    if batch_size is not None and batch_size <= 0:
+        raise ValueError(f'batch_size {batch_size} must be positive (or None: as many as fit in memory)')
+    if num_samples > MAX_SAMPLES:
+        raise ValueError(
+            f'--num_samples {num_samples:,} is more than one call samples ({MAX_SAMPLES:,}); split the '
+            'request over several calls with other seeds'
+        )
     if num_samples <= 0 or steps <= 0:
         raise ValueError(f'--num_samples {num_samples} and --steps {steps} must be positive')
     if not 0 <= seed <= 2**63 - 1 - num_samples:  # batch i draws with seed + i, a 64-bit seed

@@ -236,6 +236,7 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
     ('time_shift', math.nan, 'time shift'), ('time_shift', math.inf, 'time shift'),
     ('eval_time_scale', 0.0, 'evaluation time scale'), ('eval_time_scale', math.nan, 'evaluation time scale'),
     ('eval_time_scale', math.inf, 'evaluation time scale'),
+    ('self_conditioning', 'off', 'self_conditioning must be True or False'), ('heun', 1, 'heun must be'),
 ])  # fmt: skip
 def test_bad_sampler_settings_fail_by_name_nan_included(field, value, message):
     with pytest.raises(ValueError, match=message):

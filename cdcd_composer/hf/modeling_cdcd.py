@@ -204,7 +204,7 @@ class CDCDModel(PreTrainedModel):
             warp: Timesteps from the fitted time warp (False: evenly spaced in t).
             batch_size: Samples per solver batch (default: as many as fit in 2 GiB).
         """
-        check_sampling_request(num_samples, steps, seed)
+        check_sampling_request(num_samples, steps, seed, batch_size)
         config, tokenizer = self.config, self.tokenizer()
         if self_conditioning is None:
             self_conditioning = bool(config.self_conditioning)
