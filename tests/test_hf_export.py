@@ -22,6 +22,7 @@ from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.export import write_export
 from cdcd_composer.hf import standalone
+from cdcd_composer.hf.configuration_cdcd import HF_FORMAT
 from cdcd_composer.hf.modeling_cdcd import CHECKSUM_KEY, FORMAT_KEY, tensors_sha256
 
 HELPER = Path(__file__).with_name('hf_standalone_generate.py')
@@ -124,7 +125,7 @@ def test_config_weights_and_card_say_what_the_model_is(hf_folder, demo_export, t
     )
     with safe_open(hf_folder / 'model.safetensors', framework='pt') as f:
         metadata, names = f.metadata(), set(f.keys())
-    assert metadata['format'] == 'pt' and metadata[FORMAT_KEY] == '1'
+    assert metadata['format'] == 'pt' and metadata[FORMAT_KEY] == str(HF_FORMAT) == '2'
     weights = {k.removeprefix('model.'): v for k, v in exported.items() if k.startswith('model.')}
     assert names == {'denoiser.' + k for k in weights}
     assert metadata[CHECKSUM_KEY] == tensors_sha256({'denoiser.' + k: v for k, v in weights.items()})

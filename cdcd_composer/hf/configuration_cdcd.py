@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-HF_FORMAT = 1  # bumped when the folder's layout changes; `modeling_cdcd` reads its own only
+HF_FORMAT = 2  # bumped when the folder's layout changes (2: head padded to 64); read: its own only
 
 
 class CDCDHFConfig(PretrainedConfig):
