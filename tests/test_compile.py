@@ -27,6 +27,7 @@ def test_a_compiled_recipe_runs_evaluations_and_samples_without_reaching_the_rec
         'callbacks.training_samples.interval=2ba', 'save_folder=null', 'data.num_workers=0',
     ]  # fmt: skip
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)  # raise, not fall back
     frames = torch._dynamo.utils.counters['stats']
     with caplog.at_level(logging.INFO, logger='cdcd_composer'):
@@ -51,6 +52,7 @@ def test_each_kind_of_call_compiles_once_whatever_its_batch_size():
     from cdcd_composer.model import compile_denoiser
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # not cleared by reset() in every torch
     frames = torch._dynamo.utils.counters['stats']
     model = CDCDComposerModel({'vocab_size': 50, **TINY_MODEL})
     compile_denoiser(model.model, {})

@@ -180,7 +180,28 @@ def _other_width(folder: Path) -> None:
     (folder / 'config.json').write_text(json.dumps(config))
 
 
+def _config_value(**values):
+    """A damage that sets config.json's `values` (json.dumps writes NaN and Infinity as Python does)."""
+
+    def change(folder: Path) -> None:
+        config = json.loads((folder / 'config.json').read_text())
+        for key, value in values.items():
+            if key == 'masses':
+                config['time_warp_masses'][0] = value
+            else:
+                config[key] = value
+        (folder / 'config.json').write_text(json.dumps(config))
+
+    return change
+
+
 DAMAGES = {
+    't_max infinite': (_config_value(t_max=float('inf')), 'must satisfy 0 < t_min < t_max < inf'),
+    'warp mass NaN': (_config_value(masses=float('nan')), 'time_warp_masses must be finite'),
+    'seq_len 0': (_config_value(seq_len=0), r'seq_len 0 must be an integer in \[2, 65536\]'),
+    'seq_len not the data': (_config_value(seq_len=4096), 'is not the seq_len of the data'),
+    'eos outside': (_config_value(eos_token_id=99999), 'eos_token_id 99999 must be an id of the'),
+    'format 99': (_config_value(hf_format=99), 'hf_format 99 is not 2'),
     'missing tokenizer': (lambda f: (f / 'tokenizer.json').unlink(), 'tokenizer.json missing'),
     'cut weights': (lambda f: (f / 'model.safetensors').write_bytes(b'\x10\x00'), 'no readable safetensors'),
     'flipped byte': (_flip_a_weight_byte, 'does not match its recorded checksum'),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -87,6 +88,54 @@ def check_folder(folder: str, config: CDCDHFConfig) -> None:
         raise damaged(folder, f'{HF_WEIGHTS} does not fit config.json (first mismatch: {wrong[0]})')
 
 
+def check_config(where: str, config: CDCDHFConfig) -> None:
+    """Refuses, in one line, a config.json value of the wrong type or outside the range sampling needs.
+
+    Raises:
+        ValueError: the first value that is wrong, named with what it must be.
+    """
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    vocab = config.denoiser.get('vocab_size') if isinstance(config.denoiser, dict) else None
+    seq_len = config.seq_len
+    problems = [
+        (not isinstance(config.hf_format, int) or config.hf_format != HF_FORMAT,
+         f'hf_format {config.hf_format!r} is not {HF_FORMAT}, the format this code reads'),
+        (not (number(config.t_min) and number(config.t_max) and 0 < config.t_min < config.t_max < math.inf),
+         f't_min {config.t_min!r} and t_max {config.t_max!r} must satisfy 0 < t_min < t_max < inf'),
+        (not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= 65536,
+         f'seq_len {seq_len!r} must be an integer in [2, 65536]'),
+        (isinstance(config.dataset, dict) and config.dataset.get('seq_len', seq_len) != seq_len,
+         f'seq_len {seq_len!r} is not the seq_len of the data it was trained on'),
+        (not isinstance(config.padded, bool), f'padded {config.padded!r} must be true or false'),
+        (config.self_conditioning is not None and not (number(config.self_conditioning)
+                                                       and 0 <= config.self_conditioning <= 1),
+         f'self_conditioning {config.self_conditioning!r} must be null or a probability'),
+        (config.weights not in ('ema', 'raw'), f'weights {config.weights!r} must be "ema" or "raw"'),
+    ]  # fmt: skip
+    masses = config.time_warp_masses
+    if masses is not None:
+        finite = isinstance(masses, list) and masses and all(number(m) and 0 <= m < math.inf for m in masses)
+        problems.append(
+            (not finite or abs(sum(masses) - 1.0) > 1e-6,
+             'time_warp_masses must be finite, non-negative numbers that sum to 1')
+        )  # fmt: skip
+    for name in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+        value = getattr(config, name, None)
+        inside = isinstance(value, int) and isinstance(vocab, int) and 0 <= value < vocab
+        problems.append(
+            (
+                value is not None and not inside,
+                f'{name} {value!r} must be an id of the {vocab}-token vocabulary',
+            )
+        )
+    for wrong, message in problems:
+        if wrong:
+            raise damaged(where, f'config.json: {message}')
+
+
 def denoiser_of(config: CDCDHFConfig) -> CDCDTransformer:
     """The denoiser `config` describes (random weights).
 
@@ -125,6 +174,7 @@ class CDCDModel(PreTrainedModel):
         config = kwargs.get('config')
         if not isinstance(config, PretrainedConfig):
             config = CDCDHFConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != 'config'})
+        check_config(path, config)
         if os.path.isdir(path):
             check_folder(path, config)
         model = super().from_pretrained(path, *args, **kwargs)
