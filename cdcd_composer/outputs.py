@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO
 
 
-def check_output_file(path: str, flag: str = '--out') -> None:
+def _where(path: str) -> str:
+    """A comparable form of a path: the real local path, or a URI without its trailing slash."""
+    return path.rstrip('/') if '://' in path else os.path.realpath(path)
+
+
+def check_not_an_input(out: str, inputs: Iterable[str | None], flag: str) -> None:
+    """Refuses an output that is one of the command's inputs, lies inside one, or holds one.
+
+    Raises:
+        ValueError: one line naming both paths.
+    """
+    target = _where(out)
+    for given in (path for path in inputs if path):
+        source = _where(given)
+        if target == source or target.startswith(source + '/') or source.startswith(target + '/'):
+            raise ValueError(
+                f'{flag} {out} would write over {given}, an input of this command; choose another path'
+            )
+
+
+def check_output_file(path: str, flag: str = '--out', inputs: Iterable[str | None] = ()) -> None:
     """`path` can be written, checked before any sampling or evaluation (not after it).
+
+    Only a new path or a regular file is written, never one of the command's `inputs` (nor a file
+    inside one), and never a FIFO, device or socket.
 
     Raises:
         ValueError: one line naming the path and the fix.
     """
+    check_not_an_input(path, inputs, flag)
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise ValueError(f'{flag} {path} is not a regular file (a FIFO, device or socket); give a file name')
     if os.path.isdir(path):
         raise ValueError(
             f'{flag} {path} is a directory; give a file name such as {path.rstrip("/")}/samples.jsonl'
@@ -25,16 +51,24 @@ def check_output_file(path: str, flag: str = '--out') -> None:
 
 
 def write_output_file(path: str, write: Callable[[IO[str]], None], flag: str = '--out') -> None:
-    """Writes `path` with `write(file)`; a failing write (a full disk, EIO) is one line naming it.
+    """Writes `path` with `write(file)`, staged beside it and renamed into place when complete.
+
+    A failing write (a full disk, EIO) is one line naming it, and leaves `path` as it was.
 
     Raises:
-        ValueError: the write failed; `path` may hold a partial file, which the message says.
+        ValueError: the write failed.
     """
+    staged = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp-{os.getpid()}'
+    )
     try:
-        with open(path, 'w') as f:
+        with open(staged, 'w') as f:
             write(f)
+        os.replace(staged, path)
     except OSError as e:
-        raise ValueError(f'{flag} {path}: writing failed ({e.strerror or e}); it may be partial') from None
+        if os.path.exists(staged):
+            os.remove(staged)
+        raise ValueError(f'{flag} {path}: writing failed ({e.strerror or e}); nothing was written') from None
 
 
 def error_line(error: Exception) -> str:

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error('--nll_samples must be 0 (skip the bound) or at least 2, --nll_canvases at least 1')
     try:
         if args.out:
-            check_output_file(args.out)
+            check_output_file(args.out, inputs=[args.model, args.data_root, args.local_cache, args.judge])
         model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint, weights=args.weights)
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)
         report = evaluate(

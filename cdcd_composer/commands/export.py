@@ -17,7 +17,7 @@ import sys
 
 from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
 from cdcd_composer.export import write_export
-from cdcd_composer.outputs import error_line
+from cdcd_composer.outputs import check_not_an_input, error_line
 
 FORMATS = ('cdcd', 'hf')
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python export.py MODEL OUT_DIR [--format hf]`; failures are one line on stderr."""
     args = parse_args(argv)
     try:
+        check_not_an_input(args.out_dir, [args.checkpoint, args.eval], 'OUT_DIR')
         if args.format == 'hf':
             from cdcd_composer.hf.folder import push_to_hub, read_report, write_hf_export
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.out:
-            check_output_file(args.out)
+            check_output_file(args.out, inputs=[args.model])
         settings = SamplerSettings(
             solver=args.solver,
             heun=args.heun,
