@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer import registry, workarounds
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
+from cdcd_composer.checkpoints.folder_lock import hold_save_folder, release_save_folders
 from cdcd_composer.checkpoints.resume import (
     check_load_path,
     checkpoint_to_resume,
@@ -48,7 +49,7 @@ from cdcd_composer.sharding import (
     parallelism_for_world,
     trainer_parallelism,
 )
-from cdcd_composer.storage import StorageError, check_writable
+from cdcd_composer.storage import StorageError, check_writable, is_remote
 
 log = logging.getLogger('train')
 
@@ -274,6 +275,13 @@ def prepare_process(cfg: TrainConfig) -> None:
         # Streaming needs the process group before the datasets are built.
         dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
     workarounds.apply_all(trust_checkpoint=cfg.trust_checkpoint, on_cpu=not trains_on_gpu(cfg.device))
+    if (
+        dist.get_global_rank() == 0
+        and cfg.save_folder
+        and (cfg.run_name or '{run_name}' not in cfg.save_folder)
+    ):
+        folder = cfg.save_folder.format(run_name=cfg.run_name)
+        hold_save_folder(folder, remote=is_remote(folder))  # released at exit, or by `main`
     clean_shared_memory(cfg.data.root, cfg.data.local_cache, (cfg.data.train_split, cfg.data.eval_split))
 
 
@@ -294,9 +302,12 @@ def main(
         do_train: Call `fit()`; False only builds.
     """
     cfg = cfg if isinstance(cfg, TrainConfig) else parse_config(cfg)
-    trainer = build(validate(cfg))
-    if do_train:
-        trainer.fit()
+    try:
+        trainer = build(validate(cfg))
+        if do_train:
+            trainer.fit()
+    finally:
+        release_save_folders()  # in-process runs (tests, notebooks) hand the folder on
     return trainer if return_trainer else None
 
 
