@@ -32,7 +32,13 @@ def test_the_export_cli_never_replaces_the_run_folder(tiny_dataset, tmp_path, ca
     train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), tiny_overrides(tiny_dataset, out)))
     checkpoint = out / 'checkpoints' / 'latest-rank0.pt'
     assert export_main([str(checkpoint), str(out)]) == 2
+    assert 'would write over' in capsys.readouterr().err  # the folder holds the checkpoint exported
+    users = tmp_path / 'users'
+    users.mkdir()
+    (users / 'notes.txt').write_text('mine')
+    assert export_main([str(checkpoint), str(users)]) == 2  # not an input, but not ours either
     assert 'holds files cdcd-composer did not write' in capsys.readouterr().err
+    assert (users / 'notes.txt').read_text() == 'mine'
     assert checkpoint.exists() and (out / 'logs.txt').exists() and (out / 'export').exists()
     # Its own earlier export, though, is replaced in place.
     assert export_main([str(checkpoint), str(out / 'export')]) == 0
