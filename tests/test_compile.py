@@ -28,9 +28,9 @@ def test_a_compiled_recipe_runs_evaluations_and_samples_without_reaching_the_rec
     ]  # fmt: skip
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)  # raise, not fall back
     frames = torch._dynamo.utils.counters['stats']
-    with caplog.at_level(logging.INFO, logger='cdcd_composer'):
+    fail_on_limit = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # raise, not fall back
+    with caplog.at_level(logging.INFO, logger='cdcd_composer'), fail_on_limit:
         cfg = load_config(str(REPO / 'yamls' / 'cdcd-140m.yaml'), overrides)
         trainer = train.main(cfg, return_trainer=True)
     assert int(trainer.state.timestamp.batch) == 6  # a limit hit would have raised before this
