@@ -5,6 +5,7 @@ The Hugging Face export copies this module into its modelling code (`cdcd_compos
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -36,3 +37,14 @@ class StoryTokens:
             # GPT-style tokenizers have no pad token; the end-of-story token is the usual stand-in.
             pad = eos
         return cls(bos=bos if bos is not None else eos, eos=eos, pad=pad)
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hex SHA-256 of a fast tokenizer's serialised form (vocabulary with ids, rules, specials).
+
+    Training a WordPiece vocabulary is not reproducible: the `tokenizers` trainer breaks ties
+    in an order that changes between processes (three identical runs gave different ids). So a
+    dataset records the hash of the tokenizer its shards were written with, and every reader
+    checks it instead of assuming that equal settings mean equal ids.
+    """
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

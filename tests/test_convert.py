@@ -27,9 +27,9 @@ from cdcd_composer.data.grammar import StoryGrammar
 from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split
 from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.sources import is_carved
-from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_sha256
+from cdcd_composer.data.tokenization import load_tokenizer
 from cdcd_composer.storage import Folder, StorageError
-from cdcd_composer.story_tokens import StoryTokens
+from cdcd_composer.story_tokens import StoryTokens, tokenizer_sha256
 
 STORIES = list(StoryGrammar(seed=3).stories(60))
 SEQ_LEN = 48

@@ -19,7 +19,7 @@ from cdcd_composer.commands import generate
 from cdcd_composer.commands.evaluate import main as eval_main
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.data.metadata import DatasetMetadata
-from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
+from cdcd_composer.data.tokenization import byte_tokenizer, load_tokenizer, tokenizer_to_json
 from cdcd_composer.export import write_export
 from cdcd_composer.hf import standalone
 from cdcd_composer.hf.configuration_cdcd import HF_FORMAT
@@ -202,6 +202,11 @@ DAMAGES = {
     'seq_len not the data': (_config_value(seq_len=4096), 'is not the seq_len of the data'),
     'eos outside': (_config_value(eos_token_id=99999), 'eos_token_id 99999 must be an id of the'),
     'format 99': (_config_value(hf_format=99), 'hf_format 99 is not 2'),
+    "another run's weights": (
+        lambda f: resign(f, lambda t: t['denoiser.head.bias'].add_(0.5)),  # consistent with its own metadata
+        'is not the weights config.json records',
+    ),
+    'swapped tokenizer': (lambda f: byte_tokenizer().save_pretrained(f), 'not the one config.json records'),
     'missing tokenizer': (lambda f: (f / 'tokenizer.json').unlink(), 'tokenizer.json missing'),
     'cut weights': (lambda f: (f / 'model.safetensors').write_bytes(b'\x10\x00'), 'no readable safetensors'),
     'flipped byte': (_flip_a_weight_byte, 'does not match its recorded checksum'),

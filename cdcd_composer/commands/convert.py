@@ -46,10 +46,10 @@ from cdcd_composer.data.metadata import METADATA_FILE, SPLITS, TOKENIZER_DIR, Da
 from cdcd_composer.data.sources import Record, carve, concat_files, expand_files, hub_stories
 from cdcd_composer.data.splits import SplitWriter
 from cdcd_composer.data.stats import SplitStats
-from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_sha256, train_wordpiece
+from cdcd_composer.data.tokenization import load_tokenizer, train_wordpiece
 from cdcd_composer.outputs import error_line
 from cdcd_composer.storage import MANIFEST_FILE, OWNER_MARKER, Folder
-from cdcd_composer.story_tokens import StoryTokens
+from cdcd_composer.story_tokens import StoryTokens, tokenizer_sha256
 
 log = logging.getLogger('convert_tinystories')
 

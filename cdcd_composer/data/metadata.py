@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from cdcd_composer.data.tokenization import tokenizer_sha256
+from cdcd_composer.story_tokens import tokenizer_sha256
 
 METADATA_FILE = 'cdcd_dataset.json'
 TOKENIZER_DIR = 'tokenizer'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -46,17 +45,6 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     log.info('trained a WordPiece tokenizer with %d tokens', tok.get_vocab_size())
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
-
-
-def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hex SHA-256 of a fast tokenizer's serialised form (vocabulary with ids, rules, specials).
-
-    Training a WordPiece vocabulary is not reproducible: the `tokenizers` trainer breaks ties
-    in an order that changes between processes (three identical runs gave different ids). So a
-    dataset records the hash of the tokenizer its shards were written with, and every reader
-    checks it instead of assuming that equal settings mean equal ids.
-    """
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 BYTES = 'bytes'  # The name that selects `byte_tokenizer` wherever a tokenizer name is accepted.

@@ -29,6 +29,9 @@ class CDCDHFConfig(PretrainedConfig):
         dataset: The training data's description (source, sizes, tokenizer and its SHA-256).
         training: Batches, samples and tokens trained, where the export knew them.
         hf_format: The folder layout's version (`HF_FORMAT`).
+        weights_sha256: `tensors_sha256` of the weights file's tensors, kept here, outside the file
+            it checks, so that another run's weights of the same shapes are refused.
+        tokenizer_sha256: `tokenizer_sha256` of the folder's tokenizer: a swapped one is refused.
     """
 
     model_type = 'cdcd'
@@ -46,6 +49,8 @@ class CDCDHFConfig(PretrainedConfig):
         dataset: dict[str, Any] | None = None,
         training: dict[str, int] | None = None,
         hf_format: int = HF_FORMAT,
+        weights_sha256: str | None = None,
+        tokenizer_sha256: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.denoiser = denoiser or {}
@@ -53,5 +58,6 @@ class CDCDHFConfig(PretrainedConfig):
         self.self_conditioning, self.weights = self_conditioning, weights
         self.time_warp_masses = time_warp_masses
         self.dataset, self.training, self.hf_format = dataset, training, hf_format
+        self.weights_sha256, self.tokenizer_sha256 = weights_sha256, tokenizer_sha256
         self.vocab_size = self.denoiser.get('vocab_size')
         super().__init__(**kwargs)

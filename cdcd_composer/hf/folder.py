@@ -28,6 +28,7 @@ from cdcd_composer.hf.modeling_cdcd import (
 )
 from cdcd_composer.hf.standalone import modeling_source
 from cdcd_composer.storage import OWNER_MARKER, Folder, is_remote
+from cdcd_composer.story_tokens import tokenizer_sha256
 
 AUTO_MAP = {'AutoConfig': 'configuration_cdcd.CDCDHFConfig', 'AutoModel': 'modeling_cdcd.CDCDModel'}
 
@@ -68,7 +69,9 @@ def write_hf_export(out: str, model: CDCDComposerModel, report: dict[str, Any] |
     parent, name = split_folder(out)
     with Folder(parent).staged_directory(name) as staging:
         save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata=metadata)
-        hf_config(model).to_json_file(os.path.join(staging, 'config.json'), use_diff=True)
+        config = hf_config(model)
+        config.weights_sha256, config.tokenizer_sha256 = metadata[CHECKSUM_KEY], tokenizer_sha256(tokenizer)
+        config.to_json_file(os.path.join(staging, 'config.json'), use_diff=True)
         tokenizer.save_pretrained(staging)
         with open(configuration_cdcd.__file__) as f:
             configuration = f.read()

@@ -27,6 +27,7 @@ from cdcd_composer.sampler import (
     decode_samples,
     sample_in_batches,
 )
+from cdcd_composer.story_tokens import tokenizer_sha256
 from cdcd_composer.warp_curve import WarpCurve
 
 from .configuration_cdcd import HF_FORMAT, CDCDHFConfig
@@ -188,7 +189,21 @@ class CDCDModel(PreTrainedModel):
                 raise damaged(path, f'{name} holds NaN or inf')
         if os.path.isdir(path):
             model._check_checksum(os.path.join(path, HF_WEIGHTS), state, path)
+        model._check_recorded(state, path)
         return model
+
+    def _check_recorded(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """The weights and the tokenizer are the ones config.json records (format 2 records both).
+
+        Raises:
+            ValueError: another run's weights file, or another tokenizer, in one line.
+        """
+        config = self.config
+        if config.weights_sha256 is not None and config.weights_sha256 != tensors_sha256(state):
+            raise damaged(where, f"{HF_WEIGHTS} is not the weights config.json records (another run's?)")
+        recorded = config.tokenizer_sha256
+        if recorded is not None and recorded != tokenizer_sha256(self.tokenizer()):
+            raise damaged(where, 'the tokenizer is not the one config.json records (swapped?)')
 
     @staticmethod
     def _check_checksum(weights: str, state: dict[str, torch.Tensor], where: str) -> None:
