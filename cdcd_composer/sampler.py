@@ -37,7 +37,10 @@ DEFAULT_STEPS = 24
 # (docs/ablations.md); 1 (the paper's evaluation at t) for the others.
 EVAL_TIME_SCALES = {'dpmpp_2m': 1.15}
 MAX_SAMPLING_STEPS = 100_000
-MAX_SAMPLES = 1_000_000  # per call: a day of sampling for cdcd-140m on one GPU
+MAX_SAMPLES = 1_000_000
+# Settings that give samples: on the demo model tau 1e-6 still samples and 1e-300 gives empty
+# canvases (the multistep coefficients overflow); guidance 1e6 still samples, degenerate from ~100.
+TAU_RANGE, MAX_GUIDANCE = (1e-3, 100.0), 100.0  # per call: a day of sampling for cdcd-140m on one GPU
 SAMPLING_MEMORY = 2 << 30  # bytes of activations per solver batch when no batch_size is given
 
 
@@ -99,18 +102,20 @@ class SamplerSettings:
             raise ValueError(
                 '--time_shift and --eval_time_scale both move the evaluation time; pass one of them'
             )
-        if not 0 < self.score_temperature < math.inf:
+        if not TAU_RANGE[0] <= self.score_temperature <= TAU_RANGE[1]:  # NaN fails too
             raise ValueError(
-                f'score temperature (--tau) must be a positive finite number, got {self.score_temperature}'
+                f'score temperature (--tau) must lie in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got '
+                f'{self.score_temperature} (below, exp(-h / tau) underflows and samples come out empty)'
             )
         if not 0 < self.initial_noise_scale < math.inf:
             raise ValueError(
                 f'initial noise scale (--initial_noise_scale) must be a positive finite number, got '
                 f'{self.initial_noise_scale}'
             )
-        if not math.isfinite(self.guidance_scale):
+        if not abs(self.guidance_scale) <= MAX_GUIDANCE:
             raise ValueError(
-                f'guidance scale (--guidance) must be a finite number (1: none), got {self.guidance_scale}'
+                f'guidance scale (--guidance) must lie in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] (1: none), '
+                f'got {self.guidance_scale}'
             )
 
 

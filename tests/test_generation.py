@@ -237,6 +237,8 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
     ('eval_time_scale', 0.0, 'evaluation time scale'), ('eval_time_scale', math.nan, 'evaluation time scale'),
     ('eval_time_scale', math.inf, 'evaluation time scale'),
     ('self_conditioning', 'off', 'self_conditioning must be True or False'), ('heun', 1, 'heun must be'),
+    ('score_temperature', 5e-324, r'must lie in \[0.001, 100\]'),
+    ('guidance_scale', 1e300, r'in \[-100, 100\]'),
 ])  # fmt: skip
 def test_bad_sampler_settings_fail_by_name_nan_included(field, value, message):
     with pytest.raises(ValueError, match=message):
