@@ -117,12 +117,45 @@ class TrainConfig:
                 raise ValueError(
                     f'{key}={value!r} is not a Composer time string; write e.g. 500ba, 2ep or 1000000tok'
                 ) from None
+        check_compile_config(self.compile_config)
         if self.autoresume and not self.run_name:
             raise ValueError('autoresume=true needs a fixed run_name (set run_name: my-run)')
         if self.autoresume and not self.save_folder:
             # save_folder=null keeps no checkpoints, so there is nothing to resume from: a YAML's
             # `autoresume: true` stays out of the way of a one-off run.
             self.autoresume = False
+
+
+COMPILE_KEYS = ('fullgraph', 'dynamic', 'backend', 'mode', 'options', 'disable')  # torch.compile's
+COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
+def check_compile_config(options: dict[str, Any] | None) -> None:
+    """`compile_config` holds torch.compile keyword arguments that torch.compile accepts.
+
+    Raises:
+        ValueError: one line naming the key or value, before anything is built.
+    """
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ValueError(f'compile_config={options!r} must be a mapping of torch.compile options, e.g. {{}}')
+    unknown = sorted(set(options) - set(COMPILE_KEYS))
+    if unknown:
+        raise ValueError(
+            f'compile_config.{unknown[0]} is not a torch.compile option ({", ".join(COMPILE_KEYS)})'
+        )
+    if options.get('mode') not in COMPILE_MODES:
+        modes = ', '.join(str(m) for m in COMPILE_MODES[1:])
+        raise ValueError(f'compile_config.mode={options["mode"]!r} is not one of {modes}')
+    backend = options.get('backend')
+    if isinstance(backend, str):
+        import torch._dynamo
+
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f'compile_config.backend={backend!r} is not a torch.compile backend (inductor, ...)'
+            )
 
 
 def _positive(v: Any) -> bool:

@@ -40,6 +40,9 @@ def test_config_errors_name_the_key(tiny_config, override, message):
 @pytest.mark.parametrize('override, message', [
     # Out of range: silent garbage or a traceback before, one line naming the key now.
     ('model.n_heads=0', 'model.n_heads=0 must be positive'),
+    ('compile_config.mode=bogus', "compile_config.mode='bogus' is not one of default, reduce-overhead"),
+    ('compile_config.backend=bogus', "compile_config.backend='bogus' is not a torch.compile backend"),
+    ('compile_config.fulgraph=true', 'compile_config.fulgraph is not a torch.compile option'),
     ('model.mlp_ratio=-1', 'model.mlp_ratio=-1.0 must be a positive finite number'),
     ('model.mlp_ratio=.nan', 'model.mlp_ratio=nan must be a positive finite number'),
     ('model.embed_init_std=-0.1', 'model.embed_init_std=-0.1 must be a positive finite number'),
