@@ -143,3 +143,20 @@ def test_under_fsdp2_the_averages_are_dtensors_placed_like_their_parameters(tiny
     export = load_trained_model(str(tmp_path / 'export'))
     assert export.spec.weights == 'ema'
     assert all(torch.equal(export.state_dict()[name], full) for name, full in averages.items())
+
+
+def test_a_half_life_long_against_the_run_is_one_warning_line(tiny_config, caplog):
+    """An EMA whose half-life is half the run keeps 25% of the initial weights: said before training."""
+    from cdcd_composer.commands.train import check_averaging_horizon
+    from cdcd_composer.config import parse_config
+
+    cfg = parse_config({**tiny_config, 'algorithms': {'ema': {'half_life': '2ba'}}, 'max_duration': '4ba'})
+    with caplog.at_level('WARNING', logger='train'):
+        check_averaging_horizon(cfg)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and 'keep 25% of the initial ones' in lines[0]
+    caplog.clear()
+    check_averaging_horizon(
+        parse_config({**tiny_config, 'algorithms': {'ema': {'half_life': '2ba'}}, 'max_duration': '100ba'})
+    )
+    assert not caplog.records  # 2^-50 of the initial weights: nothing to say

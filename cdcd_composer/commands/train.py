@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 from composer import DataSpec, Evaluator, Trainer
-from composer.core import Callback
+from composer.core import Callback, Time, TimeUnit
 from composer.utils import dist, get_device, reproducibility
 from transformers import PreTrainedTokenizerBase
 
@@ -93,10 +93,31 @@ def validate(cfg: TrainConfig) -> ValidatedRun:
         FinalExport(**export).check_destination(cfg.run_name)
     cfg = resolve_autoresume(cfg)
     check_system(cfg)
+    check_averaging_horizon(cfg)
     check_data_fits(cfg, meta)
     tokenizer = load_tokenizer(os.path.join(local, TOKENIZER_DIR))
     check_tokenizer(meta, tokenizer, f'{TOKENIZER_DIR}/', cfg.data.root)
     return ValidatedRun(cfg, meta, tokenizer)
+
+
+def check_averaging_horizon(cfg: TrainConfig) -> None:
+    """Says, in one warning line, when the EMA's half-life is long against the run.
+
+    Its evaluations and export then hold mostly the initial weights: their share of the average
+    after the run is 2^(-max_duration / half_life).
+    """
+    ema = registry.enabled(cfg.algorithms).get('ema')
+    duration = Time.from_timestring(cfg.max_duration)
+    if ema is None or duration.unit != TimeUnit.BATCH:
+        return
+    half_life = Time.from_timestring(ema.get('half_life', '1000ba'))
+    if half_life.unit == TimeUnit.BATCH and half_life.value > duration.value / 4:
+        share = 2.0 ** (-duration.value / half_life.value)
+        log.warning(
+            'algorithms.ema.half_life=%s against max_duration=%s: the averaged weights the run evaluates and '
+            'exports keep %.0f%% of the initial ones; use a half-life of at most max_duration / 10 (or '
+            'export with --weights raw)', ema.get('half_life', '1000ba'), cfg.max_duration, 100 * share,
+        )  # fmt: skip
 
 
 def check_data_fits(cfg: TrainConfig, meta: DatasetMetadata) -> None:
