@@ -483,6 +483,7 @@ def test_eval_cli_reports_samples_next_to_the_data(
     (['--steps', '4', '-1'], 'argument --steps: must be a positive integer, got -1'),
     (['--num_samples', '0'], 'argument --num_samples: must be a positive integer, got 0'),
     (['--batch_size', 'x'], "argument --batch_size: must be a positive integer, got 'x'"),
+    (['--nll_samples', '1000000000'], '--nll_samples must be 0 (skip the bound) or 2 to 1,024 draws'),
 ])  # fmt: skip
 def test_eval_cli_refuses_empty_runs_in_one_line(trained_run, tiny_dataset, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
