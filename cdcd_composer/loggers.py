@@ -1,13 +1,17 @@
-"""Composer's file logger and progress bar, fixed so that a run killed and resumed keeps both.
+"""Loggers: Composer's file logger and progress bar fixed for resumes, and the loggers' preflight.
 
 - `AppendingFileLogger`: a resumed run appends to its log instead of erasing it.
 - `ResumableProgressBar`: a checkpoint state of a fixed shape, which a sharded checkpoint
   needs to load at all.
+- `check_loggers`: TensorBoard's folder, W&B's key or offline mode, MLflow's server, probed.
 """
 
 from __future__ import annotations
 
+import netrc
 import os
+import urllib.error
+import urllib.request
 from typing import Any
 
 from composer.core import State
@@ -66,3 +70,50 @@ class ResumableProgressBar(ProgressBarLogger):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore: the bars start from the resumed timestamp."""
+
+
+PROBE_SECONDS = 5.0  # how long an MLflow server has to answer before the run refuses to start
+
+
+def check_loggers(loggers: dict[str, dict[str, Any]]) -> None:
+    """The enabled external loggers can log, checked before the Trainer is built.
+
+    Args:
+        loggers: `registry.enabled(cfg.loggers)`: name -> keyword arguments.
+
+    Raises:
+        ValueError: one line naming the logger setting and the fix.
+    """
+    log_dir = (loggers.get('tensorboard') or {}).get('log_dir')
+    if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f'loggers.tensorboard.log_dir={log_dir} is a file; give a folder')
+    if 'wandb' in loggers and not _wandb_can_log():
+        raise ValueError(
+            'loggers.wandb has no API key: run wandb login (or set WANDB_API_KEY), or log offline with '
+            'WANDB_MODE=offline'
+        )
+    if 'mlflow' in loggers:
+        uri = loggers['mlflow'].get('tracking_uri') or os.environ.get('MLFLOW_TRACKING_URI')
+        if uri and uri.startswith(('http://', 'https://')):
+            try:
+                urllib.request.urlopen(uri, timeout=PROBE_SECONDS).close()
+            except urllib.error.HTTPError:
+                pass  # the server answered
+            except (urllib.error.URLError, OSError) as error:
+                reason = getattr(error, 'reason', error)
+                raise ValueError(
+                    f'loggers.mlflow.tracking_uri={uri} did not answer in {PROBE_SECONDS:g} s ({reason}); '
+                    'start the server or fix the URI'
+                ) from None
+
+
+def _wandb_can_log() -> bool:
+    """W&B logs offline or disabled without a key; online it needs one (environment or ~/.netrc)."""
+    if os.environ.get('WANDB_MODE', '').lower() in ('offline', 'disabled', 'dryrun') or os.environ.get(
+        'WANDB_API_KEY'
+    ):
+        return True
+    try:
+        return netrc.netrc().authenticators('api.wandb.ai') is not None
+    except (OSError, netrc.NetrcParseError):
+        return False

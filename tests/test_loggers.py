@@ -67,3 +67,30 @@ def test_a_tiny_run_logs_scalars_figure_samples_and_export_to_tensorboard_and_ml
     table = client.load_table(run.info.experiment_id, 'samples.json', run_ids=[run.info.run_id])
     assert list(table.columns)[:3] == ['batch', 'prompt', 'sample'] and len(table) >= 4
     assert table['sample'].str.len().gt(0).all()
+
+
+def test_logger_settings_that_cannot_log_are_one_line_before_anything_is_built(tmp_path, monkeypatch):
+    """TensorBoard's folder a file, W&B online without a key, an MLflow server that does not answer."""
+    import socket
+
+    from cdcd_composer.loggers import check_loggers
+
+    a_file = tmp_path / 'tb'
+    a_file.write_text('not a folder')
+    with pytest.raises(ValueError, match=r'loggers.tensorboard.log_dir=.*tb is a file; give a folder'):
+        check_loggers({'tensorboard': {'log_dir': str(a_file)}})
+    monkeypatch.setenv('HOME', str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv('WANDB_API_KEY', raising=False)
+    monkeypatch.setenv('WANDB_MODE', 'online')
+    with pytest.raises(ValueError, match='loggers.wandb has no API key: .* WANDB_MODE=offline'):
+        check_loggers({'wandb': {}})
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    check_loggers({'wandb': {}})  # offline logs without a key
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(('127.0.0.1', 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(ValueError, match=rf'tracking_uri=http://127.0.0.1:{port} did not answer in 5 s'):
+        check_loggers({'mlflow': {'tracking_uri': f'http://127.0.0.1:{port}'}})
+    check_loggers(
+        {'mlflow': {'tracking_uri': f'file://{tmp_path}/mlruns'}, 'tensorboard': {'log_dir': str(tmp_path)}}
+    )

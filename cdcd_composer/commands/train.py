@@ -38,7 +38,7 @@ from cdcd_composer.data.loaders import (
 )
 from cdcd_composer.data.metadata import TOKENIZER_DIR, DatasetMetadata, check_tokenizer
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
-from cdcd_composer.loggers import ResumableProgressBar
+from cdcd_composer.loggers import ResumableProgressBar, check_loggers
 from cdcd_composer.model import compile_denoiser
 from cdcd_composer.outputs import error_line
 from cdcd_composer.preflight import check_object_stores, check_system, default_precision, trains_on_gpu
@@ -93,6 +93,7 @@ def validate(cfg: TrainConfig) -> ValidatedRun:
         FinalExport(**export).check_destination(cfg.run_name)
     cfg = resolve_autoresume(cfg)
     check_system(cfg)
+    check_loggers(registry.enabled(cfg.loggers))
     check_averaging_horizon(cfg)
     check_data_fits(cfg, meta)
     tokenizer = load_tokenizer(os.path.join(local, TOKENIZER_DIR))
