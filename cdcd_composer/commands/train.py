@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,7 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer import registry, workarounds
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
-from cdcd_composer.checkpoints.folder_lock import hold_save_folder, release_save_folders
 from cdcd_composer.checkpoints.resume import (
     check_load_path,
     checkpoint_to_resume,
@@ -49,7 +49,7 @@ from cdcd_composer.sharding import (
     parallelism_for_world,
     trainer_parallelism,
 )
-from cdcd_composer.storage import StorageError, check_writable, is_remote
+from cdcd_composer.storage import Folder, StorageError, check_writable, is_remote
 
 log = logging.getLogger('train')
 
@@ -287,6 +287,30 @@ def configure_upload_retries(attempts: int) -> None:
     os.environ.setdefault('AWS_MAX_ATTEMPTS', str(attempts))
 
 
+HELD_FOLDERS = contextlib.ExitStack()  # the save folder's lock, from setup to the end of the run
+
+
+def hold_save_folder(cfg: TrainConfig) -> None:
+    """One writer per save folder: a local one stays locked (`Folder.lock`) while the run lives.
+
+    The lock goes when the run ends or its process dies (the OS releases it, SIGKILL included);
+    on an object store, one warning line says that nothing is locked.
+
+    Raises:
+        StorageError: a live run holds the folder (one line naming its pid and the lock).
+    """
+    if not cfg.save_folder or (not cfg.run_name and '{run_name}' in cfg.save_folder):
+        return  # no folder, or a new random one
+    folder = cfg.save_folder.format(run_name=cfg.run_name)
+    if is_remote(folder):
+        log.warning(
+            'save_folder %s is an object store: nothing stops a second run from writing there too; '
+            'run one job per save_folder', folder,
+        )  # fmt: skip
+        return
+    HELD_FOLDERS.enter_context(Folder(folder).lock())
+
+
 def prepare_process(cfg: TrainConfig) -> None:
     """This process's setup before anything is built: seeds, the process group, dependency workarounds."""
     configure_upload_retries(cfg.upload_attempts)
@@ -297,13 +321,8 @@ def prepare_process(cfg: TrainConfig) -> None:
         # Streaming needs the process group before the datasets are built.
         dist.initialize_dist(get_device(cfg.device), timeout=cfg.dist_timeout)
     workarounds.apply_all(trust_checkpoint=cfg.trust_checkpoint, on_cpu=not trains_on_gpu(cfg.device))
-    if (
-        dist.get_global_rank() == 0
-        and cfg.save_folder
-        and (cfg.run_name or '{run_name}' not in cfg.save_folder)
-    ):
-        folder = cfg.save_folder.format(run_name=cfg.run_name)
-        hold_save_folder(folder, remote=is_remote(folder))  # released at exit, or by `main`
+    if dist.get_global_rank() == 0:
+        hold_save_folder(cfg)
     clean_shared_memory(cfg.data.root, cfg.data.local_cache, (cfg.data.train_split, cfg.data.eval_split))
 
 
@@ -329,7 +348,7 @@ def main(
         if do_train:
             trainer.fit()
     finally:
-        release_save_folders()  # in-process runs (tests, notebooks) hand the folder on
+        HELD_FOLDERS.close()  # in-process runs (tests, notebooks) hand the folder on
     return trainer if return_trainer else None
 
 
