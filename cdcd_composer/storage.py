@@ -39,6 +39,17 @@ def is_remote(uri: str) -> bool:
     return '://' in uri
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def mark_owned(directory: str) -> None:
     """Writes the owner marker into a local directory this package is writing."""
     with open(os.path.join(directory, OWNER_MARKER), 'w') as f:
@@ -284,7 +295,12 @@ class Folder:
 
     @contextmanager
     def staged_directory(self, rel: str) -> Iterator[str]:
-        """A local directory whose files become `rel` when the block ends without error."""
+        """A local directory whose files become `rel` when the block ends without error.
+
+        Staging of `rel` left by a writer that died (a SIGKILLed export) goes first: ours by its
+        marker, stale because the process that wrote the marker is gone.
+        """
+        self.remove_dead_staging(rel)
         staging = self.new_staging(rel)
         mark_owned(staging)
         try:
@@ -292,6 +308,24 @@ class Folder:
             self.commit_directory(staging, rel)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def remove_dead_staging(self, rel: str) -> None:
+        """Deletes our staging of `rel` whose writer (the pid in its marker) no longer runs on this host."""
+        if self.store is not None or not os.path.isdir(self.uri):
+            return
+        prefix = f'{TEMP_PREFIX}{os.path.basename(rel)}-'
+        for name in os.listdir(self.uri):
+            marker = os.path.join(self.uri, name, OWNER_MARKER)
+            if not name.startswith(prefix) or not os.path.isfile(marker):
+                continue
+            try:
+                with open(marker) as f:
+                    pid = json.load(f).get('pid')
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(pid, int) and not _alive(pid):
+                log.warning('removing %s, staging left by a writer that is gone (pid %d)', name, pid)
+                shutil.rmtree(os.path.join(self.uri, name), ignore_errors=True)
 
     def remove_stale_staging(self) -> None:
         """Deletes our temporary directories left by interrupted local writes.

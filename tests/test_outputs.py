@@ -62,3 +62,28 @@ def test_export_refuses_an_out_dir_that_is_its_input(export_dir, tmp_path, where
     assert export_command.main([str(export_dir), str(out), '--format', 'hf']) != 0
     assert 'would write over' in capsys.readouterr().err
     assert sorted(os.listdir(export_dir)) == ['config.json', 'model.safetensors']
+
+
+def test_staging_a_dead_writer_left_is_removed_and_a_live_ones_kept(tmp_path):
+    """A SIGKILLed export leaves `.tmp-export-*`: the next export of the same folder removes it when
+    its marker's writer is gone, and never touches a live writer's staging or the user's files."""
+    import json
+    import subprocess
+
+    from cdcd_composer.storage import OWNER_MARKER, Folder
+
+    gone = subprocess.Popen(['true'])
+    gone.wait()
+    live = subprocess.Popen(['sleep', '600'])
+    try:
+        for name, pid in (('.tmp-export-dead', gone.pid), ('.tmp-export-live', live.pid)):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / OWNER_MARKER).write_text(json.dumps({'writer': 'cdcd-composer', 'pid': pid}))
+            (tmp_path / name / 'model.safetensors').write_bytes(b'x' * 1000)
+        (tmp_path / '.tmp-export-users').mkdir()  # no marker: not ours
+        with Folder(str(tmp_path)).staged_directory('export') as staging:
+            open(os.path.join(staging, 'config.json'), 'w').close()
+        assert sorted(os.listdir(tmp_path)) == ['.tmp-export-live', '.tmp-export-users', 'export']
+    finally:
+        live.kill()
+        live.wait()
