@@ -343,3 +343,20 @@ def test_a_bad_eval_report_is_refused_before_anything_is_written(demo_export, tm
         )
         err = capsys.readouterr().err.strip()
         assert message in err and '\n' not in err and not (tmp_path / 'hf').exists()
+
+
+def test_fine_tuned_weights_saved_with_save_pretrained_load_again(hf_folder, tmp_path):
+    """save_pretrained records the SHA-256 of the weights it saves; tokenizer and code travel alongside."""
+    import shutil
+
+    from cdcd_composer.hf.modeling_cdcd import CDCDModel
+
+    model = CDCDModel.from_pretrained(str(hf_folder))
+    with torch.no_grad():
+        model.denoiser.head.bias.add_(0.25)  # a fine-tuning step
+    out = tmp_path / 'tuned'
+    model.save_pretrained(str(out))
+    for name in set(os.listdir(hf_folder)) - set(os.listdir(out)):  # tokenizer, code, card
+        shutil.copy(hf_folder / name, out / name)
+    again = CDCDModel.from_pretrained(str(out))
+    torch.testing.assert_close(again.denoiser.head.bias, model.denoiser.head.bias)

@@ -192,6 +192,17 @@ class CDCDModel(PreTrainedModel):
         model._check_recorded(state, path)
         return model
 
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`, recording the SHA-256 of the weights it saves.
+
+        Fine-tuned weights so load again; the tokenizer's stays the one the model was trained with.
+        """
+        state = {
+            WEIGHTS_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.denoiser.state_dict().items()
+        }
+        self.config.weights_sha256 = tensors_sha256(state)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _check_recorded(self, state: dict[str, torch.Tensor], where: str) -> None:
         """The weights and the tokenizer are the ones config.json records (format 2 records both).
 
