@@ -18,6 +18,7 @@ Prompts, infilling, classifier-free guidance and self-conditioning work with eve
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable
@@ -36,8 +37,9 @@ DEFAULT_STEPS = 24
 # Each solver's default `eval_time_scale`: measured for dpmpp_2m at 24 steps on the demo model
 # (docs/ablations.md); 1 (the paper's evaluation at t) for the others.
 EVAL_TIME_SCALES = {'dpmpp_2m': 1.15}
+log = logging.getLogger(__name__)
 MAX_SAMPLING_STEPS = 100_000
-MAX_SAMPLES = 1_000_000
+MAX_SAMPLES = 100_000_000  # per call: larger requests are batched and announced up to here, then refused
 # Settings that give samples: on the demo model tau 1e-6 still samples and 1e-300 gives empty
 # canvases (the multistep coefficients overflow); guidance 1e6 still samples, degenerate from ~100.
 TAU_RANGE, MAX_GUIDANCE = (1e-3, 100.0), 100.0  # per call: a day of sampling for cdcd-140m on one GPU
@@ -204,6 +206,9 @@ def sample_in_batches(
     check_sampling_request(num_samples, len(timesteps) - 1, seed, batch_size)
     device = next(model.parameters()).device
     batch_size = batch_size or sampling_batch_size(model.config.vocab_size, model.config.d_model, seq_len)
+    batches = -(-num_samples // batch_size)
+    if batches > 1:  # a long job says so before it starts (generate.py prints its own line)
+        log.info('sampling %d samples in %d batches of at most %d', num_samples, batches, batch_size)
     rows = []
     for i in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - i)
