@@ -59,9 +59,10 @@ def test_mse_weight_zero_is_exactly_the_cross_entropy_and_positive_adds_the_term
     plain = wrapper()
     batch = corrupted(plain)
     out = plain(batch)
-    ce = vocabulary_cross_entropy(out['logits'], batch['tokens']).mean()
-    torch.testing.assert_close(out['loss'], ce)
-    assert 'mse' not in out  # every position generated here
+    ce = plain.denoise(batch, cross_entropy=True).cross_entropy.mean()  # the loss's own CE, recomputed
+    assert torch.equal(out['loss'], ce) and 'mse' not in out  # every position generated here
+    # ... and that CE is the cross-entropy of the vocabulary-sized logits.
+    torch.testing.assert_close(ce, vocabulary_cross_entropy(out['logits'], batch['tokens']).mean())
     weighted = CDCDComposerModel({'vocab_size': VOCAB, **TINY_MODEL}, t_max=20.0, mse_weight=0.5)
     weighted.load_state_dict(plain.state_dict())
     out_w = weighted(batch)
