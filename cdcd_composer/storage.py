@@ -13,12 +13,18 @@ second one fails fast instead of sweeping the first one's staging.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +34,9 @@ MANIFEST_FILE = 'manifest.json'  # a directory's completeness marker: written (u
 TEMP_PREFIX = '.tmp-'
 OWNER_MARKER = '.cdcd-owned'  # in every directory this package writes: it may replace them
 LOCK_FILE = '.cdcd-lock'
+LEASE_FILE = '.cdcd-lease.json'  # an object-store root's one-writer lease (see `Folder.lease`)
+LEASE_RENEW_S = 30.0
+LEASE_EXPIRES_S = 120.0
 
 
 class StorageError(ValueError):
@@ -75,6 +84,87 @@ def check_writable(path: str, what: str) -> None:
         raise StorageError(f'{what} {path}: {existing} is a file, not a folder; choose another {what}')
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StorageError(f'{what} {path}: {existing} is not writable; choose a folder you can write to')
+
+
+# Storage faults: what a full disk, a failing device or a lost object store raises, through any
+# wrapper (torch.save's RuntimeError, safetensors' SafetensorError, Composer's upload errors).
+FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+FAULT_TEXT = re.compile(r'No space left on device|Disk quota exceeded|Input/output error|Read-only file system')
+LOST_STORE = {'EndpointConnectionError', 'ConnectionClosedError', 'ConnectTimeoutError', 'ReadTimeoutError'}
+
+
+def storage_fault(error: BaseException) -> str | None:
+    """What the storage said, when `error` or anything in its cause chain is a storage fault, else None.
+
+    Returns, e.g., '/ckpt/ep0-ba4-rank0.pt: No space left on device' or 'the object store is
+    unreachable (Could not connect to the endpoint URL: ...)'.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FAULT_ERRNOS:
+            return f'{e.filename}: {e.strerror}' if e.filename else str(e.strerror)
+        if type(e).__name__ in LOST_STORE:
+            return f'the object store is unreachable ({str(e).splitlines()[0][:160]})'
+        found = FAULT_TEXT.search(str(e))
+        if found:
+            return found.group(0)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1000, as `df -H` prints)."""
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if abs(n) < 1000 or unit == 'TB':
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1000
+    raise AssertionError('unreachable')
+
+
+def check_free_space(path: str, need: int, what: str) -> None:
+    """Refuses a write of about `need` bytes under a local `path` whose disk has less free.
+
+    Object stores do not say how much room they have; they are not checked.
+
+    Raises:
+        StorageError: one line naming the path, the space free and the space needed.
+    """
+    if is_remote(path):
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise StorageError(
+            f'{what} {path}: its disk has {human_bytes(free)} free and this needs about {human_bytes(need)}; '
+            'free some space or choose another folder'
+        )
+
+
+@contextmanager
+def reporting_storage_faults(what: str, where: str, after: str) -> Iterator[None]:
+    """Turns a storage fault raised in the block into one line; other errors pass unchanged.
+
+    Args:
+        what: What was being written ('the export', 'the train split').
+        where: Its path or URI.
+        after: What is left and how to go on, e.g. 'nothing was written: free space and rerun'.
+
+    Raises:
+        StorageError: '{what} {where} failed ({fault}): {after}'.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        fault = storage_fault(e)
+        if fault is None:
+            raise
+        raise StorageError(f'writing {what} {where} failed ({fault}): {after}') from e
 
 
 class Folder:
@@ -221,7 +311,7 @@ class Folder:
         """
         if self.store is None and os.path.exists(self.uri) and not os.path.isdir(self.uri):
             raise StorageError(f'{self.uri} is a file, not a directory: choose another folder')
-        names = [n for n in self.list_names() if n != LOCK_FILE and not n.startswith(TEMP_PREFIX)]
+        names = [n for n in self.list_names() if n not in (LOCK_FILE, LEASE_FILE) and not n.startswith(TEMP_PREFIX)]
         if OWNER_MARKER in names:
             return
         if names:
@@ -343,14 +433,15 @@ class Folder:
     def lock(self) -> Iterator[None]:
         """Holds an exclusive lock on a local root (`.cdcd-lock`, naming the holder's pid).
 
-        The operating system releases it when the holder exits, even on SIGKILL. Object-store
-        roots are not locked.
+        The operating system releases it when the holder exits, even on SIGKILL. An object-store
+        root is held with a lease instead (`lease`).
 
         Raises:
             StorageError: another process holds the lock.
         """
         if self.store is not None:
-            yield
+            with self.lease():
+                yield
             return
         if os.path.exists(self.uri) and not os.path.isdir(self.uri):
             raise StorageError(f'{self.uri} is a file, not a directory: choose another folder')
@@ -374,3 +465,62 @@ class Folder:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextmanager
+    def lease(self) -> Iterator[None]:
+        """Holds an object-store root for one writer: `.cdcd-lease.json`, naming it, renewed every 30 s.
+
+        A lease renewed within the last 120 s is another writer's, unless its process is known dead
+        (same host, pid gone, as after a SIGKILL); an older one was left by a writer that died and
+        is taken over. Of two writers starting together, the one whose lease a read-back shows wins.
+
+        Raises:
+            StorageError: another writer holds the root (one line naming it and the lease).
+        """
+        me = {'id': uuid.uuid4().hex, 'host': socket.gethostname(), 'pid': os.getpid()}
+        held = self.read_json(LEASE_FILE)
+        if held is not None and self._lease_is_live(held):
+            raise self._held_by(held)
+        self.write_json(LEASE_FILE, {**me, 'renewed': time.time()})
+        held = self.read_json(LEASE_FILE) or {}
+        if held.get('id') != me['id']:
+            raise self._held_by(held)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(LEASE_RENEW_S):
+                try:
+                    self.write_json(LEASE_FILE, {**me, 'renewed': time.time()})
+                except Exception as e:  # noqa: BLE001 - the store's own errors; the run goes on
+                    log.warning('renewing the lease %s failed: %s', self.join(LEASE_FILE), e)
+
+        thread = threading.Thread(target=renew, name='cdcd-lease', daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                if (self.read_json(LEASE_FILE) or {}).get('id') == me['id']:
+                    self.remove(LEASE_FILE)
+            except Exception as e:  # noqa: BLE001 - it expires by itself
+                log.warning('could not remove the lease %s (it expires in %.0f s): %s', self.join(LEASE_FILE),
+                            LEASE_EXPIRES_S, e)  # fmt: skip
+
+    @staticmethod
+    def _lease_is_live(held: dict) -> bool:
+        """Whether a lease read from the store still holds the root."""
+        age = time.time() - float(held.get('renewed', 0))
+        if age >= LEASE_EXPIRES_S:
+            return False
+        pid = held.get('pid')
+        return not (held.get('host') == socket.gethostname() and isinstance(pid, int) and not _alive(pid))
+
+    def _held_by(self, held: dict) -> StorageError:
+        age = time.time() - float(held.get('renewed', 0))
+        return StorageError(
+            f'{self.uri} is being written by another process (pid {held.get("pid")} on {held.get("host")}, '
+            f'lease {self.join(LEASE_FILE)} renewed {age:.0f} s ago): wait for it to finish or choose another '
+            f'folder (a lease not renewed for {LEASE_EXPIRES_S:.0f} s is taken over)'
+        )

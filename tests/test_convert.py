@@ -28,7 +28,7 @@ from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_spl
 from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.sources import is_carved
 from cdcd_composer.data.tokenization import load_tokenizer
-from cdcd_composer.storage import Folder, StorageError
+from cdcd_composer.storage import LEASE_FILE, Folder, StorageError
 from cdcd_composer.story_tokens import StoryTokens, tokenizer_sha256
 
 STORIES = list(StoryGrammar(seed=3).stories(60))
@@ -410,6 +410,20 @@ def test_unreachable_bucket_is_one_line_error(tmp_path, s3_env, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: cannot reach s3://no-such-bucket/x: NoSuchBucket') and '\n' not in err
+
+
+def test_a_second_converter_on_one_bucket_root_is_refused(tmp_path, s3_env, capsys):
+    uri = f's3://{s3_env()}/data'
+    root = Folder(uri)
+    root.claim('--out_root')
+    root.write_json(LEASE_FILE, {'id': 'x', 'host': 'another-host', 'pid': 7, 'renewed': time.time()})  # live
+    src = write_text(tmp_path / 'all.txt', STORIES[:5])
+    argv = ['--source', 'files', '--train_files', str(src), '--val_fraction', '0.5',
+            '--train_tokenizer', '64', '--out_root', uri, '--no_progress']  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {uri} is being written by another process (pid 7 on another-host') and '\n' not in err
+    assert sorted(root.list_names()) == sorted([LEASE_FILE, '.cdcd-owned'])  # nothing written
 
 
 # -- never delete what the converter did not write (issue 19) --

@@ -1,11 +1,15 @@
 """One writer per save folder: a live run's lock refuses a second run in one line, before any work."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from cdcd_composer.commands import train
-from cdcd_composer.storage import LOCK_FILE, Folder, StorageError
+from cdcd_composer.storage import LEASE_EXPIRES_S, LEASE_FILE, LOCK_FILE, Folder, StorageError
 
 
 def test_a_second_run_on_a_held_save_folder_is_refused_before_any_work(tiny_config, tmp_path):
@@ -30,8 +34,30 @@ def test_the_lock_is_held_while_the_run_lives_and_handed_on_after(tiny_config, t
     train.HELD_FOLDERS.close()
 
 
-def test_an_object_store_save_folder_says_it_is_not_locked(tiny_config, caplog):
-    cfg = train.parse_config({**tiny_config, 'save_folder': 's3://bucket/{run_name}/checkpoints'})
-    with caplog.at_level('WARNING', logger='train'):
-        train.hold_save_folder(cfg)
-    assert 'nothing stops a second run' in caplog.text
+def test_an_object_store_save_folder_is_held_by_a_lease(tiny_config, s3_env):
+    folder = f's3://{s3_env()}/run/checkpoints'
+    train.hold_save_folder(train.parse_config({**tiny_config, 'save_folder': folder}))
+    try:
+        lease = Folder(folder).read_json(LEASE_FILE)
+        assert lease['pid'] == os.getpid()
+        held_elsewhere = {**lease, 'id': 'another', 'pid': 1, 'host': 'another-host'}
+    finally:
+        train.HELD_FOLDERS.close()
+    assert Folder(folder).read_json(LEASE_FILE) is None  # the run's end hands the folder on
+    Folder(folder).write_json(LEASE_FILE, {**held_elsewhere, 'renewed': time.time()})  # a live writer elsewhere
+    with pytest.raises(StorageError, match=r'being written by another process \(pid 1 on another-host') as error:
+        train.main({**tiny_config, 'save_folder': folder})
+    assert '\n' not in str(error.value)
+
+
+def test_a_lease_left_by_a_dead_writer_is_taken_over(s3_env):
+    root = Folder(f's3://{s3_env()}/data')
+    expired = {'id': 'old', 'host': 'another-host', 'pid': 1, 'renewed': time.time() - LEASE_EXPIRES_S - 1}
+    root.write_json(LEASE_FILE, expired)
+    with root.lock():
+        assert root.read_json(LEASE_FILE)['pid'] == os.getpid()
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    sigkilled = {'id': 'dead', 'host': socket.gethostname(), 'pid': int(dead.stdout), 'renewed': time.time()}
+    root.write_json(LEASE_FILE, sigkilled)  # this host, its process gone: no need to wait for expiry
+    with root.lock():
+        pass

@@ -49,7 +49,7 @@ from cdcd_composer.sharding import (
     parallelism_for_world,
     trainer_parallelism,
 )
-from cdcd_composer.storage import Folder, StorageError, check_writable, is_remote
+from cdcd_composer.storage import Folder, StorageError, check_writable
 
 log = logging.getLogger('train')
 
@@ -291,10 +291,10 @@ HELD_FOLDERS = contextlib.ExitStack()  # the save folder's lock, from setup to t
 
 
 def hold_save_folder(cfg: TrainConfig) -> None:
-    """One writer per save folder: a local one stays locked (`Folder.lock`) while the run lives.
+    """One writer per save folder: it stays locked (`Folder.lock`) while the run lives.
 
-    The lock goes when the run ends or its process dies (the OS releases it, SIGKILL included);
-    on an object store, one warning line says that nothing is locked.
+    A local lock goes when the run ends or its process dies (the OS releases it, SIGKILL
+    included); an object store's lease when the run ends or 120 s after its process died.
 
     Raises:
         StorageError: a live run holds the folder (one line naming its pid and the lock).
@@ -302,12 +302,6 @@ def hold_save_folder(cfg: TrainConfig) -> None:
     if not cfg.save_folder or (not cfg.run_name and '{run_name}' in cfg.save_folder):
         return  # no folder, or a new random one
     folder = cfg.save_folder.format(run_name=cfg.run_name)
-    if is_remote(folder):
-        log.warning(
-            'save_folder %s is an object store: nothing stops a second run from writing there too; '
-            'run one job per save_folder', folder,
-        )  # fmt: skip
-        return
     HELD_FOLDERS.enter_context(Folder(folder).lock())
 
 
