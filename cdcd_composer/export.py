@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -150,6 +151,16 @@ def check_finite(state: dict[str, Any], where: str) -> dict[str, Any]:
     return state
 
 
+def tensor_bytes(values: Iterable[Any]) -> int:
+    """The bytes of the tensors among `values` (a state dict's), whole (a DTensor counts all its shards)."""
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def export_size(values: Iterable[Any]) -> int:
+    """About how many bytes an export of a state dict's `values` takes, tokenizer and JSON included."""
+    return tensor_bytes(values) + 10**6
+
+
 def write_export(
     out: str, state: dict[str, Any], weights: str = 'ema', training: dict[str, int] | None = None
 ) -> None:
@@ -168,7 +179,7 @@ def write_export(
     spec = RunSpec.from_json(state[EXTRA_STATE])
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     parent, name = split_folder(out)
-    with Folder(parent).staged_directory(name) as staging:
+    with Folder(parent).staged_directory(name, export_size(tensors.values()), 'the export') as staging:
         save_file(tensors, os.path.join(staging, EXPORT_WEIGHTS))
         config = {
             'format': EXPORT_FORMAT,

@@ -89,7 +89,9 @@ def check_writable(path: str, what: str) -> None:
 # Storage faults: what a full disk, a failing device or a lost object store raises, through any
 # wrapper (torch.save's RuntimeError, safetensors' SafetensorError, Composer's upload errors).
 FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
-FAULT_TEXT = re.compile(r'No space left on device|Disk quota exceeded|Input/output error|Read-only file system')
+FAULT_TEXT = re.compile(
+    'No space left on device|Disk quota exceeded|Input/output error|Read-only file system'
+)
 LOST_STORE = {'EndpointConnectionError', 'ConnectionClosedError', 'ConnectTimeoutError', 'ReadTimeoutError'}
 
 
@@ -128,6 +130,11 @@ def check_free_space(path: str, need: int, what: str) -> None:
 
     Object stores do not say how much room they have; they are not checked.
 
+    Args:
+        path: Where the bytes go (it need not exist yet).
+        need: About how many bytes.
+        what: The message's start, naming the write and its destination.
+
     Raises:
         StorageError: one line naming the path, the space free and the space needed.
     """
@@ -139,7 +146,7 @@ def check_free_space(path: str, need: int, what: str) -> None:
     free = shutil.disk_usage(existing).free
     if free < need:
         raise StorageError(
-            f'{what} {path}: its disk has {human_bytes(free)} free and this needs about {human_bytes(need)}; '
+            f'{what}: its disk has {human_bytes(free)} free and this needs about {human_bytes(need)}; '
             'free some space or choose another folder'
         )
 
@@ -311,7 +318,8 @@ class Folder:
         """
         if self.store is None and os.path.exists(self.uri) and not os.path.isdir(self.uri):
             raise StorageError(f'{self.uri} is a file, not a directory: choose another folder')
-        names = [n for n in self.list_names() if n not in (LOCK_FILE, LEASE_FILE) and not n.startswith(TEMP_PREFIX)]
+        ours = (LOCK_FILE, LEASE_FILE)
+        names = [n for n in self.list_names() if n not in ours and not n.startswith(TEMP_PREFIX)]
         if OWNER_MARKER in names:
             return
         if names:
@@ -384,18 +392,32 @@ class Folder:
         self.store.upload_object(self._key(rel), local_path)
 
     @contextmanager
-    def staged_directory(self, rel: str) -> Iterator[str]:
+    def staged_directory(self, rel: str, size: int = 0, what: str = 'the folder') -> Iterator[str]:
         """A local directory whose files become `rel` when the block ends without error.
 
         Staging of `rel` left by a writer that died (a SIGKILLed export) goes first: ours by its
-        marker, stale because the process that wrote the marker is gone.
+        marker, stale because the process that wrote the marker is gone. Then the staging disk
+        must have `size` bytes free; a full disk or a lost store while writing is one line, the
+        staging is removed and `rel` stays as it was.
+
+        Args:
+            rel: The directory to (re)place, relative to this folder.
+            size: About how many bytes will be written.
+            what: What it is, for messages ('the export').
+
+        Raises:
+            StorageError: too little free space, or a storage fault while writing.
         """
         self.remove_dead_staging(rel)
+        disk = self.join(rel) if self.store is None else tempfile.gettempdir()
+        check_free_space(disk, size, f'writing {what} to {self.join(rel)}')
         staging = self.new_staging(rel)
-        mark_owned(staging)
+        after = f'{self.join(rel)} is as it was: free space and rerun'
         try:
-            yield staging
-            self.commit_directory(staging, rel)
+            with reporting_storage_faults(what, self.join(rel), after):
+                mark_owned(staging)
+                yield staging
+                self.commit_directory(staging, rel)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -521,6 +543,6 @@ class Folder:
         age = time.time() - float(held.get('renewed', 0))
         return StorageError(
             f'{self.uri} is being written by another process (pid {held.get("pid")} on {held.get("host")}, '
-            f'lease {self.join(LEASE_FILE)} renewed {age:.0f} s ago): wait for it to finish or choose another '
-            f'folder (a lease not renewed for {LEASE_EXPIRES_S:.0f} s is taken over)'
+            f'lease {self.join(LEASE_FILE)} renewed {age:.0f} s ago): wait for it to finish or choose '
+            f'another folder (a lease not renewed for {LEASE_EXPIRES_S:.0f} s is taken over)'
         )

@@ -12,8 +12,8 @@ from composer.utils import dist
 
 from cdcd_composer.averaged_weights import WEIGHT_CHOICES
 from cdcd_composer.composer_model import unwrap_model
-from cdcd_composer.export import split_folder, training_progress, write_export
-from cdcd_composer.storage import Folder, check_writable, is_remote
+from cdcd_composer.export import export_size, split_folder, training_progress, write_export
+from cdcd_composer.storage import Folder, check_free_space, check_writable, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,12 @@ class FinalExport(Callback):
         Folder(parent).check_replaceable(name)
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        """Checks the destination before training, not after it."""
+        """Checks the destination, and the room for the export, before training, not after it."""
         if dist.get_global_rank() == 0:
             self.check_destination(state.run_name)
+            size = export_size(unwrap_model(state.model).state_dict().values())
+            out = self.folder.format(run_name=state.run_name)
+            check_free_space(out, size, f'callbacks.export_weights.folder {out}')
 
     def fit_end(self, state: State, logger: Logger) -> None:
         """Gathers the full state dict and writes the export."""

@@ -48,7 +48,7 @@ from cdcd_composer.data.splits import SplitWriter
 from cdcd_composer.data.stats import SplitStats
 from cdcd_composer.data.tokenization import load_tokenizer, train_wordpiece
 from cdcd_composer.outputs import error_line
-from cdcd_composer.storage import MANIFEST_FILE, OWNER_MARKER, Folder
+from cdcd_composer.storage import MANIFEST_FILE, OWNER_MARKER, Folder, reporting_storage_faults
 from cdcd_composer.story_tokens import StoryTokens, tokenizer_sha256
 
 log = logging.getLogger('convert_tinystories')
@@ -213,7 +213,7 @@ def tokenizer_in_root(root: Folder, opt: ConvertOptions) -> tuple[PreTrainedToke
             log.info('reusing the tokenizer of the interrupted run in %s', root.join(TOKENIZER_DIR))
             return load_tokenizer(local), manifest['name']
     tokenizer, name = build_tokenizer(opt)
-    with root.staged_directory(TOKENIZER_DIR) as staging:
+    with root.staged_directory(TOKENIZER_DIR, 10**6, 'the tokenizer') as staging:
         tokenizer.save_pretrained(staging)
         Folder(staging).write_json(
             MANIFEST_FILE, {'settings': opt.tokenizer_settings(), 'name': name, 'vocab_size': len(tokenizer)}
@@ -330,7 +330,8 @@ def convert(options: ConvertOptions | None = None, **kwargs) -> DatasetMetadata:
     check_options(opt)
     root = Folder(opt.out_root)
     root.claim('--out_root')  # before the lock file: a folder of the user's is left as it was
-    with root.lock():  # One conversion per local root at a time.
+    after = 'completed splits are kept: free space and rerun the same command to finish'
+    with root.lock(), reporting_storage_faults('the dataset', opt.out_root, after):  # one writer per root
         root.remove_stale_staging()
         return _convert(opt, root)
 

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer import registry, workarounds
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
+from cdcd_composer.callbacks.checkpoint_space import CheckpointSpace
 from cdcd_composer.checkpoints.resume import (
     check_load_path,
     checkpoint_to_resume,
@@ -49,7 +50,7 @@ from cdcd_composer.sharding import (
     parallelism_for_world,
     trainer_parallelism,
 )
-from cdcd_composer.storage import Folder, StorageError, check_writable
+from cdcd_composer.storage import Folder, StorageError, check_writable, storage_fault
 
 log = logging.getLogger('train')
 
@@ -202,6 +203,8 @@ def build_callbacks(cfg: TrainConfig, parallelism: dict[str, Any] | None, resume
         registry.build('callbacks', n, kw) for n, kw in registry.enabled(cfg.callbacks).items()
     ]
     callbacks.append(BatchNoiseSeed())
+    if cfg.save_folder:
+        callbacks.append(CheckpointSpace())
     fsdp = (parallelism or {}).get('fsdp')
     if fsdp is not None and fsdp_version() == '2':
         callbacks.append(ReduceOnLastMicrobatch())
@@ -365,19 +368,27 @@ def cli(argv: list[str]) -> None:
 def fit_or_say_where_it_stopped(trainer: Trainer, cfg: TrainConfig) -> None:
     """`trainer.fit()`; on Ctrl-C or a storage failure, one line saying where the run stands.
 
-    The line says what happened, the batch reached, the newest checkpoint and how to go on.
+    The line says what happened, what was removed (a checkpoint left incomplete), the batch
+    reached, the newest checkpoint and how to go on.
 
     Raises:
         SystemExit: interrupted (exit status 130, as a shell reports SIGINT), or a folder refused at
-            FIT_START, a full disk or a lost mount (status 1).
+            FIT_START, a full disk, a failing device or a lost object store (status 1).
     """
     try:
         trainer.fit()
     except KeyboardInterrupt:
         print(f'interrupted at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
         raise SystemExit(130) from None
-    except (StorageError, OSError) as e:
-        print(f'error: {error_line(e)}; stopped at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
+    except Exception as e:
+        fault = storage_fault(e)
+        if not isinstance(e, (StorageError, OSError)) and fault is None:
+            raise
+        what = str(e) if isinstance(e, StorageError) else fault or error_line(e)
+        space = next((c for c in trainer.state.callbacks if isinstance(c, CheckpointSpace)), None)
+        removed = space.remove_partial() if space is not None else None
+        what += f'; removed the incomplete checkpoint {removed}' if removed else ''
+        print(f'error: {what}; stopped at batch {where_it_stands(trainer, cfg)}', file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -13,8 +13,9 @@ import shutil
 
 import numpy as np
 from streaming import MDSWriter
+from streaming.base.util import bytes_to_int
 
-from cdcd_composer.storage import MANIFEST_FILE, Folder, mark_owned
+from cdcd_composer.storage import MANIFEST_FILE, Folder, check_free_space, mark_owned
 
 
 class SplitWriter:
@@ -37,6 +38,8 @@ class SplitWriter:
         self.size_limit = size_limit
         self.carry = np.zeros(0, dtype)
         self.examples = 0
+        self.shard_bytes = bytes_to_int(size_limit)
+        self.unchecked = 0  # bytes written since the last free-space check
 
     def __enter__(self) -> SplitWriter:
         root = self.root
@@ -44,6 +47,7 @@ class SplitWriter:
         columns = {'tokens': f'ndarray:{self.dtype}:{self.seq_len}'}
         kwargs = dict(columns=columns, compression='zstd', hashes=['xxh64'], size_limit=self.size_limit)
         self.staging = root.new_staging(self.split)
+        self.check_room()
         if root.store is None:
             self.writer = MDSWriter(out=self.staging, **kwargs)  # it wants an empty directory
             mark_owned(self.staging)
@@ -59,6 +63,15 @@ class SplitWriter:
         for row in examples:
             self.writer.write({'tokens': row})
         self.examples += len(examples)
+        self.unchecked += examples.nbytes
+        if self.unchecked >= self.shard_bytes:
+            self.check_room()
+
+    def check_room(self) -> None:
+        """Room for the next shard, twice its size limit (the shard and its compressed copy)."""
+        self.unchecked = 0
+        where = f'writing the {self.split} split to {self.root.join(self.split)}'
+        check_free_space(self.staging, 2 * self.shard_bytes, where)
 
     def write_stream(self, stream: np.ndarray) -> None:
         """Packs a token stream into full windows; the remainder waits for the next stream."""

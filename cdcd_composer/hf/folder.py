@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from cdcd_composer.composer_model import CDCDComposerModel
-from cdcd_composer.export import read_json, split_folder
+from cdcd_composer.export import export_size, read_json, split_folder
 from cdcd_composer.hf.configuration_cdcd import HF_FORMAT, CDCDHFConfig
 from cdcd_composer.hf.model_card import model_card
 from cdcd_composer.hf.modeling_cdcd import (
@@ -67,7 +67,8 @@ def write_hf_export(out: str, model: CDCDComposerModel, report: dict[str, Any] |
     tensors = {WEIGHTS_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
     metadata = {'format': 'pt', FORMAT_KEY: str(HF_FORMAT), CHECKSUM_KEY: tensors_sha256(tensors)}
     parent, name = split_folder(out)
-    with Folder(parent).staged_directory(name) as staging:
+    size = export_size(tensors.values())
+    with Folder(parent).staged_directory(name, size, 'the Hugging Face folder') as staging:
         save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata=metadata)
         config = hf_config(model)
         config.weights_sha256, config.tokenizer_sha256 = metadata[CHECKSUM_KEY], tokenizer_sha256(tokenizer)
