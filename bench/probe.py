@@ -397,20 +397,42 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     c.append(Case('convert', [*conv[:2], '--out_root', '{w}/case/data', '--tokenizer', '{w}/notok'], ['notok'],
                   label='convert'))  # fmt: skip
 
+    # Outputs that are inputs, work without bounds, prompts, and the last probe's leftovers.
+    gen = ['{w}/run/export', '--num_samples', '1', '--steps', '2']
+    for out, names in (('{w}/run/ckpt/latest-rank0.pt', ['latest-rank0.pt']), ('{w}/run/export', ['export']),
+                       ('{w}/run/export/model.safetensors', ['model.safetensors']), ('{w}/case', ['case']),
+                       ('/dev/full', ['/dev/full']), ('{w}/fifo', ['fifo'])):  # fmt: skip
+        c.append(Case('generate', [*gen, '--out', out], names, lambda w: os.mkfifo(w / 'fifo'), limit=60,
+                      protect=['run/export/model.safetensors', 'run/ckpt/latest-rank0.pt'], label='outputs'))  # fmt: skip
+    c.append(Case('eval', [*ev, '--out', '{w}/data/cdcd_dataset.json'], ['cdcd_dataset.json'],
+                  protect=['data/cdcd_dataset.json'], label='outputs'))  # fmt: skip
+    c.append(Case('export', ['{w}/run/export', '{w}/run/export', '--format', 'hf'], ['export'],
+                  protect=['run/export/model.safetensors'], label='outputs'))  # fmt: skip
+    for flag, value in (('--num_samples', '1000000000000'), ('--steps', '2.5'), ('--tau', '5e-324'),
+                        ('--guidance', '1e30'), ('--batch_size', '-1')):  # fmt: skip
+        c.append(Case('generate', [*gen, flag, value], [flag], limit=60, label='bounds'))
+    c.append(Case('eval', [*ev, '--nll_samples', '1000000000'], ['nll_samples'], limit=60, label='bounds'))
+    for prompt, names in (('\udcff\udcfe story', ['prompt']), ('x' * 100_000, ['prompt']),
+                          ('[SEP] [PAD]', None)):  # fmt: skip
+        c.append(Case('generate', [*gen, '--prompt', prompt], names, limit=60, label='prompts'))
+    c.append(
+        Case('train', train_args('load_path={w}/run', 'autoresume=false'), ['load_path'], label='leftovers')
+    )
+
     # A full disk (a real one: the tmpfs at {w}/full), for every writer.
     mb = 10**6
     for fmt in ('cdcd', 'hf'):
         c.append(Case('export', ['{w}/run/ckpt/latest-rank0.pt', '{w}/full/exp', '--format', fmt], ['full/exp', 'free'],
-                      lambda w: leave_free(w, mb), label='full disk'))  # fmt: skip
+                      lambda w: leave_free(w, 50_000), label='full disk'))  # fmt: skip
     c.append(Case('convert', [*conv[:2], '--out_root', '{w}/full/data', '--num_train', '200000', '--num_val', '16',
                               '--size_limit', '100kb'], ['full/data', 'free'], lambda w: leave_free(w, 3 * mb),
                   label='full disk'))  # fmt: skip
     c.append(Case('train', train_args('save_folder={w}/full/ckpt'), ['full/ckpt', 'free'],
-                  lambda w: leave_free(w, mb // 10), label='full disk'))  # fmt: skip
+                  lambda w: leave_free(w, 50_000), label='full disk'))  # fmt: skip
     c.append(Case('train', train_args('save_folder={w}/full/ckpt', 'save_interval=1ba'), ['ba2', 'free', 'ba1'],
                   lambda w: leave_free(w, checkpoint_size(w) * 3 // 2), label='full disk'))  # fmt: skip
     c.append(Case('train', train_args('callbacks.export_weights.folder={w}/full/export'), ['full/export', 'free'],
-                  lambda w: leave_free(w, mb // 2), label='full disk'))  # fmt: skip
+                  lambda w: leave_free(w, 50_000), label='full disk'))  # fmt: skip
 
     # Export.
     c.append(Case('export', ['{w}/nothing.pt', '{w}/case/out'], ['nothing.pt']))

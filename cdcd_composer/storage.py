@@ -59,10 +59,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def mark_owned(directory: str) -> None:
-    """Writes the owner marker into a local directory this package is writing."""
+def mark_owned(directory: str, writing: bool = False) -> None:
+    """Writes the owner marker into a local directory this package writes.
+
+    Args:
+        directory: The directory.
+        writing: A staging directory: its marker names the writing process, so that staging left
+            by a writer that died can be told from a live one's (`Folder.remove_dead_staging`). A
+            finished directory's marker names no process: its bytes are the same whoever wrote it.
+    """
+    marker = {'writer': 'cdcd-composer', **({'pid': os.getpid()} if writing else {})}
     with open(os.path.join(directory, OWNER_MARKER), 'w') as f:
-        json.dump({'writer': 'cdcd-composer', 'pid': os.getpid()}, f)
+        json.dump(marker, f)
 
 
 def check_writable(path: str, what: str) -> None:
@@ -359,6 +367,8 @@ class Folder:
         files uploaded, `manifest.json` last.
         """
         self.check_replaceable(rel)
+        if os.path.isfile(os.path.join(staging, OWNER_MARKER)):
+            mark_owned(staging)  # finished: the marker no longer names the writer
         if self.store is None:
             os.chmod(staging, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared.
             self.remove(rel)
@@ -415,7 +425,7 @@ class Folder:
         after = f'{self.join(rel)} is as it was: free space and rerun'
         try:
             with reporting_storage_faults(what, self.join(rel), after):
-                mark_owned(staging)
+                mark_owned(staging, writing=True)
                 yield staging
                 self.commit_directory(staging, rel)
         finally:
@@ -486,6 +496,8 @@ class Folder:
             try:
                 yield
             finally:
+                f.seek(0)
+                f.truncate()  # released: no holder to name
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextmanager

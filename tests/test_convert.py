@@ -267,6 +267,27 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == ['.cdcd-lock', '.cdcd-owned']
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_the_same_arguments_make_the_same_bytes_whatever_the_folder_and_workers(tmp_path, caplog):
+    """Tokenizer trained offline, metadata, manifests and shards: every byte, in two folders, with
+    one and two workers and other batch sizes; a rerun says it has nothing to do."""
+    argv = ['--source', 'synthetic', '--num_train', '600', '--num_val', '60', '--train_tokenizer', '500',
+            '--seq_len', '64', '--size_limit', '20kb', '--no_progress']  # fmt: skip
+    assert main([*argv, '--out_root', str(tmp_path / 'a'), '--num_workers', '1']) == 0
+    assert main([*argv, '--out_root', str(tmp_path / 'b'), '--num_workers', '2', '--batch_stories', '7']) == 0
+    a, b = tree_bytes(tmp_path / 'a'), tree_bytes(tmp_path / 'b')
+    assert len([n for n in a if n.endswith('.mds.zstd')]) > 2 and 'tokenizer/tokenizer.json' in a
+    assert a.keys() == b.keys()
+    assert [n for n in a if a[n] != b[n]] == []
+    with caplog.at_level('INFO'):
+        assert main([*argv, '--out_root', str(tmp_path / 'a')]) == 0
+    assert 'already holds this dataset; nothing to do' in caplog.text
+    assert tree_bytes(tmp_path / 'a') == a
+
+
 def test_foreign_shards_are_not_replaced(tmp_path, tokenizer_dir):
     src = write_text(tmp_path / 'all.txt', STORIES)
     (tmp_path / 'ds' / 'train').mkdir(parents=True)
@@ -503,8 +524,11 @@ def test_datasets_record_their_tokenizer_and_readers_check_it(tmp_path, tokenize
     assert meta.tokenizer_sha256 == digest
     assert json.loads((out / 'train' / 'manifest.json').read_text())['tokenizer']['sha256'] == digest
     # Another tokenizer dropped into the dataset: training stops before building anything.
+    others = write_text(tmp_path / 'others.txt', [story.replace('e', 'i') for story in STORIES])
+    other = convert_files(tmp_path / 'other', [others], val_fraction=0.2, train_tokenizer=300)
+    assert other.tokenizer_sha256 != digest and other.vocab_size == meta.vocab_size
     shutil.rmtree(out / 'tokenizer')
-    shutil.copytree(tokenizer_dir, out / 'tokenizer')
+    shutil.copytree(tmp_path / 'other' / 'tokenizer', out / 'tokenizer')
     cfg = dict(tiny_config, data=dict(tiny_config['data'], root=str(out)), model=dict(tiny_config['model']))
     cfg['model']['vocab_size'] = None
     with pytest.raises(
@@ -517,12 +541,17 @@ def test_a_retrained_tokenizer_makes_a_rerun_redo_the_splits(tmp_path):
     out, src = tmp_path / 'ds', write_text(tmp_path / 'all.txt', STORIES)
     convert_files(out, [src], val_fraction=0.2, train_tokenizer=300)
     (out / 'cdcd_dataset.json').unlink()  # an interrupted run: splits complete, no metadata,
-    shutil.rmtree(out / 'tokenizer')  # and the tokenizer lost, so the rerun trains a new one
+    shutil.rmtree(out / 'tokenizer')  # and the tokenizer lost, so the rerun trains it again
+    val = out / 'val' / 'manifest.json'  # val written by another tokenizer (another `tokenizers`, say)
+    val.write_text(json.dumps({**json.loads(val.read_text()), 'tokenizer': {'sha256': 'another'}}))
+    train_shards = {p.name: p.stat().st_mtime_ns for p in (out / 'train').iterdir()}
     meta = convert_files(out, [src], val_fraction=0.2, train_tokenizer=300)
     digest = tokenizer_sha256(load_tokenizer(str(out / 'tokenizer')))
     assert meta.tokenizer_sha256 == digest
-    for split in ('train', 'val'):  # rewritten with the new ids, not kept
+    for split in ('train', 'val'):
         assert json.loads((out / split / 'manifest.json').read_text())['tokenizer']['sha256'] == digest
+    # train was written with the same ids (training is deterministic) and kept; val was redone
+    assert {p.name: p.stat().st_mtime_ns for p in (out / 'train').iterdir()} == train_shards
 
 
 def test_stories_all_too_long_say_so_and_name_the_option(tmp_path, tokenizer_dir):

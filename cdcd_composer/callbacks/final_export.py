@@ -76,7 +76,8 @@ class FinalExport(Callback):
         """Checks the destination, and the room for the export, before training, not after it."""
         if dist.get_global_rank() == 0:
             self.check_destination(state.run_name)
-            size = export_size(unwrap_model(state.model).state_dict().values())
+            model = unwrap_model(state.model)
+            size = export_size(model.state_dict().values(), model.config.vocab_size)
             out = self.folder.format(run_name=state.run_name)
             check_free_space(out, size, f'callbacks.export_weights.folder {out}')
 

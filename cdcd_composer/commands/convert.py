@@ -85,13 +85,24 @@ class ConvertOptions:
     size_limit: str = '64mb'
     overwrite: bool = False
     progress: bool = True
-    command: str | None = None
 
-    RUNTIME_ONLY = ('out_root', 'num_workers', 'batch_stories', 'overwrite', 'progress', 'command')
+    RUNTIME_ONLY = ('out_root', 'num_workers', 'batch_stories', 'overwrite', 'progress')
 
     def settings(self) -> dict:
         """The options that decide the output; a rerun with equal settings resumes."""
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+
+    def command(self) -> str:
+        """The command that makes this data again (its settings other than the defaults), into OUT_ROOT.
+
+        Neither the output folder nor the worker count enters it: the data do not depend on them.
+        """
+        defaults = ConvertOptions(out_root='').settings()
+        args = ['python', 'data_prep/convert_tinystories.py', '--out_root', 'OUT_ROOT']
+        for key, value in self.settings().items():
+            if value != defaults[key]:
+                args += [f'--{key}', *(map(str, value) if isinstance(value, list) else [str(value)])]
+        return shlex.join(args)
 
     def tokenizer_settings(self) -> dict:
         """The options that decide the tokenizer."""
@@ -311,7 +322,7 @@ def split_manifest(
             id_to_token=tokenizer.convert_ids_to_tokens,
             unk_id=tokenizer.unk_token_id,
         ),
-        'command': opt.command,
+        'command': opt.command(),
         'settings': opt.settings(),
     }
 
@@ -441,7 +452,7 @@ def parse_args(argv: list[str] | None = None) -> ConvertOptions:
     p.add_argument('--overwrite', action='store_true', help='replace a dataset made with other settings')
     p.add_argument('--no_progress', dest='progress', action='store_false')
     args = p.parse_args(argv)
-    return ConvertOptions(**vars(args), command=shlex.join([sys.executable, *sys.argv]))
+    return ConvertOptions(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ class SplitWriter:
         self.check_room()
         if root.store is None:
             self.writer = MDSWriter(out=self.staging, **kwargs)  # it wants an empty directory
-            mark_owned(self.staging)
+            mark_owned(self.staging, writing=True)
         else:
             # Old objects go first: from here on the split is visibly incomplete until commit.
             root.remove(self.split)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
@@ -22,7 +24,12 @@ BERT_SPECIAL_TOKENS = {
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Trains an uncased BERT-style WordPiece tokenizer with the `tokenizers` library.
+    """Trains an uncased BERT-style WordPiece tokenizer, the same one for the same texts every time.
+
+    The vocabulary comes from `wordpiece_vocabulary` (deterministic), not from `tokenizers`'
+    `WordPieceTrainer`, whose continuing-subword ids follow hash-map order and so break ties
+    between equally frequent merges differently from run to run (huggingface/tokenizers#1794).
+    Normalisation, pre-tokenisation and encoding are `tokenizers`' own.
 
     Args:
         texts: Training texts (consumed once).
@@ -31,13 +38,17 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     Returns:
         A fast tokenizer that adds `[CLS] ... [SEP]` and saves with `save_pretrained`.
     """
-    tok = Tokenizer(models.WordPiece(unk_token='[UNK]'))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix='##')
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     specials = list(BERT_SPECIAL_TOKENS.values())
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    vocab = wordpiece_vocabulary(counts, vocab_size, specials)
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token='[UNK]'))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix='##')
+    tok.add_special_tokens(specials)
     tok.post_processor = processors.TemplateProcessing(
         single='[CLS] $A [SEP]',
         pair='[CLS] $A [SEP] $B:1 [SEP]:1',
@@ -45,6 +56,66 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     log.info('trained a WordPiece tokenizer with %d tokens', tok.get_vocab_size())
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIAL_TOKENS)
+
+
+def wordpiece_vocabulary(counts: Counter[str], vocab_size: int, specials: list[str]) -> list[str]:
+    """A WordPiece vocabulary learnt by merging the most frequent adjacent pieces of `counts`' words.
+
+    As `tokenizers`' trainer: the specials, the characters, the characters continuing a word
+    (`##c`), then merges until `vocab_size` tokens (a merge of `a` and `##b` is `ab`). Ties go to
+    the lexicographically first pair, and the characters are sorted, so the result is a function
+    of the word counts alone. Pair counts are kept up to date per merge (only the words holding
+    the merged pair are revisited), with a lazy max-heap.
+
+    Returns:
+        The tokens in id order.
+    """
+    words = [[w[0], *(f'##{c}' for c in w[1:])] for w in counts]
+    freq = list(counts.values())
+    alphabet = sorted({c for w in counts for c in w})
+    continuing = sorted({p for w in words for p in w[1:]})
+    vocab = list(dict.fromkeys([*specials, *alphabet, *continuing]))
+    known = set(vocab)
+    pairs: Counter[tuple[str, str]] = Counter()
+    holders: dict[tuple[str, str], set[int]] = {}
+    for i, pieces in enumerate(words):
+        for pair in zip(pieces, pieces[1:]):
+            pairs[pair] += freq[i]
+            holders.setdefault(pair, set()).add(i)
+    heap = [(-n, a, b) for (a, b), n in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        n, a, b = heapq.heappop(heap)
+        if pairs.get((a, b), 0) != -n or n == 0:
+            continue  # a stale entry: the pair's count changed since it was pushed
+        merged = a + b.removeprefix('##')
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        changed: set[tuple[str, str]] = set()
+        for i in sorted(holders.pop((a, b), ())):
+            old = words[i]
+            new, j = [], 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == a and old[j + 1] == b:
+                    new.append(merged)
+                    j += 2
+                else:
+                    new.append(old[j])
+                    j += 1
+            for pair in zip(old, old[1:]):
+                pairs[pair] -= freq[i]
+                changed.add(pair)
+            for pair in zip(new, new[1:]):
+                pairs[pair] += freq[i]
+                holders.setdefault(pair, set()).add(i)
+                changed.add(pair)
+            words[i] = new
+        pairs.pop((a, b), None)
+        for pair in sorted(changed - {(a, b)}):
+            if pairs[pair] > 0:
+                heapq.heappush(heap, (-pairs[pair], *pair))
+    return vocab
 
 
 BYTES = 'bytes'  # The name that selects `byte_tokenizer` wherever a tokenizer name is accepted.

@@ -67,7 +67,7 @@ def write_hf_export(out: str, model: CDCDComposerModel, report: dict[str, Any] |
     tensors = {WEIGHTS_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
     metadata = {'format': 'pt', FORMAT_KEY: str(HF_FORMAT), CHECKSUM_KEY: tensors_sha256(tensors)}
     parent, name = split_folder(out)
-    size = export_size(tensors.values())
+    size = export_size(tensors.values(), model.config.vocab_size)
     with Folder(parent).staged_directory(name, size, 'the Hugging Face folder') as staging:
         save_file(tensors, os.path.join(staging, HF_WEIGHTS), metadata=metadata)
         config = hf_config(model)
