@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, Metric
 
+from cdcd_composer import sample_draws
 from cdcd_composer.averaged_weights import EMA_KEY, AveragedWeights
 from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.likelihood import NLLBound, nll_bound
@@ -105,10 +105,9 @@ class CDCDComposerModel(ComposerModel):
         # SelfConditioning algorithm so `flops_per_batch` counts them.
         self.extra_forward_fraction = 0.0
         self._forward_flops: dict[tuple[int, int], int] = {}  # (batch, length) -> forward_flops
-        # Set per batch by the `BatchNoiseSeed` callback: the corruption of every microbatch is
-        # then a function of (seed, rank, batch, draw), so a resumed run redraws it exactly.
-        self.noise_seed: str | None = None
-        self._draws = 0
+        # (seed, epoch), set per batch by the `BatchNoiseSeed` callback: every sample's corruption
+        # is then a function of (seed, epoch, its dataset index) alone (`sample_draws`).
+        self.noise_seed: tuple[int, int] | None = None
         self.config = model if isinstance(model, CDCDConfig) else CDCDConfig(**model)
         self.spec = RunSpec(self.config, float(t_min), float(t_max), dataset, tokenizer, self_conditioning)
         self.model = CDCDTransformer(self.config)
@@ -178,17 +177,19 @@ class CDCDComposerModel(ComposerModel):
         self.spec = dataclasses.replace(self.spec, weights=loaded.weights)  # Which weights it now holds.
 
     # -- the forward process and loss --------------------------------------------------------
-    def begin_batch(self, noise_seed: str) -> None:
+    def begin_batch(self, seed: int, epoch: int) -> None:
         """Seeds the corruption draws of the coming batch (see `BatchNoiseSeed`)."""
-        self.noise_seed, self._draws = noise_seed, 0
+        self.noise_seed = (seed, epoch)
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator for the next draw of this batch, or None (global RNG) when unseeded."""
-        if self.noise_seed is None:
+    def draws(self, batch: dict[str, torch.Tensor]) -> sample_draws.SampleDraws | None:
+        """The batch's per-sample random numbers, or None (the global RNG) without a seed or indices.
+
+        Training batches carry each sample's dataset index (`StoryDataset`); with the seed and
+        epoch of `begin_batch` they make every draw independent of ranks and microbatches.
+        """
+        if self.noise_seed is None or 'index' not in batch:
             return None
-        self._draws += 1
-        key = zlib.crc32(f'{self.noise_seed}/{self._draws}'.encode())
-        return torch.Generator(device=device).manual_seed(key)
+        return sample_draws.SampleDraws(*self.noise_seed, batch['index'])
 
     def corrupt(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fills in t, noise, generate_mask and self_cond where the batch lacks them.
@@ -199,16 +200,22 @@ class CDCDComposerModel(ComposerModel):
         tokens = batch['tokens']
         batch_size, length = tokens.shape
         out = dict(batch)
-        draws = 't' not in out or 'noise' not in out or 'generate_mask' not in out
-        generator = self._generator(tokens.device) if draws else None
+        draws = self.draws(batch)
         if 't' not in out:
-            out['t'] = self.time_warp.sample_t(batch_size, tokens.device, generator)
+            if draws is None:
+                out['t'] = self.time_warp.sample_t(batch_size, tokens.device)
+            else:
+                out['t'] = self.time_warp.inverse_cdf(draws.uniform(sample_draws.T, 1)[:, 0])
         if 'noise' not in out:
             shape = (batch_size, length, self.config.d_embed)
-            out['noise'] = torch.randn(*shape, device=tokens.device, generator=generator)
+            if draws is None:
+                out['noise'] = torch.randn(*shape, device=tokens.device)
+            else:
+                out['noise'] = draws.normal(sample_draws.NOISE, length * self.config.d_embed).view(shape)
         if 'generate_mask' not in out:
             if self.masking is not None and self.training:
-                out['generate_mask'] = sample_generate_mask(tokens, self.pad_id, self.masking, generator)
+                uniform = draws.columns(sample_draws.MASK) if draws is not None else None
+                out['generate_mask'] = sample_generate_mask(tokens, self.pad_id, self.masking, uniform)
             else:
                 out['generate_mask'] = torch.ones_like(tokens, dtype=torch.bool)
         if 'self_cond' not in out:
@@ -241,8 +248,11 @@ class CDCDComposerModel(ComposerModel):
         denoised = self.denoise(batch, embedding_error=bool(self.mse_weight), cross_entropy=True)
         ce = denoised.cross_entropy
         m = batch['generate_mask'].to(ce.dtype)  # Given tokens carry no loss.
-        loss = (ce * m).sum() / m.sum().clamp_min(1.0)
+        # Each sequence's mean over its generated tokens, averaged over sequences: Composer weighs
+        # a microbatch by its share of the device batch and DDP/FSDP average over ranks, so the
+        # gradient is the mean over the global batch however it is split (docs/training.md).
         ce_per_sequence = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+        loss = ce_per_sequence.mean()
         out = {
             'logits': denoised.logits,
             'ce_per_sequence': ce_per_sequence.detach(),
@@ -250,7 +260,7 @@ class CDCDComposerModel(ComposerModel):
             'given_share': 1.0 - m.mean(-1),
         }
         if self.mse_weight:
-            mse = (denoised.embedding_error * m).sum() / m.sum().clamp_min(1.0)
+            mse = ((denoised.embedding_error * m).sum(-1) / m.sum(-1).clamp_min(1.0)).mean()
             loss = loss + self.mse_weight * mse
             out['mse'] = mse.detach()
         return {'loss': loss, **out}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,10 @@ def story_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def sample_generate_mask(
-    tokens: torch.Tensor, pad_id: int, config: MaskingConfig, generator: torch.Generator | None = None
+    tokens: torch.Tensor,
+    pad_id: int,
+    config: MaskingConfig,
+    uniform: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draws one conditioning mask per example.
 
@@ -49,7 +53,8 @@ def sample_generate_mask(
         tokens: (B, L) token ids, stories left-aligned and followed by `pad_id`.
         pad_id: The padding id of the dataset.
         config: Mixture weights and the unconditional fraction.
-        generator: Random generator (on `tokens.device`) for reproducible draws.
+        uniform: Draws `uniform(B, *shape)` uniforms in (0, 1) (`SampleDraws.columns`: each row a
+            function of its sample); None: `torch.rand` from the global generator.
 
     Returns:
         (B, L) bool, True where the token is generated (m = 1), False where it is given.
@@ -57,8 +62,10 @@ def sample_generate_mask(
     batch, length = tokens.shape
     device = tokens.device
 
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, device=device, generator=generator)
+    if uniform is None:
+
+        def uniform(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, device=device)
 
     n = story_lengths(tokens, pad_id)  # (B,)
     position = torch.arange(length, device=device)[None, :]  # (1, L)

@@ -30,8 +30,10 @@ def check_not_an_input(out: str, inputs: Iterable[str | None], flag: str) -> Non
 def check_output_file(path: str, flag: str = '--out', inputs: Iterable[str | None] = ()) -> None:
     """`path` can be written, checked before any sampling or evaluation (not after it).
 
-    Only a new path or a regular file is written, never one of the command's `inputs` (nor a file
-    inside one), and never a FIFO, device or socket.
+    Only a new path or a regular text file is written, never one of the command's `inputs` (nor a
+    file inside one), never a file inside a folder this package manages (a dataset, an export, a
+    run's save folder: they carry `.cdcd-owned` or `.cdcd-lock`), never a binary file (a checkpoint,
+    weights, a shard: NUL bytes in its first 8 KB), and never a FIFO, device or socket.
 
     Raises:
         ValueError: one line naming the path and the fix.
@@ -46,6 +48,19 @@ def check_output_file(path: str, flag: str = '--out', inputs: Iterable[str | Non
         )
     if not os.path.isdir(folder):
         raise ValueError(f'{flag} {path}: folder {folder} does not exist; create it first')
+    managed = [name for name in ('.cdcd-owned', '.cdcd-lock') if os.path.exists(os.path.join(folder, name))]
+    if managed:
+        raise ValueError(
+            f'{flag} {path} lies in {folder}, a folder cdcd-composer manages (it holds {managed[0]}: a '
+            'dataset, an export or a run); choose a path outside it'
+        )
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            if b'\0' in f.read(8192):
+                raise ValueError(
+                    f'{flag} {path} exists and is not a text file (a checkpoint, weights or data?); '
+                    'choose another path'
+                )
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f'{flag} {path} is not writable; choose another path')
 

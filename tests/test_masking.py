@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from cdcd_composer.masking import MaskingConfig, sample_generate_mask
+from cdcd_composer.sample_draws import MASK, SampleDraws
 
 PAD = 0
 
@@ -14,8 +15,9 @@ def canvas(lengths: list[int], length: int = 40) -> torch.Tensor:
 
 
 def draw(config: MaskingConfig, n: int = 20, batch: int = 20000) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return sample_generate_mask(canvas([n] * batch), PAD, config, generator)
+    """Masks drawn as training draws them: per sample, from (seed, epoch, index)."""
+    uniform = SampleDraws(seed=0, epoch=0, index=torch.arange(batch)).columns(MASK)
+    return sample_generate_mask(canvas([n] * batch), PAD, config, uniform)
 
 
 def test_padding_is_never_given():

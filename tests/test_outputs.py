@@ -34,6 +34,26 @@ def test_an_output_through_a_symlink_to_an_input_is_refused(export_dir, tmp_path
         check_output_file(str(link), inputs=[str(export_dir)])
 
 
+@pytest.mark.parametrize('marker', ['.cdcd-owned', '.cdcd-lock'])
+def test_an_output_in_a_folder_we_manage_is_refused_even_when_no_input(tmp_path, marker):
+    run = tmp_path / 'checkpoints'  # a run's save folder, sampled here from its export elsewhere
+    run.mkdir()
+    (run / marker).write_text('')
+    (run / 'latest-rank0.pt').write_bytes(b'PK\x03\x04' + bytes(64))
+    with pytest.raises(ValueError, match=f'lies in {run}, a folder cdcd-composer manages'):
+        check_output_file(str(run / 'latest-rank0.pt'), inputs=[str(tmp_path / 'export')])
+    with pytest.raises(ValueError, match='a folder cdcd-composer manages'):
+        check_output_file(str(run / 'samples.jsonl'))
+
+
+def test_a_binary_file_is_never_replaced_by_samples(tmp_path):
+    (tmp_path / 'weights.pt').write_bytes(b'PK\x03\x04' + bytes(64))
+    with pytest.raises(ValueError, match='weights.pt exists and is not a text file'):
+        check_output_file(str(tmp_path / 'weights.pt'))
+    (tmp_path / 'old_samples.jsonl').write_text('{"text": "once"}\n')
+    check_output_file(str(tmp_path / 'old_samples.jsonl'))  # earlier samples: replaced
+
+
 def test_a_fifo_is_no_output(tmp_path):
     fifo = tmp_path / 'pipe'
     os.mkfifo(fifo)

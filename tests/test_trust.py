@@ -199,3 +199,12 @@ def test_a_malicious_sharded_checkpoint_never_runs_without_the_flag(where, tmp_p
     assert not marker.exists()
     assert generate.main([str(folder), '--steps', '1', '--num_samples', '1', '--trust_checkpoint']) == 2
     assert marker.exists()  # the payload is live
+
+
+def test_a_folder_as_load_path_names_the_checkpoint_to_pass(tiny_config, tmp_path):
+    run = tmp_path / 'old-run'
+    run.mkdir()
+    (run / 'ep0-ba4-rank0.pt').write_bytes(b'')
+    cfg = dict(tiny_config, load_path=str(run), autoresume=False)
+    with pytest.raises(ValueError, match=rf'load_path {run} is a folder, not a checkpoint .* as {run}/ep0-ba4'):
+        train.validate(parse_config(cfg))

@@ -9,8 +9,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
-from composer.utils import dist
 
+from cdcd_composer import sample_draws
 from cdcd_composer.composer_model import unwrap_model
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,12 @@ class SelfConditioning(Algorithm):
     same corruption. Either way a fraction `p` of the examples is trained with self-conditioning
     in expectation, as in the paper.
 
-    - `per='example'` (default; Plaid's variant): `round(p * B)` examples of every microbatch,
-      chosen by a generator seeded by (seed, rank, batch, microbatch). Every microbatch pays a
-      whole pass's kernel launches for p of its FLOPs.
+    - `per='example'` (default; Plaid's variant): each example's own coin, heads with
+      probability p, drawn from (seed, epoch, its dataset index) like the rest of its corruption
+      (`sample_draws`), so which examples are chosen does not depend on ranks or microbatches.
+      Every microbatch pays a whole pass's kernel launches for about p of its FLOPs, and one host
+      sync (the number of heads); a microbatch without heads still runs a pass over one example,
+      so every rank makes the same forward calls.
     - `per='batch'` (Analog Bits' Algorithm 1): one coin per optimizer batch, seeded by (seed,
       batch index), so every rank and every microbatch of the batch agree. A batch with heads
       runs one no-grad pass over each whole microbatch; one with tails runs none: `p` passes per
@@ -39,16 +42,16 @@ class SelfConditioning(Algorithm):
       than `example` on both seeds of the ablation in docs/ablations.md, so it is not the default.
 
     `fuse=True` (with `per='example'`) runs the no-grad passes of all of a batch's microbatches
-    as one pass at BATCH_START: each microbatch is corrupted and its examples chosen exactly as
-    above, in microbatch order, and one pass over the union of the chosen examples computes
+    as one pass at BATCH_START: the device batch is corrupted and its examples chosen exactly as
+    above (every draw belongs to its sample), and one pass over the chosen examples computes
     their estimates (the weights do not change within a batch). It draws the same corruption
     and chooses the same examples as the unfused form, so the training signal is the same; a
     batch of k microbatches then pays one pass's kernel launches instead of k, at the memory of
     a no-grad pass over p of the device batch (`python bench/train.py --overhead`).
 
-    Both draws depend only on the seed and the position in training: identical after a resume,
-    with no state to checkpoint, and the same forward calls and shapes on every rank (no
-    per-rank coin that could hang FSDP).
+    Both draws depend only on the seed and the samples (or the batch index): identical after a
+    resume, on any number of ranks, with no state to checkpoint, and the same forward calls on
+    every rank (no per-rank skipped pass that could hang FSDP).
 
     Args:
         p: Fraction of examples trained with self-conditioning (paper: 0.5).
@@ -66,7 +69,6 @@ class SelfConditioning(Algorithm):
         if fuse and per != 'example':
             raise ValueError('algorithms.self_conditioning.fuse=true needs per: example; set one of them')
         self.p, self.per, self.fuse = p, per, fuse
-        self._microbatch = (-1, 0)  # (batch index, microbatch index within it)
 
     def match(self, event: Event, state: State) -> bool:
         """Runs at INIT (to register its FLOPs), then before every training forward (fused: BATCH_START)."""
@@ -97,47 +99,45 @@ class SelfConditioning(Algorithm):
         return x0_hat.to(batch['self_cond'].dtype).masked_fill(given[..., None], 0.0)
 
     def _estimate_on_subset(self, model, batch: dict, state: State) -> torch.Tensor:
-        """`self_cond` with the estimate on `round(p * B)` chosen examples and zeros elsewhere."""
-        chosen = self._choose(batch['tokens'].shape[0], self._example_generator(state))
+        """`self_cond` with the estimate on the examples whose coin came up heads, zeros elsewhere."""
         self_cond = torch.zeros_like(batch['self_cond'])
-        self._estimate_chosen(model, batch, chosen, self_cond, state)
+        if self.p > 0:  # p = 0: no coin comes up heads on any rank, and no pass runs
+            self._estimate_chosen(model, batch, self._choose(model, batch), self_cond, state)
         return self_cond
 
-    def _choose(self, size: int, generator: torch.Generator) -> torch.Tensor:
-        """`round(p * size)` of `size` examples, in batch order (so p=1 runs the batch as is), on the CPU."""
-        return torch.randperm(size, generator=generator, device='cpu')[: round(self.p * size)].sort().values
+    def _choose(self, model, batch: dict) -> torch.Tensor:
+        """The indices of the examples whose coin (probability p) came up heads, in batch order."""
+        tokens = batch['tokens']
+        if self.p in (0.0, 1.0):  # no coin, no sync
+            return torch.arange(len(tokens) if self.p else 0, device=tokens.device)
+        draws = model.draws(batch)
+        u = draws.uniform(sample_draws.COIN, 1)[:, 0] if draws is not None else torch.rand(len(tokens))
+        return torch.nonzero(u.to(tokens.device) < self.p).squeeze(1)
 
     def _estimate_chosen(
         self, model, batch: dict, chosen: torch.Tensor, self_cond: torch.Tensor, state: State
     ) -> None:
-        """Writes the estimates of the `chosen` examples of a corrupted batch into `self_cond` (B, L, d)."""
-        chosen = chosen.to(batch['tokens'].device, non_blocking=True)  # without waiting for the device
+        """Writes the estimates of the `chosen` examples of a corrupted batch into `self_cond` (B, L, d).
+
+        With none chosen, a pass over the first example runs and is dropped: every rank makes the
+        same forward calls (FSDP gathers parameters in them).
+        """
+        keys = ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
+        subset = {key: batch[key][chosen] if len(chosen) else batch[key][:1] for key in keys}
+        estimate = self._estimate(model, subset, state)
         if len(chosen):
-            subset = {
-                key: batch[key][chosen] for key in ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
-            }
-            self_cond[chosen] = self._estimate(model, subset, state)
+            self_cond[chosen] = estimate
 
     def _fused(self, model, state: State) -> dict[str, torch.Tensor]:
-        """The device batch with every microbatch corrupted and its estimates from one pass.
+        """The device batch corrupted, with the estimates of its chosen examples from one pass.
 
-        Microbatch i is the i-th chunk of `device_train_microbatch_size` examples, as Composer
-        splits the batch; its draws and chosen examples are those `_estimate_on_subset` makes.
+        Every draw belongs to its sample, so corrupting the device batch at once draws what
+        corrupting each microbatch draws, and the same examples are chosen.
         """
-        batch = state.device.batch_to_device(state.batch)
-        size = state.device_train_microbatch_size or len(batch['tokens'])
-        keys = list(batch)
-        chunks = [
-            model.corrupt(dict(zip(keys, parts))) for parts in zip(*(batch[k].split(size) for k in keys))
-        ]
-        batch_index, offset, picks = int(state.timestamp.batch), 0, []
-        for i, chunk in enumerate(chunks):
-            count = len(chunk['tokens'])
-            picks.append(self._choose(count, self._generator(state, batch_index, i)) + offset)
-            offset += count
-        merged = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
-        self._estimate_chosen(model, merged, torch.cat(picks), merged['self_cond'], state)
-        return merged
+        batch = model.corrupt(state.device.batch_to_device(state.batch))
+        if self.p > 0:
+            self._estimate_chosen(model, batch, self._choose(model, batch), batch['self_cond'], state)
+        return batch
 
     def _batch_heads(self, state: State) -> bool:
         """The batch's coin: the same on every rank and microbatch, and after a resume."""
@@ -146,16 +146,3 @@ class SelfConditioning(Algorithm):
         key = f'{state.rank_zero_seed}/{int(state.timestamp.batch)}'
         generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
         return bool(torch.rand((), generator=generator) < self.p)
-
-    def _example_generator(self, state: State) -> torch.Generator:
-        """The generator of this microbatch's chosen examples (microbatches counted per batch)."""
-        batch_index = int(state.timestamp.batch)
-        previous, count = self._microbatch
-        self._microbatch = (batch_index, count + 1 if previous == batch_index else 0)
-        return self._generator(state, batch_index, self._microbatch[1])
-
-    @staticmethod
-    def _generator(state: State, batch_index: int, microbatch: int) -> torch.Generator:
-        """Seeded by (seed, rank, batch, microbatch): the same choice fused or not, and after a resume."""
-        key = f'{state.rank_zero_seed}/{dist.get_global_rank()}/{batch_index}/{microbatch}'
-        return torch.Generator().manual_seed(zlib.crc32(key.encode()))

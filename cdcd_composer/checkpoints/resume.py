@@ -140,6 +140,13 @@ def check_load_path(cfg: TrainConfig) -> None:
         return
     if not is_remote(cfg.load_path) and not os.path.exists(cfg.load_path):
         raise ValueError(f'load_path {cfg.load_path} not found: pass a checkpoint written by train.py')
+    if os.path.isdir(cfg.load_path) and not os.path.isfile(os.path.join(cfg.load_path, '.metadata')):
+        inside = checkpoints_in(cfg.load_path)
+        example = f'{cfg.load_path.rstrip("/")}/{inside[-1]}' if inside else 'a .pt file written by train.py'
+        raise ValueError(
+            f'load_path {cfg.load_path} is a folder, not a checkpoint (a sharded one holds .metadata): pass '
+            f'a checkpoint file such as {example}'
+        )
     if os.path.isfile(cfg.load_path) and not looks_like_a_checkpoint(cfg.load_path):
         raise ValueError(
             f'load_path {cfg.load_path} is not a PyTorch checkpoint: pass a .pt file (or sharded checkpoint '

@@ -360,8 +360,8 @@ def cli(argv: list[str]) -> None:
         sys.exit(f'config error: {e}')
     try:
         trainer = build(run)
-    except ValueError as e:  # e.g. a damaged checkpoint to resume from
-        sys.exit(f'error: {e}')
+    except (ValueError, OSError) as e:  # a damaged checkpoint to resume from, a full disk at start
+        sys.exit(f'error: {e if isinstance(e, ValueError) else storage_fault(e) or error_line(e)}')
     fit_or_say_where_it_stopped(trainer, run.cfg)
 
 

@@ -32,12 +32,17 @@ FILELOCKS = (BARRIER_FILELOCK, CACHE_FILELOCK)
 
 
 class StoryDataset(StreamingDataset):
-    """A split of MDS token shards; yields `{'tokens': LongTensor (seq_len,)}`."""
+    """A split of MDS token shards; yields `{'tokens': LongTensor (seq_len,), 'index': LongTensor ()}`.
+
+    The index is the sample's position in the dataset: its training draws are a function of it
+    (`sample_draws`), whichever rank and microbatch it lands in.
+    """
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(index)
         # Streaming hands out read-only views of the shard: copy before making a tensor.
-        return {'tokens': torch.from_numpy(sample['tokens'].astype(np.int64))}
+        tokens = torch.from_numpy(sample['tokens'].astype(np.int64))
+        return {'tokens': tokens, 'index': torch.tensor(int(index), dtype=torch.int64)}
 
 
 def check_split(root: str, split: str) -> set[str]:
