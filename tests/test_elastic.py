@@ -40,6 +40,14 @@ class RecordOrder(Callback):
     def fit_start(self, state, logger):
         self.loaded, self.loaded_ema = whole_weights(state.model)  # as loaded
 
+    def batch_checkpoint(self, state, logger):
+        '''STOP_AT=N: the run ends after batch N's checkpoint, as a preempted job does (its schedule
+        stays the whole run's, which Trainer.fit(duration=...) would shorten).'''
+        if int(state.timestamp.batch) == int(os.environ.get('STOP_AT', -1)):
+            self.fit_end(state, logger)
+            dist.barrier()
+            os._exit(0)
+
     def fit_end(self, state, logger):
         refit = next(c for c in state.callbacks if isinstance(c, TimeWarpRefit))
         final, final_ema = whole_weights(state.model)
@@ -63,13 +71,13 @@ trainer.fit()
 """
 
 
-def run(tmp_path, name: str, ranks: int, overrides: list[str]) -> dict:
+def run(tmp_path, name: str, ranks: int, overrides: list[str], stop_at: int | None = None) -> dict:
     """Trains with `ranks` processes (the composer launcher, gloo) and returns rank 0's record."""
     driver = tmp_path / 'driver.py'
     yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
     driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), yaml=yaml)))
     record = tmp_path / f'{name}.pt'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1', **({'STOP_AT': str(stop_at)} if stop_at else {}))
     launcher = os.path.join(os.path.dirname(sys.executable), 'composer')
     cmd = [launcher, '-n', str(ranks), '--stderr', str(tmp_path / f'{name}-err{{rank}}.txt'), str(driver),
            str(record), *overrides]  # fmt: skip
@@ -136,7 +144,14 @@ def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_orde
         # 2 ranks write one shard file per rank, which DCP reshards when loaded on 1 (FSDP kept to load
         # it); 1 process trains without FSDP and writes one file, which 2 FSDP ranks load whole.
         common.append('parallelism_config={fsdp: {state_dict_type: sharded}}')
-    first = run(tmp_path, 'first', before, [*common, 'max_duration=4ba', f'save_folder={tmp_path}/ckpt'])
+    # The 8-batch run stopped after batch 4 (its schedule is the 8-batch one), then resumed.
+    first = run(
+        tmp_path,
+        'first',
+        before,
+        [*common, 'max_duration=8ba', f'save_folder={tmp_path}/ckpt'],
+        stop_at='4',
+    )
     sharded = strategy == 'fsdp2-sharded' and before == 2
     checkpoint = tmp_path / 'ckpt' / ('ep0-ba4' if sharded else 'ep0-ba4-rank0.pt')
     assert checkpoint.exists()
