@@ -544,11 +544,12 @@ def main() -> None:
     p.add_argument('--work', default=None, help='work folder (default: a temporary one)')
     p.add_argument('--only', default=None, help='run only cases whose entry or label is this')
     p.add_argument('--verbose', action='store_true', help='one row per case')
+    p.add_argument('--no_full_disk', action='store_true', help='leave out the full-disk cases')
     args = p.parse_args()
     tree = Path(args.tree).resolve()
     w = Path(args.work or tempfile.mkdtemp(prefix='cdcd-probe-')).resolve()
     (w / FULL).mkdir(parents=True, exist_ok=True)
-    if not os.path.ismount(w / FULL) and not os.environ.get('CDCD_PROBE_NAMESPACE'):
+    if not args.no_full_disk and not os.path.ismount(w / FULL) and not os.environ.get('CDCD_PROBE_NAMESPACE'):
         rerun_with_a_small_disk(w)
     os.environ.update(OMP_NUM_THREADS='1', TOKENIZERS_PARALLELISM='false', HF_HUB_OFFLINE='1')
     if not (w / 'run' / 'export').exists():
@@ -566,7 +567,7 @@ def main() -> None:
     counts: dict[str, Counter] = {}
     selected = [c for c in cases() if args.only in (None, c.entry, c.label)]
     if not os.path.ismount(w / FULL):
-        print('no mount namespace here (unshare): the full-disk cases are left out', flush=True)
+        print('the full-disk cases are left out (--no_full_disk, or no mount namespace here)', flush=True)
         selected = [c for c in selected if c.label != 'full disk']
     for i, case in enumerate(selected):
         started = time.monotonic()

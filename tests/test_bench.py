@@ -65,16 +65,18 @@ def test_gpu_check_refuses_without_a_gpu():
 
 
 def test_the_probe_classifies_its_export_inputs(tmp_path):
-    """`bench/probe.py` builds its fixtures and classifies each input (here the export CLI's six: a
-    malicious pickle, a user's folder, a missing file, a file as the destination, a NaN export, a
-    real one), printing one count per class."""
-    printed = run_bench('bench/probe.py', '--work', str(tmp_path / 'probe'), '--only', 'export', '--verbose')
+    """`bench/probe.py` builds its fixtures and classifies each input (here the export CLI's seven
+    without a full disk: a malicious pickle, a user's folder, a missing file, a file as the
+    destination, a NaN export, its own input as OUT_DIR, a real one), one count per class."""
+    printed = run_bench(
+        'bench/probe.py', '--work', str(tmp_path / 'probe'), '--only', 'export', '--verbose', '--no_full_disk'
+    )
     table = {
         line.split('|')[1].strip(): line.split('|')[-2].strip()
         for line in printed.splitlines()
         if '|' in line
     }
-    assert table['one-line error'] == '5' and table['handled'] == '1', printed
+    assert table['one-line error'] == '6' and table['handled'] == '1', printed
     for cls in ('code execution', 'data loss', 'traceback', 'silent', 'unclear'):
         assert table[cls] == '0', printed
 

@@ -59,7 +59,8 @@ def test_mse_weight_zero_is_exactly_the_cross_entropy_and_positive_adds_the_term
     plain = wrapper()
     batch = corrupted(plain)
     out = plain(batch)
-    ce = plain.denoise(batch, cross_entropy=True).cross_entropy.mean()  # the loss's own CE, recomputed
+    ce = plain.denoise(batch, cross_entropy=True).cross_entropy  # the loss's own CE, recomputed
+    ce = (ce.sum(-1) / ce.shape[-1]).mean()  # each sequence's mean, averaged over sequences
     assert torch.equal(out['loss'], ce) and 'mse' not in out  # every position generated here
     # ... and that CE is the cross-entropy of the vocabulary-sized logits.
     torch.testing.assert_close(ce, vocabulary_cross_entropy(out['logits'], batch['tokens']).mean())

@@ -142,11 +142,11 @@ def test_the_examples_chosen_depend_only_on_seed_epoch_and_index():
     from types import SimpleNamespace
 
     from cdcd_composer.algorithms.self_conditioning import SelfConditioning
-    from cdcd_composer.sample_draws import SampleDraws
+    from cdcd_composer.data.loaders import HOST_INDEX
 
     def chosen(index, epoch=0):
-        model = SimpleNamespace(draws=lambda batch: SampleDraws(17, epoch, batch['index']))
-        batch = {'tokens': torch.zeros(len(index), 4, dtype=torch.long), 'index': torch.tensor(index)}
+        model = SimpleNamespace(noise_seed=(17, epoch))  # as BatchNoiseSeed leaves it
+        batch = {'tokens': torch.zeros(len(index), 4, dtype=torch.long), HOST_INDEX: index}
         return [index[i] for i in SelfConditioning(0.5)._choose(model, batch).tolist()]
 
     whole = chosen(list(range(64)))

@@ -12,6 +12,7 @@ from composer.loggers import Logger
 
 from cdcd_composer import sample_draws
 from cdcd_composer.composer_model import unwrap_model
+from cdcd_composer.data.loaders import HOST_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ class SelfConditioning(Algorithm):
     - `per='example'` (default; Plaid's variant): each example's own coin, heads with
       probability p, drawn from (seed, epoch, its dataset index) like the rest of its corruption
       (`sample_draws`), so which examples are chosen does not depend on ranks or microbatches.
-      Every microbatch pays a whole pass's kernel launches for about p of its FLOPs, and one host
-      sync (the number of heads); a microbatch without heads still runs a pass over one example,
-      so every rank makes the same forward calls.
+      The coins are tossed on the host (from the batch's host-side indices), so nothing waits for
+      the device. Every microbatch pays a whole pass's kernel launches for about p of its FLOPs;
+      a microbatch without heads still runs a pass over one example, so every rank makes the
+      same forward calls.
     - `per='batch'` (Analog Bits' Algorithm 1): one coin per optimizer batch, seeded by (seed,
       batch index), so every rank and every microbatch of the batch agree. A batch with heads
       runs one no-grad pass over each whole microbatch; one with tails runs none: `p` passes per
@@ -106,13 +108,19 @@ class SelfConditioning(Algorithm):
         return self_cond
 
     def _choose(self, model, batch: dict) -> torch.Tensor:
-        """The indices of the examples whose coin (probability p) came up heads, in batch order."""
+        """The indices of the examples whose coin (probability p) came up heads, in batch order.
+
+        Tossed on the host from the batch's host-side indices (`collate_stories`), so nothing waits
+        for the device; a batch without them (built by hand) tosses the global generator's coins.
+        """
         tokens = batch['tokens']
-        if self.p in (0.0, 1.0):  # no coin, no sync
-            return torch.arange(len(tokens) if self.p else 0, device=tokens.device)
-        draws = model.draws(batch)
-        u = draws.uniform(sample_draws.COIN, 1)[:, 0] if draws is not None else torch.rand(len(tokens))
-        return torch.nonzero(u.to(tokens.device) < self.p).squeeze(1)
+        if model.noise_seed is not None and HOST_INDEX in batch:
+            draws = sample_draws.SampleDraws(*model.noise_seed, torch.tensor(batch[HOST_INDEX]))
+            u = draws.uniform(sample_draws.COIN, 1)[:, 0]
+        else:
+            u = torch.rand(len(tokens))
+        chosen = torch.nonzero(u < self.p).squeeze(1)
+        return chosen.to(tokens.device, non_blocking=True)
 
     def _estimate_chosen(
         self, model, batch: dict, chosen: torch.Tensor, self_cond: torch.Tensor, state: State

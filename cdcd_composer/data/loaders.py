@@ -20,7 +20,7 @@ from streaming.base.hashing import get_hash
 from streaming.base.shared import SharedMemory
 from streaming.base.shared import prefix as streaming_prefix
 from streaming.base.shared.prefix import _unpack_locals
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from cdcd_composer import workarounds
 from cdcd_composer.data.metadata import METADATA_FILE, TOKENIZER_DIR
@@ -235,7 +235,23 @@ def build_dataloader(
         drop_last=drop_last,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_stories,
     )
+
+
+HOST_INDEX = 'host_index'
+
+
+def collate_stories(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Stacks a batch; its sample indices also stay on the host, as a list under `host_index`.
+
+    Composer moves tensors to the device and leaves lists where they are (splitting both into
+    the same microbatches), so host-side choices (the self-conditioning coins) read the indices
+    without waiting for the device.
+    """
+    batch = default_collate(samples)
+    batch[HOST_INDEX] = batch['index'].tolist()
+    return batch
 
 
 def fetch_dataset_files(root: str, local_cache: str | None) -> str:
