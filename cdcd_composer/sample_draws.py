@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,14 +29,18 @@ GOLDEN32 = 0x9E3779B9  # the counter's stride: 2**32 / golden ratio
 T, NOISE, MASK, COIN = 1, 2, 3, 4
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x: Any, c: int) -> Any:
     """(x * c) mod 2**32 for x in [0, 2**32), without an int64 product above 2**49."""
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """Wellons' lowbias32: a bijection of [0, 2**32) with good avalanche, on int64 tensors."""
+def mix32(x: Any) -> Any:
+    """Wellons' lowbias32: a bijection of [0, 2**32) with good avalanche, on int64 tensors or ints.
+
+    Keys made of Python ints stay on the host: no scalar is copied to the device (a blocking copy
+    would wait for the device's queue).
+    """
     x = x & MASK32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -54,13 +59,13 @@ class SampleDraws:
     """
 
     def __init__(self, seed: int, epoch: int, index: torch.Tensor) -> None:
-        head = mix32(torch.tensor(seed & MASK32) ^ mix32(torch.tensor(((seed >> 32) ^ epoch) & MASK32)))
+        head = mix32((seed & MASK32) ^ mix32(((seed >> 32) ^ epoch) & MASK32))  # a Python int
         index = index.long()
-        self.keys = mix32(mix32(index & MASK32) ^ mix32(head.to(index.device) ^ (index >> 32)))  # (B,)
+        self.keys = mix32(mix32(index & MASK32) ^ mix32((index >> 32) ^ head))  # (B,)
 
     def uniform(self, stream: int, n: int, start: int = 0) -> torch.Tensor:
         """(B, n) float32 in (0, 1): counters start .. start + n of `stream`, 23 bits each."""
-        key = mix32(self.keys ^ _mul32(torch.tensor(stream, device=self.keys.device), GOLDEN32))
+        key = mix32(self.keys ^ _mul32(stream, GOLDEN32))
         counter = _mul32(torch.arange(start, start + n, device=self.keys.device), GOLDEN32)
         x = mix32(key[:, None] ^ counter[None, :])
         return ((x >> 9).float() + 0.5) * 2.0**-23
