@@ -28,7 +28,7 @@ from cdcd_composer.model import AdaptiveLayerNorm, CDCDConfig, CDCDTransformer, 
 from cdcd_composer.prompting import Request
 from cdcd_composer.run_spec import RunSpec
 from cdcd_composer.sampler import (
-    DEFAULT_STEPS,
+    DISTILLED,
     SamplerSettings,
     check_sampling_request,
     decode_samples,
@@ -40,6 +40,19 @@ from cdcd_composer.warp_curve import WarpCurve
 # The paper's noise levels for validation CE (Fig. 2); those outside [t_min, t_max] are skipped.
 EVAL_NOISE_LEVELS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 NLL_BOUND = 'NLL_bound'  # the eval metric of the likelihood bound, nats per non-pad token
+# The per-row keys of a corrupted batch (a distillation's rows add the teacher's state, the
+# landing time, the jump target and which rows land between states: `algorithms/distillation.py`).
+ROW_KEYS = (
+    'tokens',
+    't',
+    'generate_mask',
+    'self_cond',
+    'noise',
+    'x_t',
+    't_next',
+    'jump_target',
+    'lands_between_states',
+)
 WARP_PREFIX = 'time_warp.'  # State-dict keys of the warp's tensors: time_warp.masses, ...
 
 
@@ -104,6 +117,8 @@ class CDCDComposerModel(ComposerModel):
         # Extra no-grad forward passes per training step, as a fraction of the batch; set by the
         # SelfConditioning algorithm so `flops_per_batch` counts them.
         self.extra_forward_fraction = 0.0
+        # Weight of a distilled student's jump error (`Distillation` sets it; unused otherwise).
+        self.jump_weight = 1.0
         self._forward_flops: dict[tuple[int, int], int] = {}  # (batch, length) -> forward_flops
         # (seed, epoch), set per batch by the `BatchNoiseSeed` callback: every sample's corruption
         # is then a function of (seed, epoch, its dataset index) alone (`sample_draws`).
@@ -133,8 +148,9 @@ class CDCDComposerModel(ComposerModel):
             for kind in ('CE', 'Accuracy'):
                 key = f'{kind}_t{_level_name(t)}'
                 self.eval_metrics[key] = token_mean(key)
-        self.nll_bound_samples = nll_bound_samples
-        if nll_bound_samples:
+        # A distilled student's passes jump along its teacher's trajectories: no likelihood bound.
+        self.nll_bound_samples = 0 if self.config.target_time else nll_bound_samples
+        if self.nll_bound_samples:
             self.eval_metrics[NLL_BOUND] = token_mean(NLL_BOUND)  # nats per non-pad token
 
     @classmethod
@@ -146,6 +162,7 @@ class CDCDComposerModel(ComposerModel):
         )  # fmt: skip
         if n_bins is not None:
             model.time_warp = TimeWarp(spec.t_min, spec.t_max, n_bins)
+        model.spec = dataclasses.replace(model.spec, sampling=spec.sampling)
         return model
 
     # -- state: the run spec rides along as extra state ---------------------------------------
@@ -174,7 +191,8 @@ class CDCDComposerModel(ComposerModel):
                 'the checkpoint was trained with a different model config; '
                 'use the YAML it was trained with or set load_weights_only=true'
             )
-        self.spec = dataclasses.replace(self.spec, weights=loaded.weights)  # Which weights it now holds.
+        # Which weights it now holds, and how it samples (a distilled student's record).
+        self.spec = dataclasses.replace(self.spec, weights=loaded.weights, sampling=loaded.sampling)
 
     # -- the forward process and loss --------------------------------------------------------
     def begin_batch(self, seed: int, epoch: int) -> None:
@@ -206,7 +224,7 @@ class CDCDComposerModel(ComposerModel):
                 out['t'] = self.time_warp.sample_t(batch_size, tokens.device)
             else:
                 out['t'] = self.time_warp.inverse_cdf(draws.uniform(sample_draws.T, 1)[:, 0])
-        if 'noise' not in out:
+        if 'noise' not in out and 'x_t' not in out:
             shape = (batch_size, length, self.config.d_embed)
             if draws is None:
                 out['noise'] = torch.randn(*shape, device=tokens.device)
@@ -220,6 +238,8 @@ class CDCDComposerModel(ComposerModel):
                 out['generate_mask'] = torch.ones_like(tokens, dtype=torch.bool)
         if 'self_cond' not in out:
             out['self_cond'] = torch.zeros(batch_size, length, self.config.d_embed, device=tokens.device)
+        if self.config.target_time and 't_next' not in out:  # a student's jump to the end, from data
+            out['t_next'] = torch.full_like(out['t'], self.spec.t_min)
         return out
 
     def denoise(self, batch: dict[str, torch.Tensor], **outputs: bool) -> DenoiserOutput:
@@ -229,7 +249,9 @@ class CDCDComposerModel(ComposerModel):
             batch['t'],
             batch['generate_mask'],
             batch['self_cond'],
-            noise=batch['noise'],
+            noise=batch.get('noise'),
+            x_t=batch.get('x_t'),
+            t_next=batch.get('t_next'),
             **outputs,
         )
 
@@ -245,14 +267,24 @@ class CDCDComposerModel(ComposerModel):
             with `mse_weight` > 0 also `mse` (scalar, detached), the auxiliary term before weighting.
         """
         batch = self.corrupt(batch)
-        denoised = self.denoise(batch, embedding_error=bool(self.mse_weight), cross_entropy=True)
+        jumps = 'jump_target' in batch  # a distillation's rows (`algorithms/distillation.py`)
+        denoised = self.denoise(
+            batch, embedding_error=bool(self.mse_weight), cross_entropy=True, expected_embedding=jumps
+        )
         ce = denoised.cross_entropy
         m = batch['generate_mask'].to(ce.dtype)  # Given tokens carry no loss.
         # Each sequence's mean over its generated tokens, averaged over sequences: Composer weighs
         # a microbatch by its share of the device batch and DDP/FSDP average over ranks, so the
         # gradient is the mean over the global batch however it is split (docs/training.md).
         ce_per_sequence = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-        loss = ce_per_sequence.mean()
+        per_sequence = ce_per_sequence
+        if jumps:  # a jump between the teacher's states: the error of the x0_hat that lands there
+            error = (denoised.x0_hat - batch['jump_target']).square().mean(-1)
+            jump = (error * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+            per_sequence = torch.where(
+                batch['lands_between_states'], self.jump_weight * jump, ce_per_sequence
+            )
+        loss = per_sequence.mean()
         out = {
             'logits': denoised.logits,
             'ce_per_sequence': ce_per_sequence.detach(),
@@ -336,6 +368,11 @@ class CDCDComposerModel(ComposerModel):
             proposal: 'log_uniform' (the lowest variance on the demo model), 'inverse_square' or 'warp'.
             seed: Seeds the noise and the draws of t.
         """
+        if self.config.target_time:
+            raise ValueError(
+                "a distilled student's passes jump along its teacher's trajectories, so it has no likelihood "
+                "bound; compute the teacher's"
+            )
         dims = self.config.d_embed
         mask = torch.ones_like(tokens, dtype=torch.bool)
         zeros = torch.zeros(*tokens.shape, dims, device=tokens.device)
@@ -363,7 +400,7 @@ class CDCDComposerModel(ComposerModel):
     def generate_tokens(
         self,
         num_samples: int,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         settings: SamplerSettings | None = None,
         *,
         request: Request | None = None,
@@ -377,8 +414,8 @@ class CDCDComposerModel(ComposerModel):
 
         Args:
             num_samples: How many sequences.
-            steps: Solver steps.
-            settings: Solver, temperature, guidance; default: self-conditioning as in training.
+            steps: Solver steps (default: the model's, `RunSpec.default_steps`).
+            settings: Solver, temperature, guidance; default: the model's (`sampling_settings`).
             request: A prompt or infilling template for every sample (default unconditional).
             given: Per-sample conditioning instead: (given_tokens, generate_mask), each (N, L).
             seed: Batch `i` (starting at sample `i`) draws its initial noise with seed + i.
@@ -386,23 +423,39 @@ class CDCDComposerModel(ComposerModel):
             warp: Timesteps from the fitted time warp (False: evenly spaced in t).
             on_step: Called after each solver step of each batch (progress bars).
         """
-        check_sampling_request(num_samples, steps, seed, batch_size)  # before the timesteps are allocated
         spec = self.spec
-        settings = settings or SamplerSettings(self_conditioning=spec.self_conditioned)
+        steps = steps or spec.default_steps
+        check_sampling_request(num_samples, steps, seed, batch_size)  # before the timesteps are allocated
+        settings = settings or self.sampling_settings()
         if given is None:
             given = (request or Request()).given(
                 spec.text_tokenizer, spec.data.seq_len, spec.padded, num_samples
             )
-        curve = self.time_warp if warp else WarpCurve(spec.t_min, spec.t_max)
+        if settings.solver == DISTILLED:
+            timesteps = spec.distilled_timesteps(steps)
+        else:
+            timesteps = (self.time_warp if warp else WarpCurve(spec.t_min, spec.t_max)).sampling_timesteps(
+                steps
+            )
         return sample_in_batches(
-            self.model, curve.sampling_timesteps(steps), num_samples, spec.data.seq_len, settings,
+            self.model, timesteps, num_samples, spec.data.seq_len, settings,
             given=given, seed=seed, batch_size=batch_size, on_step=on_step,
         )  # fmt: skip
+
+    def sampling_settings(self, **changes: Any) -> SamplerSettings:
+        """The model's own sampler settings (`RunSpec.sampling`, self-conditioning as trained), changed.
+
+        A change given as None keeps the model's value.
+        """
+        spec = self.spec
+        own = {'solver': spec.default_solver, 'score_temperature': spec.default_tau,
+               'self_conditioning': spec.self_conditioned}  # fmt: skip
+        return SamplerSettings(**own | {k: v for k, v in changes.items() if v is not None})
 
     def generate(
         self,
         num_samples: int,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         settings: SamplerSettings | None = None,
         **kwargs: Any,
     ) -> list[str]:

@@ -42,6 +42,10 @@ class CDCDConfig:
     # 'l2': rows L2-normalised to norm sqrt(d_embed) (the paper); 'layernorm': a LayerNorm with
     # learned gain and bias, as Difformer / simple-diffusion-lm normalise their embeddings.
     embedding_norm: str = 'l2'
+    # A distilled student's steps land at a chosen time: the denoiser also reads that target time
+    # t_next (a second time embedding, added to t's; zero at initialisation, so a student starts
+    # as its teacher). `algorithms/distillation.py`.
+    target_time: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in (('preconditioning', PRECONDITIONINGS), ('embedding_norm', EMBEDDING_NORMS)):
@@ -346,6 +350,8 @@ class CDCDTransformer(nn.Module):
             # eps far below the rows' variance at init (std embed_init_std = 0.001: variance 1e-6).
             self.embedding_norm = nn.LayerNorm(config.d_embed, eps=1e-12)
         self.time_embedding = TimeEmbedding(config.n_fourier, config.d_time)
+        if config.target_time:
+            self.target_time_embedding = TimeEmbedding(config.n_fourier, config.d_time)
         self.input_projection = nn.Linear(round_up(self.input_width, INPUT_MULTIPLE), config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_out = AdaptiveLayerNorm(config.d_model, config.d_time)
@@ -366,6 +372,9 @@ class CDCDTransformer(nn.Module):
             if isinstance(module, AdaptiveLayerNorm):
                 nn.init.zeros_(module.modulation.weight)
                 nn.init.zeros_(module.modulation.bias)
+        if self.config.target_time:  # adds nothing until trained: a student starts as its teacher
+            nn.init.zeros_(self.target_time_embedding.mlp[2].weight)
+            nn.init.zeros_(self.target_time_embedding.mlp[2].bias)
         nn.init.normal_(self.embedding.weight, std=self.config.embed_init_std)
 
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
@@ -404,6 +413,7 @@ class CDCDTransformer(nn.Module):
         expected_embedding: bool = False,
         embedding_error: bool = False,
         cross_entropy: bool = False,
+        t_next: torch.Tensor | None = None,
     ) -> DenoiserOutput:
         """Logits of the clean tokens given noisy embeddings, and what is derived from them.
 
@@ -421,6 +431,8 @@ class CDCDTransformer(nn.Module):
             expected_embedding: Fill in `x0_hat`.
             embedding_error: Fill in `embedding_error`.
             cross_entropy: Fill in `cross_entropy`, the CE of `tokens`.
+            t_next: (B,) the time this step lands at; read (and required) by a distilled student
+                (`CDCDConfig.target_time`) only.
 
         Returns:
             A `DenoiserOutput`; the fields not asked for are None.
@@ -437,7 +449,14 @@ class CDCDTransformer(nn.Module):
         if pad:
             parts.append(m.new_zeros(*m.shape[:-1], pad))
         h = self.input_projection(torch.cat(parts, dim=-1))  # (B, L, d_model)
-        time = self.time_embedding(t).to(h.dtype)  # (B, d_time)
+        time = self.time_embedding(t)  # (B, d_time)
+        if self.config.target_time:
+            if t_next is None:
+                raise ValueError(
+                    'a distilled denoiser (model.target_time) needs t_next, the time its step lands at'
+                )
+            time = time + self.target_time_embedding(t_next)
+        time = time.to(h.dtype)
         rope = rotary_tables(h.shape[1], self.config.d_model // self.config.n_heads, h.device, h.dtype)
         for block in self.blocks:
             h = block(h, time, rope)

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from cdcd_composer.data.metadata import DatasetMetadata
 from cdcd_composer.data.tokenization import tokenizer_from_json
 from cdcd_composer.model import CDCDConfig
+from cdcd_composer.sampler import distilled_timesteps, sampling_defaults
 
 SPEC_FORMAT = 2  # bumped when the spec's fields change; a reader accepts its own only
 
@@ -34,6 +36,9 @@ class RunSpec:
         self_conditioning: Training probability of self-conditioning (None: trained without it).
         weights: Which weights the state holds: 'raw' (as the optimizer left them) or 'ema'
             (their exponential moving average); an export records its choice here.
+        sampling: How the model samples when nothing else is asked, where that belongs to the
+            model: a distilled student's {'solver': 'distilled', 'tau', 'steps' (its default
+            count), 'timesteps' (count -> its pass times and t_min)}. None: the library's defaults.
     """
 
     model: CDCDConfig
@@ -43,6 +48,7 @@ class RunSpec:
     tokenizer: dict[str, Any] | None = None
     self_conditioning: float | None = None
     weights: str = 'raw'
+    sampling: dict[str, Any] | None = None
 
     @cached_property
     def text_tokenizer(self) -> PreTrainedTokenizerFast:
@@ -68,6 +74,25 @@ class RunSpec:
     def padded(self) -> bool:
         """One story per canvas, padded (False: stories packed into full windows)."""
         return self.data.layout == 'padded'
+
+    @property
+    def default_solver(self) -> str:
+        """The solver it samples with by default."""
+        return sampling_defaults(self.sampling)[0]
+
+    @property
+    def default_tau(self) -> float:
+        """The score temperature it samples at by default (a student: the one it was distilled at)."""
+        return sampling_defaults(self.sampling)[1]
+
+    @property
+    def default_steps(self) -> int:
+        """The solver steps it samples with by default (a distilled student: network evaluations)."""
+        return sampling_defaults(self.sampling)[2]
+
+    def distilled_timesteps(self, steps: int) -> torch.Tensor:
+        """A distilled student's pass times for `steps` evaluations (`sampler.distilled_timesteps`)."""
+        return distilled_timesteps(self.sampling, steps)
 
     @property
     def self_conditioned(self) -> bool:

@@ -27,6 +27,7 @@ GOLDEN32 = 0x9E3779B9  # the counter's stride: 2**32 / golden ratio
 
 # What is drawn: each gets its own stream of numbers per sample.
 T, NOISE, MASK, COIN = 1, 2, 3, 4
+TRAJECTORY, JUMP = 5, 6  # a distillation's teacher noise and the jumps its rows train
 
 
 def _mul32(x: Any, c: int) -> Any:

@@ -6,7 +6,11 @@ With x0_hat = softmax(logits) @ E the ODE is dx/dt = (x - x0_hat) / (tau t). Sol
   x' = x0_hat + (t'/t)^(1/tau) (x - x0_hat) (DDIM's step for the variance-exploding process);
 - 'dpmpp_2m' (the default): DPM-Solver++(2M) in log t: x0_hat extrapolated linearly in log t
   from this step's and the previous step's estimates, integrated exactly against the
-  (t'/t)^(1/tau) kernel.
+  (t'/t)^(1/tau) kernel;
+- 'distilled': a distilled student's steps (`algorithms/distillation.py`): pass i reads where it
+  lands, t_(i+1), and its x0_hat takes the exponential step there, landing where the teacher's
+  solver would; the last pass's argmax is the sample. Its times are the ones it was distilled
+  for, recorded in its spec (`distilled_timesteps`); one network evaluation per step.
 Every solver step may evaluate the denoiser at a scaled time, c t instead of t
 (`eval_time_scale`; the final argmax pass stays at t_min): the time-shifted evaluation that
 corrects few-step samplers' exposure bias (Li et al. 2024, "Alleviating exposure bias in diffusion
@@ -23,13 +27,15 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer.model import CDCDTransformer, DenoiserOutput, score
 
-SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m')
+SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m', 'distilled')
+DISTILLED = 'distilled'
 # The defaults of generate.py, eval.py, the training samples and the Hugging Face model's
 # generate (`bench/sample.py --quality`): 24 steps + the argmax pass = 25 network evaluations.
 DEFAULT_SOLVER = 'dpmpp_2m'
@@ -88,6 +94,10 @@ class SamplerSettings:
             object.__setattr__(self, 'solver', 'heun')
         object.__setattr__(self, 'heun', self.solver == 'heun')
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
+        if self.solver == DISTILLED and self.eval_time_scale not in (None, 1.0):
+            raise ValueError(
+                '--eval_time_scale does not apply to a distilled student (it reads its own times)'
+            )
         if self.time_shift is not None and (not 0 <= self.time_shift < math.inf or self.solver != 'euler'):
             raise ValueError(
                 f'time shift (--time_shift) {self.time_shift} must be a finite number >= 0 and works with '
@@ -133,6 +143,8 @@ def sample(
     generate_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
+    noise: torch.Tensor | None = None,
+    on_state: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Integrates the probability-flow ODE from t_max to t_min, then takes the argmax.
 
@@ -150,6 +162,9 @@ def sample(
         generate_mask: (B, L) 1 where tokens are generated; default all ones.
         generator: Random generator for the initial noise (determinism by seed); on the model's device.
         on_step: Called with the step index after each step (progress bars).
+        noise: (B, L, d_embed) standard normal draws to start from, instead of `generator`'s.
+        on_state: Called with (i, x) before each ODE step i, x at timesteps[i], and with
+            (n_steps, x) for the state the argmax pass reads (a distillation's trajectories).
 
     Returns:
         (B, L) int64 token ids.
@@ -163,12 +178,21 @@ def sample(
         given_tokens = torch.zeros(num_samples, seq_len, dtype=torch.long, device=device)
     given_tokens = given_tokens.to(device)
     settings = settings or SamplerSettings()
+    if (settings.solver == DISTILLED) != bool(model.config.target_time):
+        raise ValueError(
+            'a distilled student samples with its own steps (solver distilled), and only a distilled student '
+            f'does; it is {"" if model.config.target_time else "not "}one, the solver {settings.solver}'
+        )
     denoiser = _Denoiser(model, given_tokens, generate_mask, settings)
-    noise = torch.randn(num_samples, seq_len, model.config.d_embed, generator=generator, device=device)
+    if noise is None:
+        noise = torch.randn(num_samples, seq_len, model.config.d_embed, generator=generator, device=device)
     x = noise * timesteps[0] * settings.initial_noise_scale
-    solve = _euler_or_heun if settings.solver in ('euler', 'heun') else _exponential_integrator
-    x = solve(denoiser, x, timesteps, settings, on_step)
-    logits = denoiser.logits(x, timesteps[-1])
+    if settings.solver == DISTILLED:
+        logits = _distilled(denoiser, x, timesteps, settings, on_step)
+    else:
+        solve = _euler_or_heun if settings.solver in ('euler', 'heun') else _exponential_integrator
+        x = solve(denoiser, x, timesteps, settings, on_step, on_state)
+        logits = denoiser.logits(x, timesteps[-1])
     return torch.where(generate_mask, logits.argmax(-1), given_tokens)
 
 
@@ -273,12 +297,19 @@ def check_sampling_request(num_samples: int, steps: int, seed: int, batch_size: 
 
 
 def _euler_or_heun(
-    denoiser: _Denoiser, x: torch.Tensor, timesteps: torch.Tensor, settings: SamplerSettings, on_step
+    denoiser: _Denoiser,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    settings: SamplerSettings,
+    on_step,
+    on_state,
 ) -> torch.Tensor:
     """Euler steps x <- x + (t' - t) d(x, t) with d = -t s / tau; Heun adds the trapezoidal correction."""
     tau, last = settings.score_temperature, len(timesteps) - 2
     shift, scale = settings.time_shift, settings.eval_time_scale
     for i in range(last + 1):
+        if on_state is not None:
+            on_state(i, x)
         t_i, t_next = timesteps[i], timesteps[i + 1]
         t_model = scale * t_i if shift is None else t_next + shift
         direction = -t_i * score(denoiser(x, t_model), x, t_i) / tau
@@ -291,11 +322,18 @@ def _euler_or_heun(
             x = x_euler
         if on_step is not None:
             on_step(i)
+    if on_state is not None:
+        on_state(last + 1, x)
     return x
 
 
 def _exponential_integrator(
-    denoiser: _Denoiser, x: torch.Tensor, timesteps: torch.Tensor, settings: SamplerSettings, on_step
+    denoiser: _Denoiser,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    settings: SamplerSettings,
+    on_step,
+    on_state,
 ) -> torch.Tensor:
     """The exponential integrator of dx/ds = r (x - x0_hat), s = ln t, r = 1/tau, one pass per step.
 
@@ -309,6 +347,8 @@ def _exponential_integrator(
     r = 1.0 / settings.score_temperature
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (D_(i-1), h_prev)
     for i in range(len(timesteps) - 1):
+        if on_state is not None:
+            on_state(i, x)
         t_i, t_next = timesteps[i], timesteps[i + 1]
         x0_hat = denoiser(x, settings.eval_time_scale * t_i)
         h = torch.log(t_i / t_next)
@@ -321,16 +361,68 @@ def _exponential_integrator(
         previous, x = (x0_hat, h), x_next
         if on_step is not None:
             on_step(i)
+    if on_state is not None:
+        on_state(len(timesteps) - 1, x)
     return x
+
+
+def _distilled(
+    denoiser: _Denoiser, x: torch.Tensor, timesteps: torch.Tensor, settings: SamplerSettings, on_step
+) -> torch.Tensor:
+    """A distilled student's passes; returns the last pass's logits (B, L, V).
+
+    Pass i at t_i reads its landing time t_(i+1) and lands at x0_hat + (t_(i+1)/t_i)^(1/tau) (x - x0_hat),
+    the exponential step, which the student was trained to make land where the teacher's solver
+    does (`distillation.jump_target`). The last pass lands at t_min: its argmax is the sample.
+    """
+    r, last = 1.0 / settings.score_temperature, len(timesteps) - 2
+    for i in range(last):
+        t_i, t_next = timesteps[i], timesteps[i + 1]
+        x0_hat = denoiser(x, t_i, t_next)
+        x = x0_hat + (t_next / t_i) ** r * (x - x0_hat)
+        if on_step is not None:
+            on_step(i)
+    logits = denoiser.logits(x, timesteps[last], timesteps[last + 1])
+    if on_step is not None:
+        on_step(last)
+    return logits
+
+
+def sampling_defaults(sampling: dict[str, Any] | None) -> tuple[str, float, int]:
+    """(solver, tau, steps) a model samples with by default: its recorded `sampling`, else the library's.
+
+    `sampling` is what a model's spec records (`RunSpec.sampling`; a distilled student's solver,
+    temperature, default count and times), or None.
+    """
+    own = sampling or {}
+    return own.get('solver', DEFAULT_SOLVER), float(own.get('tau', 1.0)), int(own.get('steps', DEFAULT_STEPS))
+
+
+def distilled_timesteps(sampling: dict[str, Any] | None, steps: int) -> torch.Tensor:
+    """A distilled student's pass times for `steps` network evaluations, then t_min: (steps + 1,) float64.
+
+    Raises:
+        ValueError: the model is no student, or was not distilled for that count.
+    """
+    schedules = (sampling or {}).get('timesteps') if sampling_defaults(sampling)[0] == DISTILLED else None
+    if not schedules:
+        raise ValueError('solver distilled samples a distilled student only; this model is not one')
+    if str(steps) not in schedules:
+        counts = ', '.join(sorted(schedules, key=int))
+        raise ValueError(
+            f'this student was distilled for {counts} network evaluations; pass --steps one of them'
+        )
+    return torch.tensor(schedules[str(steps)], dtype=torch.float64)
 
 
 def network_evaluations(settings: SamplerSettings, steps: int, guided: bool = False) -> int:
     """Denoiser passes per sample for `steps` solver steps, the final argmax pass included.
 
-    Heun takes two per step but the last; guidance (`guided`: g != 1 and something given)
-    doubles every pass. Self-conditioning reuses the previous estimate: no extra pass.
+    Heun takes two per step but the last; a distilled student's last step is its argmax pass;
+    guidance (`guided`: g != 1 and something given) doubles every pass. Self-conditioning reuses
+    the previous estimate: no extra pass.
     """
-    passes = (2 * steps - 1 if settings.solver == 'heun' else steps) + 1
+    passes = {'heun': 2 * steps, DISTILLED: steps}.get(settings.solver, steps + 1)
     return passes * (2 if guided else 1)
 
 
@@ -349,27 +441,40 @@ class _Denoiser:
         self.all_generated = torch.ones_like(mask)
 
     def _call(
-        self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, expected: bool
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        mask: torch.Tensor,
+        t_next: torch.Tensor | None,
+        *,
+        expected: bool,
     ) -> DenoiserOutput:
+        landing = None if t_next is None else t_next.expand(len(x))
         return self.model(
-            self.tokens, t.expand(len(x)), mask, self.self_cond, x_t=x, expected_embedding=expected
+            self.tokens,
+            t.expand(len(x)),
+            mask,
+            self.self_cond,
+            x_t=x,
+            expected_embedding=expected,
+            t_next=landing,
         )
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0_hat (B, L, d_embed) at noise level t (scalar tensor)."""
-        x0_hat = self._call(x, t, self.mask, expected=True).x0_hat
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor | None = None) -> torch.Tensor:
+        """x0_hat (B, L, d_embed) at noise level t (scalar tensor); t_next: a student's landing time."""
+        x0_hat = self._call(x, t, self.mask, t_next, expected=True).x0_hat
         if self.guided:
-            unconditional = self._call(x, t, self.all_generated, expected=True).x0_hat
+            unconditional = self._call(x, t, self.all_generated, t_next, expected=True).x0_hat
             x0_hat = unconditional + self.settings.guidance_scale * (x0_hat - unconditional)
         if self.settings.self_conditioning:
             self.self_cond = x0_hat
         return x0_hat
 
-    def logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor | None = None) -> torch.Tensor:
         """The final pass: logits (B, L, V) at t, guided in logit space like x0_hat above."""
-        logits = self._call(x, t, self.mask, expected=False).logits
+        logits = self._call(x, t, self.mask, t_next, expected=False).logits
         if self.guided:
-            unconditional = self._call(x, t, self.all_generated, expected=False).logits
+            unconditional = self._call(x, t, self.all_generated, t_next, expected=False).logits
             logits = unconditional + self.settings.guidance_scale * (logits - unconditional)
         return logits
 

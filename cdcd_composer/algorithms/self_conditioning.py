@@ -11,7 +11,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 
 from cdcd_composer import sample_draws
-from cdcd_composer.composer_model import unwrap_model
+from cdcd_composer.composer_model import ROW_KEYS, unwrap_model
 from cdcd_composer.data.loaders import HOST_INDEX
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class SelfConditioning(Algorithm):
         """Adds `self_cond` (and the corruption it was computed for) to `state.batch`."""
         model = unwrap_model(state.model)
         if event == Event.INIT:
-            model.extra_forward_fraction = self.p
+            model.extra_forward_fraction += self.p
             return
         if event == Event.BATCH_START:
             state.batch = self._fused(model, state)
@@ -130,7 +130,7 @@ class SelfConditioning(Algorithm):
         With none chosen, a pass over the first example runs and is dropped: every rank makes the
         same forward calls (FSDP gathers parameters in them).
         """
-        keys = ('tokens', 't', 'generate_mask', 'self_cond', 'noise')
+        keys = [key for key in ROW_KEYS if key in batch]
         subset = {key: batch[key][chosen] if len(chosen) else batch[key][:1] for key in keys}
         estimate = self._estimate(model, subset, state)
         if len(chosen):

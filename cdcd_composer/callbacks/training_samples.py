@@ -13,7 +13,6 @@ from composer.utils import create_interval_scheduler, dist
 
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.prompting import Request
-from cdcd_composer.sampler import DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ class TrainingSamples(Callback):
     Args:
         interval: How often, as a Composer time string ('500ba').
         num_samples: Stories per event.
-        steps: Solver steps of the default sampler (`sampler.DEFAULT_SOLVER`).
+        steps: Solver steps (default: the model's own, `RunSpec.default_steps`: 24 of the default
+            solver, or the count a distilled student samples with by default).
         prompt: Continuation prompt for half the samples (None: all unconditional).
         seed: Seed of the initial noise (the same every time, so samples show progress).
     """
@@ -40,11 +40,11 @@ class TrainingSamples(Callback):
         self,
         interval: str = '500ba',
         num_samples: int = 4,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         prompt: str | None = 'Once upon a time',
         seed: int = 0,
     ) -> None:
-        if num_samples <= 0 or steps <= 0:
+        if num_samples <= 0 or (steps is not None and steps <= 0):
             raise ValueError(
                 f'training_samples: num_samples ({num_samples}) and steps ({steps}) must be positive'
             )

@@ -30,7 +30,7 @@ from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_spl
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity, unigram_entropy
 from cdcd_composer.outputs import check_output_file, error_line, write_output_file
-from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, decode_samples
+from cdcd_composer.sampler import DEFAULT_STEPS, SOLVERS, decode_samples
 
 
 def validation_tokens(
@@ -155,15 +155,24 @@ def evaluate(
     local_cache: str | None = None,
     judge: Judge | None = None,
     num_samples: int = 32,
-    steps: tuple[int, ...] = (DEFAULT_STEPS // 4, DEFAULT_STEPS),
-    taus: tuple[float, ...] = (1.0, 0.9),
-    solver: str = DEFAULT_SOLVER,
+    steps: tuple[int, ...] | None = None,
+    taus: tuple[float, ...] | None = None,
+    solver: str | None = None,
     batch_size: int = 16,
     seed: int = 0,
     nll_samples: int = 16,
     nll_canvases: int = 1000,
 ) -> dict[str, Any]:
-    """The full report: CE curve, the likelihood bound, data figures, one row per (kind, steps, tau)."""
+    """The full report: CE curve, the likelihood bound, data figures, one row per (kind, steps, tau).
+
+    Unset, `steps`, `taus` and `solver` are the model's own: (6, 24), (1.0, 0.9) and DPM-Solver++(2M),
+    or a distilled student's count, temperature and solver (which has no likelihood bound).
+    """
+    spec = model.spec
+    student = model.config.target_time
+    steps = steps or ((spec.default_steps,) if student else (DEFAULT_STEPS // 4, DEFAULT_STEPS))
+    taus = taus or ((spec.default_tau,) if student else (1.0, 0.9))
+    nll_samples = 0 if student else nll_samples
     val = validation_tokens(model, data_root, local_cache, max(num_samples, 4 * batch_size, nll_canvases))
     if len(val) < num_samples:  # each sample row is scored against (and prompted by) a real story
         raise ValueError(
@@ -189,9 +198,7 @@ def evaluate(
     }
     for n_steps in steps:
         for tau in taus:
-            settings = SamplerSettings(
-                solver=solver, score_temperature=tau, self_conditioning=model.spec.self_conditioned
-            )
+            settings = model.sampling_settings(solver=solver, score_temperature=tau)
             for kind in ('unconditional', 'prompted'):
                 start = time.perf_counter()
                 texts = model.generate(
@@ -253,9 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         '--num_samples', type=positive_int, default=32, help='samples per row (and validation stories)'
     )
-    p.add_argument('--steps', type=positive_int, nargs='+', default=[DEFAULT_STEPS // 4, DEFAULT_STEPS])
-    p.add_argument('--tau', type=float, nargs='+', default=[1.0, 0.9], help='score temperatures')
-    p.add_argument('--solver', choices=SOLVERS, default=DEFAULT_SOLVER, help='ODE solver (see generate.py)')
+    p.add_argument(
+        '--steps', type=positive_int, nargs='+', default=None,
+        help=f"solver steps (default: {DEFAULT_STEPS // 4} and {DEFAULT_STEPS}, or a distilled student's count)",
+    )  # fmt: skip
+    p.add_argument(
+        '--tau', type=float, nargs='+', default=None,
+        help="score temperatures (default: 1.0 and 0.9, or the one a student was distilled at)",
+    )  # fmt: skip
+    p.add_argument(
+        '--solver', choices=SOLVERS, default=None, help="solver (see generate.py; default: the model's)"
+    )
     p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument('--judge', default=DEFAULT_JUDGE, help="'smollm2', a causal LM name or path, or 'none'")
     p.add_argument('--batch_size', type=positive_int, default=16)
@@ -282,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         judge = None if args.judge == 'none' else Judge(args.judge, args.device)
         report = evaluate(
             model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
-            steps=tuple(args.steps), taus=tuple(args.tau), solver='heun' if args.heun else args.solver,
+            steps=args.steps and tuple(args.steps), taus=args.tau and tuple(args.tau),
+            solver='heun' if args.heun else args.solver,
             batch_size=args.batch_size,
             seed=args.seed, nll_samples=args.nll_samples, nll_canvases=args.nll_canvases,
         )  # fmt: skip

@@ -5,6 +5,10 @@
     python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
     python generate.py runs/cdcd-tiny/export --solver dpmpp_2m --steps 24
     python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --heun --steps 100
+    python generate.py runs/cdcd-tiny-distill/export --steps 1      # a distilled student, 1 pass
+
+Unset, --steps, --solver and --tau are the model's own: 24 DPM-Solver++(2M) steps at tau 1, or
+for a distilled student the count, solver and temperature it was distilled for (its export says).
 
 MODEL is a weights-only export (directory or object-store prefix; written at the end of
 training, or by `python export.py`) or a Composer `.pt` checkpoint (a pickle, read weights-only:
@@ -14,7 +18,6 @@ one holding other types is refused unless --trust_checkpoint).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -47,17 +50,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--template', default=None, help='story with ___ blanks to fill')
     p.add_argument('--blank_length', type=positive_int, default=8, help='tokens per ___ blank')
     p.add_argument('--num_samples', type=positive_int, default=8)
-    p.add_argument('--steps', type=positive_int, default=DEFAULT_STEPS, help='solver steps')
     p.add_argument(
-        '--solver', choices=SOLVERS, default=DEFAULT_SOLVER,
-        help='ODE solver: euler, heun (2 passes a step), exponential, dpmpp_2m (2nd-order multistep)',
+        '--steps', type=positive_int, default=None,
+        help=f"solver steps (default: the model's own; {DEFAULT_STEPS}, or a student's distilled count)",
+    )  # fmt: skip
+    p.add_argument(
+        '--solver', choices=SOLVERS, default=None,
+        help='ODE solver: euler, heun (2 passes a step), exponential, dpmpp_2m (2nd-order multistep; '
+        f"the default, {DEFAULT_SOLVER}), distilled (a distilled student's own; its default)",
     )  # fmt: skip
     p.add_argument(
         '--eval_time_scale', type=float, default=None, metavar='C',
         help="evaluate the model at C t at each step (default: the solver's own, 1.15 for dpmpp_2m, else 1)",
     )  # fmt: skip
     p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
-    p.add_argument('--tau', type=float, default=1.0, help='score temperature')
+    p.add_argument(
+        '--tau', type=float, default=None, help="score temperature (default: the model's, 1 or a student's)"
+    )
     p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
     p.add_argument('--initial_noise_scale', type=float, default=1.0)
     p.add_argument(
@@ -87,21 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out:
             check_output_file(args.out, inputs=[args.model])
-        settings = SamplerSettings(
-            solver=args.solver,
-            heun=args.heun,
-            score_temperature=args.tau,
-            initial_noise_scale=args.initial_noise_scale,
-            guidance_scale=args.guidance,
-            time_shift=args.time_shift,
-            eval_time_scale=args.eval_time_scale,
-        )
+        asked = {
+            'solver': args.solver, 'heun': args.heun or None, 'score_temperature': args.tau,
+            'initial_noise_scale': args.initial_noise_scale, 'guidance_scale': args.guidance,
+            'time_shift': args.time_shift, 'eval_time_scale': args.eval_time_scale,
+            'self_conditioning': {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
+        }  # fmt: skip
+        SamplerSettings(**{k: v for k, v in asked.items() if v is not None})  # its ranges, before the load
         model = load_trained_model(
             args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint,
             weights=args.weights,
         )  # fmt: skip
-        self_cond = {'auto': model.spec.self_conditioned, 'on': True, 'off': False}[args.self_conditioning]
-        settings = dataclasses.replace(settings, self_conditioning=self_cond)
+        settings = model.sampling_settings(**asked)
+        args.steps = args.steps or model.spec.default_steps
         request = Request(args.prompt, args.template, args.blank_length)
         # Every solver step of every batch, so the bar's rate and time left cover the whole request.
         config = model.config
@@ -148,8 +155,12 @@ def write_samples(
     Raises:
         ValueError: the write failed (one line; `write_output_file`).
     """
-    record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'tau', 'guidance', 'seed')}
-    record |= {'solver': settings.solver, 'eval_time_scale': settings.eval_time_scale}
+    record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'guidance', 'seed')}
+    record |= {
+        'tau': settings.score_temperature,
+        'solver': settings.solver,
+        'eval_time_scale': settings.eval_time_scale,
+    }
 
     def write(f) -> None:
         for i, text in enumerate(texts):

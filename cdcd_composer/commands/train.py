@@ -17,6 +17,7 @@ from composer.utils import dist, get_device, reproducibility
 from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer import registry, workarounds
+from cdcd_composer.algorithms import Distillation
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
 from cdcd_composer.callbacks.checkpoint_space import CheckpointSpace
 from cdcd_composer.checkpoints.resume import (
@@ -147,8 +148,11 @@ def check_data_fits(cfg: TrainConfig, meta: DatasetMetadata) -> None:
         )
 
 
-def build_model(run: ValidatedRun) -> CDCDComposerModel:
-    """The ComposerModel the config describes, its vocabulary taken from the data when unset."""
+def build_model(run: ValidatedRun, algorithms: list) -> CDCDComposerModel:
+    """The ComposerModel the config describes, its vocabulary taken from the data when unset.
+
+    A distillation's student starts as its teacher (`Distillation.init_student`).
+    """
     cfg = run.cfg
     self_conditioning = registry.enabled(cfg.algorithms).get('self_conditioning')
     model = CDCDComposerModel(
@@ -163,6 +167,9 @@ def build_model(run: ValidatedRun) -> CDCDComposerModel:
         # generate.py feeds x0_hat back by default when the model was trained with it.
         self_conditioning=None if self_conditioning is None else self_conditioning.get('p', 0.5),
     )
+    for algorithm in algorithms:
+        if isinstance(algorithm, Distillation):
+            algorithm.init_student(model)
     log.info('model: %.2fM non-embedding parameters', model.model.non_embedding_parameters() / 1e6)
     return model
 
@@ -246,7 +253,8 @@ def build_trainer(run: ValidatedRun) -> Trainer:
         ValueError: the checkpoint to resume from is refused or unloadable (one line naming it).
     """
     cfg = run.cfg
-    model = build_model(run)
+    algorithms = build_algorithms(cfg)
+    model = build_model(run, algorithms)
     train_data, evaluator = build_data(cfg, model)
     resume_from = checkpoint_to_resume(cfg)
     resume_sharded = resume_from is not None and is_sharded_checkpoint_path(resume_from)
@@ -260,7 +268,7 @@ def build_trainer(run: ValidatedRun) -> Trainer:
             schedulers=registry.build(
                 'scheduler', cfg.scheduler['name'], {k: v for k, v in cfg.scheduler.items() if k != 'name'}
             ),
-            algorithms=build_algorithms(cfg),
+            algorithms=algorithms,
             callbacks=build_callbacks(cfg, parallelism, resume_from),
             loggers=build_loggers(cfg),
             progress_bar=False,  # `loggers` holds the progress bar

@@ -32,6 +32,8 @@ class CDCDHFConfig(PretrainedConfig):
         weights_sha256: `tensors_sha256` of the weights file's tensors, kept here, outside the file
             it checks, so that another run's weights of the same shapes are refused.
         tokenizer_sha256: `tokenizer_sha256` of the folder's tokenizer: a swapped one is refused.
+        sampling: How the model samples by default where that belongs to it (a distilled student's
+            solver, temperature, count and times: `RunSpec.sampling`); None: the library's defaults.
     """
 
     model_type = 'cdcd'
@@ -51,6 +53,7 @@ class CDCDHFConfig(PretrainedConfig):
         hf_format: int = HF_FORMAT,
         weights_sha256: str | None = None,
         tokenizer_sha256: str | None = None,
+        sampling: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.denoiser = denoiser or {}
@@ -59,5 +62,6 @@ class CDCDHFConfig(PretrainedConfig):
         self.time_warp_masses = time_warp_masses
         self.dataset, self.training, self.hf_format = dataset, training, hf_format
         self.weights_sha256, self.tokenizer_sha256 = weights_sha256, tokenizer_sha256
+        self.sampling = sampling
         self.vocab_size = self.denoiser.get('vocab_size')
         super().__init__(**kwargs)

@@ -42,7 +42,7 @@ def hf_config(model: CDCDComposerModel) -> CDCDHFConfig:
         denoiser=dataclasses.asdict(spec.model), t_min=spec.t_min, t_max=spec.t_max, seq_len=data.seq_len,
         padded=spec.padded, self_conditioning=spec.self_conditioning, weights=spec.weights,
         time_warp_masses=model.time_warp.masses.tolist(), dataset=data.to_json(), training=model.trained,
-        bos_token_id=data.bos_id, eos_token_id=data.eos_id, pad_token_id=data.pad_id,
+        bos_token_id=data.bos_id, eos_token_id=data.eos_id, pad_token_id=data.pad_id, sampling=spec.sampling,
     )  # fmt: skip
     config.auto_map, config.architectures = dict(AUTO_MAP), ['CDCDModel']
     return config

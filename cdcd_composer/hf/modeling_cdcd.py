@@ -20,12 +20,13 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTr
 from cdcd_composer.model import CDCDConfig, CDCDTransformer, DenoiserOutput
 from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import (
-    DEFAULT_SOLVER,
-    DEFAULT_STEPS,
+    DISTILLED,
     SamplerSettings,
     check_sampling_request,
     decode_samples,
+    distilled_timesteps,
     sample_in_batches,
+    sampling_defaults,
 )
 from cdcd_composer.story_tokens import tokenizer_sha256
 from cdcd_composer.warp_curve import WarpCurve
@@ -253,14 +254,14 @@ class CDCDModel(PreTrainedModel):
     def generate(
         self,
         num_samples: int = 1,
-        steps: int = DEFAULT_STEPS,
+        steps: int | None = None,
         prompt: str | None = None,
         seed: int = 0,
         *,
         template: str | None = None,
         blank_length: int = 8,
-        solver: str = DEFAULT_SOLVER,
-        tau: float = 1.0,
+        solver: str | None = None,
+        tau: float | None = None,
         guidance: float = 1.0,
         self_conditioning: bool | None = None,
         warp: bool = True,
@@ -270,32 +271,40 @@ class CDCDModel(PreTrainedModel):
 
         Args:
             num_samples: How many.
-            steps: Solver steps.
+            steps: Solver steps (default: the model's own; 24, or a distilled student's count).
             prompt: Text every sample continues.
             seed: Batch `i` (from sample `i`) draws its initial noise with seed + i.
             template: A story with `___` blanks of `blank_length` tokens to fill (instead of a prompt).
             blank_length: Tokens per blank.
-            solver: 'euler', 'heun', 'exponential' or 'dpmpp_2m'.
-            tau: Score temperature.
+            solver: 'euler', 'heun', 'exponential', 'dpmpp_2m' or 'distilled' (default: the model's own).
+            tau: Score temperature (default: the model's own; 1, or the one a student was distilled at).
             guidance: Classifier-free guidance scale (1: none).
             self_conditioning: Feed x0_hat back (default: as the model was trained).
-            warp: Timesteps from the fitted time warp (False: evenly spaced in t).
+            warp: Timesteps from the fitted time warp (False: evenly spaced in t; not for a student).
             batch_size: Samples per solver batch (default: as many as fit in 2 GiB).
         """
-        check_sampling_request(num_samples, steps, seed, batch_size)
         config, tokenizer = self.config, self.tokenizer()
+        own_solver, own_tau, own_steps = sampling_defaults(config.sampling)
+        steps = steps or own_steps
+        check_sampling_request(num_samples, steps, seed, batch_size)
         if self_conditioning is None:
             self_conditioning = bool(config.self_conditioning)
         settings = SamplerSettings(
-            solver=solver, score_temperature=tau, guidance_scale=guidance, self_conditioning=self_conditioning
-        )
+            solver=solver or own_solver, score_temperature=own_tau if tau is None else tau,
+            guidance_scale=guidance, self_conditioning=self_conditioning,
+        )  # fmt: skip
         given = Request(prompt, template, blank_length).given(
             tokenizer, config.seq_len, config.padded, num_samples
         )
-        curve = self.time_warp() if warp else WarpCurve(config.t_min, config.t_max)
+        if settings.solver == DISTILLED:
+            timesteps = distilled_timesteps(config.sampling, steps)
+        else:
+            timesteps = (
+                self.time_warp() if warp else WarpCurve(config.t_min, config.t_max)
+            ).sampling_timesteps(steps)
         self.denoiser.eval()
         ids = sample_in_batches(
-            self.denoiser, curve.sampling_timesteps(steps), num_samples, config.seq_len, settings,
+            self.denoiser, timesteps, num_samples, config.seq_len, settings,
             given=given, seed=seed, batch_size=batch_size,
         )  # fmt: skip
         return CDCDGeneration(ids, decode_samples(ids, tokenizer, config.eos_token_id))
