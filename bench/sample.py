@@ -37,7 +37,7 @@ from cdcd_composer.model import CDCDConfig, CDCDTransformer  # noqa: E402
 from cdcd_composer.sampler import (  # noqa: E402
     DEFAULT_SOLVER,
     DEFAULT_STEPS,
-    SOLVERS,
+    ODE_SOLVERS,
     SamplerSettings,
     network_evaluations,
     sample,
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument('--samples', type=int, default=64, help='samples per row (--quality)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--evaluations', type=int, nargs='+', default=[10, 25, 50, 100, 200])
-    p.add_argument('--solvers', nargs='+', choices=SOLVERS, default=list(SOLVERS), help='(--quality)')
+    p.add_argument('--solvers', nargs='+', choices=ODE_SOLVERS, default=list(ODE_SOLVERS), help='(--quality)')
     p.add_argument(
         '--eval_time_scales', nargs='+', type=float, default=[None], metavar='C',
         help="the model evaluated at C t (--quality; default: each solver's own, SamplerSettings)",

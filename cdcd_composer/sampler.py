@@ -34,8 +34,9 @@ from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer.model import CDCDTransformer, DenoiserOutput, score
 
-SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m', 'distilled')
-DISTILLED = 'distilled'
+ODE_SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m')  # any trained model
+DISTILLED = 'distilled'  # a distilled student's own
+SOLVERS = (*ODE_SOLVERS, DISTILLED)
 # The defaults of generate.py, eval.py, the training samples and the Hugging Face model's
 # generate (`bench/sample.py --quality`): 24 steps + the argmax pass = 25 network evaluations.
 DEFAULT_SOLVER = 'dpmpp_2m'
@@ -302,7 +303,7 @@ def _euler_or_heun(
     timesteps: torch.Tensor,
     settings: SamplerSettings,
     on_step,
-    on_state,
+    on_state=None,
 ) -> torch.Tensor:
     """Euler steps x <- x + (t' - t) d(x, t) with d = -t s / tau; Heun adds the trapezoidal correction."""
     tau, last = settings.score_temperature, len(timesteps) - 2
@@ -333,7 +334,7 @@ def _exponential_integrator(
     timesteps: torch.Tensor,
     settings: SamplerSettings,
     on_step,
-    on_state,
+    on_state=None,
 ) -> torch.Tensor:
     """The exponential integrator of dx/ds = r (x - x0_hat), s = ln t, r = 1/tau, one pass per step.
 

@@ -23,7 +23,7 @@ from cdcd_composer.data.tokenization import load_tokenizer
 from cdcd_composer.evaluation import Judge, distinct_n, diversity, repetition_rate, unigram_entropy
 from cdcd_composer.model import CDCDConfig, CDCDTransformer
 from cdcd_composer.prompting import prompt_canvas, template_canvas
-from cdcd_composer.sampler import SOLVERS, SamplerSettings, network_evaluations, sample
+from cdcd_composer.sampler import ODE_SOLVERS, SamplerSettings, network_evaluations, sample
 from cdcd_composer.story_tokens import StoryTokens
 
 L = 96
@@ -114,7 +114,7 @@ def test_model_calls_per_step(model, tokenizer, settings, prompted, calls):
     assert len(calls_seen) == calls
 
 
-@pytest.mark.parametrize('solver', SOLVERS)
+@pytest.mark.parametrize('solver', ODE_SOLVERS)
 @pytest.mark.parametrize(('guidance', 'prompted'), [(1.0, False), (2.0, True)])
 def test_network_evaluations_count_every_pass(model, tokenizer, solver, guidance, prompted):
     settings = SamplerSettings(solver=solver, guidance_scale=guidance, self_conditioning=True)
@@ -185,7 +185,7 @@ def test_the_multistep_solver_is_second_order_on_a_moving_estimate():
     assert error('dpmpp_2m', 16) < error('dpmpp_2m', 8) / 3.5  # second order (or better)
 
 
-@pytest.mark.parametrize('solver', SOLVERS)
+@pytest.mark.parametrize('solver', ODE_SOLVERS)
 def test_every_step_evaluates_the_model_at_the_scaled_time(solver):
     """Step i evaluates at c t_i (Heun's correction at c t_(i+1)) and still runs from t_i to t_(i+1)."""
     from cdcd_composer.sampler import _euler_or_heun, _exponential_integrator
@@ -212,7 +212,7 @@ def test_the_default_sampler_and_each_solvers_own_time_scale():
     default = SamplerSettings()
     assert (default.solver, default.eval_time_scale, DEFAULT_STEPS) == ('dpmpp_2m', 1.15, 24)
     assert network_evaluations(default, DEFAULT_STEPS) == 25
-    for solver in SOLVERS:
+    for solver in ODE_SOLVERS:
         assert SamplerSettings(solver=solver).eval_time_scale == EVAL_TIME_SCALES.get(solver, 1.0)
     assert SamplerSettings(solver='dpmpp_2m', eval_time_scale=1.0).eval_time_scale == 1.0
     with pytest.raises(ValueError, match='--time_shift and --eval_time_scale'):

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         '--steps', type=positive_int, nargs='+', default=None,
-        help=f"solver steps (default: {DEFAULT_STEPS // 4} and {DEFAULT_STEPS}, or a distilled student's count)",
+        help=f"solver steps (default: {DEFAULT_STEPS // 4} and {DEFAULT_STEPS}, or a student's count)",
     )  # fmt: skip
     p.add_argument(
         '--tau', type=float, nargs='+', default=None,
