@@ -15,6 +15,15 @@ unconditional samples at the run's score temperature (`--tau`, default the demo'
 0): the share of sentences the corpus grammar recognises (synthetic data), distinct-2, the
 unigram entropy of the samples, and seconds per sample. `c` is the time at which each step
 evaluates the model, as a multiple of t (`--eval_time_scales`; default each solver's own).
+
+    python bench/sample.py --distilled runs/cdcd-tiny-distill/export --teacher runs/cdcd-tiny/export
+
+`--distilled STUDENT --teacher TEACHER`: quality against cost of a distilled student (docs/ablations.md,
+"Distillation"): the student at each count it was distilled for (`--evaluations`, default 1 2 4 8)
+beside the teacher's default solver at the same counts and at its 25-evaluation default, each at
+the student's score temperature, averaged over `--seeds` (64 samples each): recognised sentences,
+distinct-2, unigram entropy, the share of distinct samples (a collapse check), the recognised
+sentences of samples prompted with "once upon a time", and seconds per sample.
 """
 
 from __future__ import annotations
@@ -132,6 +141,58 @@ def quality(export: str, args: argparse.Namespace) -> None:
                     )
 
 
+def measure(model, steps: int, settings: SamplerSettings, samples: int, seed: int) -> dict[str, float]:
+    """One row's figures for `model` (a `CDCDComposerModel`) sampled with `settings` at `steps`."""
+    from cdcd_composer.prompting import Request
+
+    tokenizer = model.spec.text_tokenizer
+    start = time.perf_counter()
+    texts = model.generate(samples, steps, settings, seed=seed)
+    per_sample = (time.perf_counter() - start) / samples
+    prompted = model.generate(samples, steps, settings, seed=seed, request=Request(prompt='once upon a time'))
+    stats = diversity([tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts])
+    return {
+        'recognised': recognised_fraction(texts), 'distinct_2': stats['distinct_2'],
+        'entropy': stats['entropy_pooled'], 'distinct_samples': len(set(texts)) / len(texts),
+        'prompted': recognised_fraction(prompted), 'seconds': per_sample,
+    }  # fmt: skip
+
+
+def distillation_table(student_path: str, teacher_path: str, args: argparse.Namespace) -> None:
+    """Prints the student at its counts beside the teacher at the same counts and its default."""
+    from cdcd_composer.checkpoints.loading import load_trained_model
+
+    student, teacher = load_trained_model(student_path), load_trained_model(teacher_path)
+    tau = student.spec.default_tau
+    recorded = {int(c) for c in student.spec.sampling['timesteps']}
+    rows = [('student', student, c, student.sampling_settings()) for c in args.evaluations if c in recorded]
+    ode = teacher.sampling_settings(score_temperature=tau)
+    teacher_counts = sorted({c for c in args.evaluations if c > 1} | {DEFAULT_STEPS + 1})
+    rows += [('teacher', teacher, c, ode) for c in teacher_counts]
+    print(f'{student_path} vs {teacher_path}: {args.samples} samples x seeds {args.seeds}, tau {tau:g}; '
+          'prompted: "once upon a time"')  # fmt: skip
+    columns = (
+        'model',
+        'solver',
+        'NFE',
+        'recognised',
+        'distinct-2',
+        'H(unigram)',
+        'distinct samples',
+        'prompted',
+    )
+    print('| ' + ' | '.join(columns) + ' | s/sample |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for name, model, count, settings in rows:
+        steps = count if settings.solver == 'distilled' else count - 1  # an ODE solver's argmax pass
+        runs = [measure(model, steps, settings, args.samples, seed) for seed in args.seeds]
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        nfe = network_evaluations(settings, steps)
+        print(f'| {name} | {settings.solver} | {nfe} | {mean["recognised"]:.1%} | {mean["distinct_2"]:.3f} | '
+              f'{mean["entropy"]:.3f} | {mean["distinct_samples"]:.0%} | {mean["prompted"]:.1%} | '
+              f'{mean["seconds"]:.3f} |', flush=True)  # fmt: skip
+
+
 def main() -> None:
     """Prints the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +208,11 @@ def main() -> None:
     p.add_argument('--tau', type=float, nargs='+', default=[0.7], help='score temperatures (--quality)')
     p.add_argument('--samples', type=int, default=64, help='samples per row (--quality)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument(
+        '--distilled', metavar='STUDENT', default=None, help='a distilled student (with --teacher)'
+    )
+    p.add_argument('--teacher', metavar='TEACHER', default=None, help="the student's teacher (--distilled)")
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds averaged (--distilled)')
     p.add_argument('--evaluations', type=int, nargs='+', default=[10, 25, 50, 100, 200])
     p.add_argument('--solvers', nargs='+', choices=ODE_SOLVERS, default=list(ODE_SOLVERS), help='(--quality)')
     p.add_argument(
@@ -159,6 +225,13 @@ def main() -> None:
     )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.distilled:
+        if not args.teacher:
+            p.error('--distilled needs --teacher, the export it was distilled from')
+        if args.evaluations == p.get_default('evaluations'):
+            args.evaluations = [1, 2, 4, 8]
+        distillation_table(args.distilled, args.teacher, args)
+        return
     if args.quality:
         quality(args.quality, args)
         return

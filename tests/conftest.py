@@ -42,6 +42,27 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope='session')
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
+    """yamls/cdcd-tiny.yaml shrunk as the shipped-recipe matrix shrinks it, trained: its export.
+
+    The teacher of yamls/cdcd-tiny-distill.yaml shrunk the same way (tests/test_distillation.py).
+    """
+    from shipped import shrunk_overrides
+
+    from cdcd_composer.commands import train
+
+    out = tmp_path_factory.mktemp('teacher')
+    overrides = [*shrunk_overrides('cdcd-tiny', tiny_dataset), 'progress_bar=false']
+    cwd = os.getcwd()
+    os.chdir(out)  # the YAML's relative runs/ paths
+    try:
+        train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides))
+    finally:
+        os.chdir(cwd)
+    return out / 'runs' / 'cdcd-tiny' / 'export'
+
+
 def tiny_overrides(dataset: Path, out: Path) -> list[str]:
     """yamls/cdcd-tiny.yaml shrunk to a few thousand non-embedding parameters and 4 batches."""
     return [

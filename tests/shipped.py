@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-SHIPPED = ('cdcd-tiny', 'cdcd-char', 'cdcd-5m', 'cdcd-140m')
+SHIPPED = ('cdcd-tiny', 'cdcd-char', 'cdcd-5m', 'cdcd-140m', 'cdcd-tiny-distill')
 WIDTHS = {'d_embed': 16, 'd_model': 32, 'n_heads': 2, 'd_time': 16, 'n_fourier': 8}
 
 # The run every shrunk recipe does: evaluations at 2, 4, 6, checkpoints at 3 and 6.

@@ -141,7 +141,8 @@ def test_time_shift_evaluates_the_model_at_the_next_time_plus_delta():
     sample(model, steps, 2, 8, SamplerSettings(solver='euler'), generator=torch.Generator().manual_seed(0))
     assert model.times == [20.0, 10.0, 4.0, 1.0]  # t_i, then the final pass at t_min
     model.times.clear()
-    sample(model, steps, 2, 8, generator=torch.Generator().manual_seed(0))  # the default sampler
+    scaled = SamplerSettings(eval_time_scale=1.15)
+    sample(model, steps, 2, 8, scaled, generator=torch.Generator().manual_seed(0))
     assert model.times == pytest.approx([23.0, 11.5, 4.6, 1.0])  # 1.15 t_i; the argmax pass at t_min
     model.times.clear()
     shifted = sample(

@@ -39,13 +39,18 @@ def byte_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_command(name: str, ranks: int, data_root: Path, tmp_path: Path) -> list[str]:
-    """`composer -n RANKS train.py yamls/NAME.yaml <sizes>` (through the loss-recording driver)."""
+def run_command(name: str, ranks: int, data_root: Path, tmp_path: Path, teacher: Path) -> list[str]:
+    """`composer -n RANKS train.py yamls/NAME.yaml <sizes>` (through the loss-recording driver).
+
+    A distillation recipe distils `teacher`, cdcd-tiny shrunk the same way.
+    """
+    distils = 'distillation' in (shipped_yaml(name).get('algorithms') or {})
     launcher = str(Path(sys.executable).parent / 'composer')
     yaml_path = str(REPO / 'yamls' / f'{name}.yaml')
     return [
         launcher, '-n', str(ranks), '--stderr', str(tmp_path / 'err{rank}.txt'), str(DRIVER),
         str(tmp_path / 'batches-{rank}.txt'), yaml_path, *shrunk_overrides(name, data_root),
+        *([f'variables.teacher={teacher}'] if distils else []),
     ]  # fmt: skip
 
 
@@ -68,14 +73,18 @@ def checkpoint_batches(folder: Path) -> list[int]:
 
 
 # Every recipe on one process; the multi-GPU recipes on 2 ranks too. cdcd-tiny and cdcd-char are
-# single-device recipes whose 2-rank path (DDP, no parallelism block) is cdcd-5m's.
-@pytest.mark.parametrize('name, ranks', [(name, 1) for name in SHIPPED] + [('cdcd-5m', 2), ('cdcd-140m', 2)])
+# single-device recipes whose 2-rank path (DDP, no parallelism block) is cdcd-5m's; the
+# distillation runs on 2 ranks too (its rows are built per rank, from each rank's samples).
+MATRIX = [(name, 1) for name in SHIPPED] + [('cdcd-5m', 2), ('cdcd-140m', 2), ('cdcd-tiny-distill', 2)]
+
+
+@pytest.mark.parametrize('name, ranks', MATRIX)
 def test_shipped_recipe_evaluates_survives_sigkill_resumes_and_exports(
-    name, ranks, tiny_dataset, byte_dataset, tmp_path, capsys
+    name, ranks, tiny_dataset, byte_dataset, tiny_teacher, tmp_path, capsys
 ):
     shipped = shipped_yaml(name)
     data_root = byte_dataset if name == 'cdcd-char' else tiny_dataset
-    cmd = run_command(name, ranks, data_root, tmp_path)
+    cmd = run_command(name, ranks, data_root, tmp_path, tiny_teacher)
     markers = [tmp_path / f'paused-{rank}' for rank in range(ranks)]
     env = dict(os.environ, OMP_NUM_THREADS='1', PAUSE_AT_BATCH=str(SAVE_EVERY))
     env['PAUSE_MARKER'] = str(tmp_path / 'paused-{rank}')

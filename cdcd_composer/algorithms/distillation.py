@@ -42,19 +42,30 @@ log = logging.getLogger(__name__)
 X_T, T_NEXT, JUMP_TARGET, LANDS = 'x_t', 't_next', 'jump_target', 'lands_between_states'
 
 
-def pass_indices(teacher_steps: int, evaluations: int) -> list[int]:
+def pass_indices(teacher_steps: int, evaluations: int, spacing: float = 1.0) -> list[int]:
     """Where a student of `evaluations` passes starts each, as indices of the teacher's steps, plus the end.
 
-    Evenly spaced along the teacher's steps: e.g. 24 steps, 4 passes: [0, 6, 12, 18, 24].
+    Pass i starts at round(teacher_steps (1 - (1 - i/k)^spacing)): evenly spaced along the teacher's
+    steps at spacing 1, the last passes closer together above (24 steps, 4 passes, spacing 1.5:
+    [0, 8, 16, 21, 24]).
+
+    Raises:
+        ValueError: two passes would start at the same step.
     """
-    return [round(i * teacher_steps / evaluations) for i in range(evaluations)] + [teacher_steps]
+    starts = [round(teacher_steps * (1 - (1 - i / evaluations) ** spacing)) for i in range(evaluations)]
+    if len(set(starts)) < len(starts):
+        raise ValueError(
+            f'{evaluations} passes over {teacher_steps} teacher steps at spacing {spacing:g} would share a '
+            'step; use more teacher_steps or a spacing nearer 1'
+        )
+    return [*starts, teacher_steps]
 
 
-def jumps(teacher_steps: int, evaluations: Sequence[int]) -> list[tuple[int, int]]:
+def jumps(teacher_steps: int, evaluations: Sequence[int], spacing: float = 1.0) -> list[tuple[int, int]]:
     """Every (start, landing) pair of teacher-step indices that a student of these counts takes."""
     pairs = set()
     for count in evaluations:
-        idx = pass_indices(teacher_steps, count)
+        idx = pass_indices(teacher_steps, count, spacing)
         pairs.update(zip(idx[:-1], idx[1:]))
     return sorted(pairs)
 
@@ -87,6 +98,8 @@ class Distillation(Algorithm):
         default_evaluations: The count its export samples with by default (one of `evaluations`).
         tau: The score temperature of the teacher's trajectories; the student samples at it.
         teacher_steps: The teacher solver's steps (its default: 24, 25 network evaluations).
+        spacing: Where the passes start along the teacher's steps (`pass_indices`): 1 evenly, above
+            1 the last passes closer together, where the sample's last tokens are decided.
         states_per_trajectory: Rows per sample: jumps of one teacher trajectory trained together.
         jump_weight: Weight of the jumps' mean-squared error (per embedding dimension) against the
             cross-entropy of the jumps to the end.
@@ -100,6 +113,7 @@ class Distillation(Algorithm):
         default_evaluations: int = 4,
         tau: float = 0.7,
         teacher_steps: int = DEFAULT_STEPS,
+        spacing: float = 1.0,
         states_per_trajectory: int = 4,
         jump_weight: float = 20.0,
         weights: str = 'ema',
@@ -129,7 +143,10 @@ class Distillation(Algorithm):
         self.evaluations, self.default_evaluations = sorted(set(counts)), default_evaluations
         self.tau, self.teacher_steps = float(tau), teacher_steps
         self.states_per_trajectory, self.jump_weight = states_per_trajectory, float(jump_weight)
-        self.jumps = torch.tensor(jumps(teacher_steps, self.evaluations))  # (J, 2)
+        if not 0 < spacing < math.inf:
+            raise ValueError(f'algorithms.distillation.spacing={spacing} must be a positive finite number')
+        self.spacing = float(spacing)
+        self.jumps = torch.tensor(jumps(teacher_steps, self.evaluations, self.spacing))  # (J, 2)
         self._teacher: CDCDComposerModel | None = None
 
     def teacher(self) -> CDCDComposerModel:
@@ -148,7 +165,8 @@ class Distillation(Algorithm):
         """What the student's spec records: its solver, temperature, default count and each count's times."""
         times = self.teacher_times().tolist()
         schedules = {
-            str(c): [times[i] for i in pass_indices(self.teacher_steps, c)] for c in self.evaluations
+            str(c): [times[i] for i in pass_indices(self.teacher_steps, c, self.spacing)]
+            for c in self.evaluations
         }
         return {
             'solver': DISTILLED,
