@@ -18,11 +18,11 @@ from shipped import shrunk_overrides
 from cdcd_composer import sample_draws
 from cdcd_composer.algorithms.distillation import Distillation, jump_target, jumps, pass_indices
 from cdcd_composer.checkpoints.loading import load_trained_model
-from cdcd_composer.commands import generate
-from cdcd_composer.commands import train
+from cdcd_composer.commands import generate, train
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import load_config
 from cdcd_composer.data.loaders import HOST_INDEX
+from cdcd_composer.masking import MaskingConfig
 from cdcd_composer.sampler import DISTILLED, SamplerSettings, network_evaluations, sample
 
 
@@ -49,12 +49,20 @@ def test_a_student_starts_as_its_teacher_and_must_be_its_architecture(tiny_teach
     distillation = Distillation(str(tiny_teacher), evaluations=[1, 2], default_evaluations=2)
     distillation.init_student(student)
     tokens = torch.randint(5, config.vocab_size, (2, 8))
-    args = (tokens, torch.tensor([3.0, 1.5]), torch.ones_like(tokens, dtype=torch.bool), torch.zeros(2, 8, 16))
+    args = (
+        tokens,
+        torch.tensor([3.0, 1.5]),
+        torch.ones_like(tokens, dtype=torch.bool),
+        torch.zeros(2, 8, 16),
+    )
     noise = torch.randn(2, 8, config.d_embed)
     before = teacher.model(*args, noise=noise).logits
     after = student.model.eval()(*args, noise=noise, t_next=torch.tensor([1.0, 1.2])).logits
     torch.testing.assert_close(after, before)  # the landing time enters through a zero layer
-    assert student.spec.sampling['solver'] == DISTILLED and set(student.spec.sampling['timesteps']) == {'1', '2'}
+    assert student.spec.sampling['solver'] == DISTILLED and set(student.spec.sampling['timesteps']) == {
+        '1',
+        '2',
+    }
 
     wider = CDCDComposerModel.from_spec(
         dataclasses.replace(teacher.spec, model=dataclasses.replace(config, d_model=2 * config.d_model))
@@ -92,9 +100,22 @@ def test_a_samples_rows_do_not_depend_on_the_batch_it_came_in(tiny_teacher):
     torch.testing.assert_close(whole['x_t'][first], expected[first])
     # The targets are the teacher's own samples from that noise.
     times = distillation.teacher_times().float()
-    settings = SamplerSettings(score_temperature=distillation.tau, self_conditioning=teacher.spec.self_conditioned)
-    ends = sample(teacher.model, times, 4, tokens.shape[1], settings, noise=noise.view(4, tokens.shape[1], 16))
+    settings = SamplerSettings(
+        score_temperature=distillation.tau, self_conditioning=teacher.spec.self_conditioned
+    )
+    ends = sample(
+        teacher.model, times, 4, tokens.shape[1], settings, noise=noise.view(4, tokens.shape[1], 16)
+    )
     assert torch.equal(whole['tokens'], ends.repeat_interleave(3, 0))
+
+    # With conditioning masks the teacher samples around the sample's given tokens, which stay.
+    student.masking = MaskingConfig(prefix=1.0, random=0.0, drop=0.0)
+    stories = tokens.clone()
+    stories[:, tokens.shape[1] // 2 :] = teacher.spec.data.pad_id  # prefixes need story tokens
+    batch = {'tokens': stories, 'index': index, HOST_INDEX: index.tolist()}
+    masked = distillation.rows(student, batch, sample_draws.SampleDraws(17, 0, index))
+    given = ~masked['generate_mask']
+    assert given.any() and torch.equal(masked['tokens'][given], stories.repeat_interleave(3, 0)[given])
 
 
 @pytest.fixture(scope='module')
@@ -105,7 +126,9 @@ def student(tmp_path_factory, tiny_dataset, tiny_teacher) -> Path:
     cwd = os.getcwd()
     os.chdir(out)  # the YAML's relative runs/ paths
     try:
-        train.main(load_config(str(REPO / 'yamls' / 'cdcd-tiny-distill.yaml'), [*overrides, 'progress_bar=false']))
+        train.main(
+            load_config(str(REPO / 'yamls' / 'cdcd-tiny-distill.yaml'), [*overrides, 'progress_bar=false'])
+        )
     finally:
         os.chdir(cwd)
     return out / 'runs' / 'cdcd-tiny-distill' / 'export'
@@ -120,6 +143,19 @@ def test_the_students_export_samples_at_its_recorded_steps(student, tmp_path, ca
     assert generate.main([str(student), '--steps', '3']) == 2
     assert 'distilled for 1, 2, 4, 8 network evaluations' in capsys.readouterr().err
     assert generate.main([str(student), '--solver', 'dpmpp_2m']) == 2  # an ODE solver needs a teacher
+    capsys.readouterr()
+    guided = [
+        '--num_samples',
+        '2',
+        '--guidance',
+        '2',
+        '--template',
+        'lily was ___ . the end .',
+        '--blank_length',
+        '4',
+    ]
+    assert generate.main([str(student), *guided]) == 0  # guidance and infilling: 2 passes each
+    assert 'network evaluations: 8 per sample (distilled, 4 steps)' in capsys.readouterr().out
     # The Hugging Face folder samples it the same way by default.
     from cdcd_composer.commands.export import main as export_main
     from cdcd_composer.hf.modeling_cdcd import CDCDModel

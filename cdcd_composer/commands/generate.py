@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         '--eval_time_scale', type=float, default=None, metavar='C',
-        help='evaluate the model at C t at each step (default 1; 1.15 suits the demo model: docs/ablations.md)',
+        help='evaluate the model at C t at each step (default 1; the demo model: 1.15, docs/ablations.md)',
     )  # fmt: skip
     p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument(

@@ -116,6 +116,8 @@ def check_config(where: str, config: CDCDHFConfig) -> None:
                                                        and 0 <= config.self_conditioning <= 1),
          f'self_conditioning {config.self_conditioning!r} must be null or a probability'),
         (config.weights not in ('ema', 'raw'), f'weights {config.weights!r} must be "ema" or "raw"'),
+        (getattr(config, 'sampling', None) is not None and not isinstance(config.sampling, dict),
+         f'sampling {getattr(config, "sampling", None)!r} must be null or an object'),
     ]  # fmt: skip
     masses = config.time_warp_masses
     if masses is not None:
