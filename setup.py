@@ -12,12 +12,16 @@ install_requires = [
     'transformers>=4.45,<5',
     'datasets>=2.20',
     'tokenizers>=0.20',
-    'einops>=0.7',
     'pyyaml>=6.0',
     'omegaconf>=2.3,<2.4',
     'safetensors>=0.4',
     'scipy>=1.12',  # optimize.isotonic_regression (time warping)
     'matplotlib>=3.7',
+    'pillow>=10',  # the time-warp plot's PNG (callbacks/time_warp_refit.py)
+    'torchmetrics>=1.4',  # the eval metrics (composer_model.py)
+    'tqdm>=4.66',  # progress bars (generate.py, the converter)
+    'pyarrow>=15',  # Parquet sources (data/sources.py)
+    'huggingface_hub>=0.24',  # export.py --push_to_hub
 ]
 
 # Loggers that work offline: TensorBoard event files, an MLflow `file:` store (mlflow-skinny is the

@@ -357,15 +357,40 @@ def main(
     return trainer if return_trainer else None
 
 
+USAGE = 'usage: composer train.py CONFIG.yaml [key.sub=value ...]   (python train.py on one process)'
+
+
+def help_text() -> str:
+    """`train.py -h`: the usage, the shipped YAMLs, the top-level keys and the override syntax."""
+    yamls = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'yamls'
+    )
+    shipped = sorted(f for f in os.listdir(yamls) if f.endswith('.yaml')) if os.path.isdir(yamls) else []
+    keys = ', '.join(f.name for f in dataclasses.fields(TrainConfig))
+    return '\n'.join([
+        USAGE, '', 'Trains CDCD as the YAML says; the same command again resumes (autoresume).', '',
+        'shipped configs: ' + (', '.join(f'yamls/{f}' for f in shipped) or '(none here)'),
+        f'top-level keys: {keys}',
+        'overrides: dotted keys after the YAML, e.g. optimizer.lr=2e-4 max_duration=20000ba',
+        '  model.d_model=256 algorithms.ema=false (false disables an entry; null clears a value)',
+        'exit status: 0 done, 1 failed while working, 2 usage or configuration error, 130 interrupted',
+    ])  # fmt: skip
+
+
 def cli(argv: list[str]) -> None:
-    """`train.py CONFIG.yaml [key.sub=value ...]`; config errors exit with one line."""
-    if not argv or argv[0] in ('-h', '--help'):
-        sys.exit('usage: composer train.py yamls/cdcd-tiny.yaml [key.sub=value ...]')
+    """`train.py CONFIG.yaml [key=value ...]`: exit 2 on a usage or config error (one line), 1 on failure."""
+    if argv and argv[0] in ('-h', '--help'):
+        print(help_text())
+        sys.exit(0)
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     try:
         run = validate(parse_config(load_config(argv[0], argv[1:])))
     except ValueError as e:
-        sys.exit(f'config error: {e}')
+        print(f'config error: {e}', file=sys.stderr)
+        sys.exit(2)
     try:
         trainer = build(run)
     except (ValueError, OSError) as e:  # a damaged checkpoint to resume from, a full disk at start
