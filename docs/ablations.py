@@ -51,9 +51,9 @@ ROWS = {
     'shift-1': ('cdcd-tiny', None, ['--solver', 'euler', '--time_shift', '1.0']),
     'char': ('cdcd-char', [], []),
     # Self-conditioning with one coin per batch instead of on half of every microbatch: the same
-    # expected fraction, fewer kernel launches per step (issue 25).
+    # expected fraction, fewer kernel launches per step.
     'sc-per-batch': ('cdcd-tiny', ['algorithms.self_conditioning.per=batch'], []),
-    # The cdcd-5m network at the paper's t_max = 300 with masks and self-conditioning (issue #14),
+    # The cdcd-5m network at the paper's t_max = 300 with masks and self-conditioning,
     # shortened for 2 CPU cores: batch 32, warm-up 100 steps, refits every 50 steps (the YAML's
     # buffer of 16,384 pairs).
     'warp-5m': ('cdcd-5m', CPU_5M, []),

@@ -2,7 +2,7 @@
 
     python docs/time_warp_figure.py
 
-Ten refits on issue 14's reproduction of per-sequence losses under conditioning masks (the CE
+Ten refits on a reproduction of per-sequence losses under conditioning masks (the CE
 curve measured on a GPU at t_max = 300, scaled by the share of given tokens, plus noise), each on
 64 batches of 256 sequences drawn from the current curve, as `TimeWarpRefit` collects them.
 """

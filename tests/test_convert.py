@@ -448,7 +448,7 @@ def test_a_second_converter_on_one_bucket_root_is_refused(tmp_path, s3_env, caps
     assert sorted(root.list_names()) == sorted([LEASE_FILE, '.cdcd-owned'])  # nothing written
 
 
-# -- never delete what the converter did not write (issue 19) --
+# -- never delete what the converter did not write --
 @pytest.mark.parametrize('part', ['train', 'val', 'tokenizer'])
 @pytest.mark.parametrize('overwrite', [False, True])
 def test_the_converter_never_replaces_a_users_folder(tmp_path, tokenizer_dir, part, overwrite):
@@ -514,7 +514,7 @@ def test_an_out_root_that_is_a_file_is_refused_before_any_work(tmp_path, tokeniz
     assert (tmp_path / 'ds').read_text() == 'a file'
 
 
-# -- the tokenizer's hash stands in for reproducible WordPiece training (issue 19) --
+# -- the tokenizer's hash stands in for reproducible WordPiece training --
 def test_datasets_record_their_tokenizer_and_readers_check_it(tmp_path, tokenizer_dir, tiny_config):
     out = tmp_path / 'ds'
     meta = convert_files(

@@ -1,5 +1,5 @@
 """Simulated nodes on this machine: one `composer` launcher per node, joined by
-`--world_size W --node_rank i --master_addr 127.0.0.1`. Before issue 17 node 0 died in Streaming's
+`--world_size W --node_rank i --master_addr 127.0.0.1`. Node 0 once died in Streaming's
 machine-wide shared-memory clean-up, which unlinked the other node's live registrations."""
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def test_bad_arguments_fail_by_name(kwargs, message):
 
 
 def measured_ce(t: torch.Tensor) -> torch.Tensor:
-    """Validation CE as measured at t_max = 300 with masks (issue #14): 0.57 nats at t = 1 rising to
+    """Validation CE as measured at t_max = 300 with masks (a GPU run): 0.57 nats at t = 1 rising to
     2.01 at t = 30 (linear in log t through 0.60 at t = 3 and 1.33 at t = 10), flat above."""
     log_knots = torch.tensor([1.0, 3.0, 10.0, 30.0], dtype=torch.float64).log()
     knot_loss = torch.tensor([0.57, 0.60, 1.33, 2.01], dtype=torch.float64)
@@ -150,7 +150,7 @@ def measured_ce(t: torch.Tensor) -> torch.Tensor:
 def masked_cdcd_loss(
     t: torch.Tensor, generator: torch.Generator, rise: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence CE under conditioning masks (issue #14's reproduction) and the given shares.
+    """Per-sequence CE under conditioning masks (a GPU run's reproduction) and the given shares.
 
     A sequence with a share u ~ U[0, 1] of given tokens scales the CE curve by (1 - 0.8 u), and
     |N(0, 0.35)| noise is added. `rise` scales the curve's rise about its plateau (an earlier model).
