@@ -47,8 +47,8 @@ ROWS = {
     'mse-0.1': ('cdcd-tiny', ['loss.mse_weight=0.1'], []),
     'layernorm': ('cdcd-tiny', ['model.embedding_norm=layernorm'], []),
     'resample': ('cdcd-tiny', None, ['--seed', '1']),  # the baseline's samples from other noise
-    'shift-0.1': ('cdcd-tiny', None, ['--solver', 'euler', '--time_shift', '0.1']),
-    'shift-1': ('cdcd-tiny', None, ['--solver', 'euler', '--time_shift', '1.0']),
+    'shift-0.1': ('cdcd-tiny', None, ['--time_shift', '0.1']),
+    'shift-1': ('cdcd-tiny', None, ['--time_shift', '1.0']),
     'char': ('cdcd-char', [], []),
     # Self-conditioning with one coin per batch instead of on half of every microbatch: the same
     # expected fraction, fewer kernel launches per step.
@@ -134,7 +134,7 @@ def main() -> None:
         os.makedirs(os.path.join(REPO, os.path.dirname(samples)), exist_ok=True)
         commands.append(
             f'python generate.py runs/ablations/{trained_by}/export --num_samples {args.num_samples} '
-            f'--steps 200 {" ".join(sample_flags)} --out {samples}'.replace('  ', ' ')
+            f'--solver euler --steps 200 {" ".join(sample_flags)} --out {samples}'.replace('  ', ' ')
         )
         if not os.path.exists(os.path.join(REPO, samples)):
             run(commands[-1].replace('python', python, 1))
