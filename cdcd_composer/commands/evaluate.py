@@ -30,7 +30,7 @@ from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_spl
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
 from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity, unigram_entropy
 from cdcd_composer.outputs import check_output_file, error_line, write_output_file
-from cdcd_composer.sampler import DEFAULT_STEPS, SOLVERS, decode_samples
+from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, decode_samples
 
 
 def validation_tokens(
@@ -251,8 +251,8 @@ def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; failures are one line on stderr."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (a usage error exits 2)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
     p.add_argument('--data_root', required=True, help='the dataset the model was trained on (for val)')
@@ -290,6 +290,19 @@ def main(argv: list[str] | None = None) -> int:
             f'--nll_samples must be 0 (skip the bound) or 2 to {MAX_NLL_SAMPLES:,} draws a canvas (the '
             "bound's error falls as 1/sqrt(draws)), --nll_canvases at least 1"
         )
+    if args.heun and args.solver not in (None, 'heun'):
+        p.error(f'--heun and --solver {args.solver} contradict each other; pass one of them')
+    try:  # each temperature's range, before any model is loaded
+        for tau in args.tau or [1.0]:
+            SamplerSettings(solver=args.solver or DEFAULT_SOLVER, score_temperature=tau)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; failures are one line on stderr."""
+    args = parse_args(argv)
     try:
         if args.out:
             check_output_file(args.out, inputs=[args.model, args.data_root, args.local_cache, args.judge])

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -90,19 +91,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def requested_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler settings the command line asks for (None: the model's own), checked for range.
+
+    Raises:
+        ValueError: one line naming the flag (`SamplerSettings`), before any model is loaded.
+    """
+    asked = {
+        'solver': args.solver, 'heun': args.heun or None, 'score_temperature': args.tau,
+        'initial_noise_scale': args.initial_noise_scale, 'guidance_scale': args.guidance,
+        'time_shift': args.time_shift, 'eval_time_scale': args.eval_time_scale,
+        'self_conditioning': {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
+    }  # fmt: skip
+    SamplerSettings(**{k: v for k, v in asked.items() if v is not None})
+    return asked
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; failures are one line on stderr."""
     args = parse_args(argv)
     try:
         if args.out:
             check_output_file(args.out, inputs=[args.model])
-        asked = {
-            'solver': args.solver, 'heun': args.heun or None, 'score_temperature': args.tau,
-            'initial_noise_scale': args.initial_noise_scale, 'guidance_scale': args.guidance,
-            'time_shift': args.time_shift, 'eval_time_scale': args.eval_time_scale,
-            'self_conditioning': {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
-        }  # fmt: skip
-        SamplerSettings(**{k: v for k, v in asked.items() if v is not None})  # its ranges, before the load
+        asked = requested_settings(args)
         model = load_trained_model(
             args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint,
             weights=args.weights,
