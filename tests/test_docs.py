@@ -104,3 +104,23 @@ def test_a_documented_command_parses_as_written(where, command, monkeypatch):
         pytest.fail(f'{where}: `{command}` is refused by its parser (exit {e.code})')
     except ValueError as e:
         pytest.fail(f'{where}: `{command}` is refused: {e}')
+
+
+def readme_figures() -> list[tuple[str, str]]:
+    """(what, figure) for each number in the README's results table."""
+    rows = [line for line in (REPO / 'README.md').read_text().splitlines() if line.startswith('| ')][2:]
+    found = []
+    for row in rows:
+        what, figure = [cell.strip() for cell in row.strip('|').split('|')][:2]
+        found += [
+            (what, number) for number in re.findall(r'\d[\d,.]*(?:%|x)?', figure) if number not in ('1', '2')
+        ]
+    return found
+
+
+@pytest.mark.parametrize('what, figure', readme_figures())
+def test_a_readme_figure_is_the_one_in_its_home(what, figure):
+    """docs/results.md is every figure's home; the README's table repeats some, which must agree."""
+    assert figure in (REPO / 'docs' / 'results.md').read_text(), (
+        f'README: {what}: {figure} is not in docs/results.md'
+    )
