@@ -58,7 +58,6 @@ class SamplerSettings:
 
     Attributes:
         solver: One of `SOLVERS` (see the module docstring).
-        heun: Shorthand for solver='heun' (two model evaluations per step except the last).
         score_temperature: tau; below 1 trades entropy for likelihood (§6.4).
         initial_noise_scale: s_init; x starts from N(0, (s_init * t_max)^2 I).
         guidance_scale: g of classifier-free guidance,
@@ -73,7 +72,6 @@ class SamplerSettings:
     """
 
     solver: str = DEFAULT_SOLVER
-    heun: bool = False
     score_temperature: float = 1.0
     initial_noise_scale: float = 1.0
     guidance_scale: float = 1.0
@@ -82,16 +80,10 @@ class SamplerSettings:
     eval_time_scale: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ('heun', 'self_conditioning'):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
+        if not isinstance(self.self_conditioning, bool):
+            raise ValueError(f'self_conditioning must be True or False, got {self.self_conditioning!r}')
         if self.solver not in SOLVERS:
             raise ValueError(f'solver (--solver) {self.solver!r} must be one of {", ".join(SOLVERS)}')
-        if self.heun and self.solver not in (DEFAULT_SOLVER, 'heun'):
-            raise ValueError(f'--heun and --solver {self.solver} contradict each other; pass one of them')
-        if self.heun:
-            object.__setattr__(self, 'solver', 'heun')
-        object.__setattr__(self, 'heun', self.solver == 'heun')
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
         if self.solver == DISTILLED and self.eval_time_scale not in (None, 1.0):
             raise ValueError(

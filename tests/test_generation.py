@@ -103,7 +103,7 @@ def test_template_blanks_are_filled_and_the_rest_kept(model, tokenizer):
         (SamplerSettings(guidance_scale=1.0), False, 5 + 1),
         (SamplerSettings(guidance_scale=2.0), False, 5 + 1),  # nothing given: no unconditional pass
         (SamplerSettings(guidance_scale=2.0), True, 2 * (5 + 1)),
-        (SamplerSettings(heun=True), False, 2 * 4 + 1 + 1),  # the last step stays Euler
+        (SamplerSettings(solver='heun'), False, 2 * 4 + 1 + 1),  # the last step stays Euler
     ],
 )
 def test_model_calls_per_step(model, tokenizer, settings, prompted, calls):
@@ -236,7 +236,8 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
     ('time_shift', math.nan, 'time shift'), ('time_shift', math.inf, 'time shift'),
     ('eval_time_scale', 0.0, 'evaluation time scale'), ('eval_time_scale', math.nan, 'evaluation time scale'),
     ('eval_time_scale', math.inf, 'evaluation time scale'),
-    ('self_conditioning', 'off', 'self_conditioning must be True or False'), ('heun', 1, 'heun must be'),
+    ('self_conditioning', 'off', 'self_conditioning must be True or False'),
+    ('solver', 'rk4', 'must be one of'),
     ('score_temperature', 5e-324, r'must lie in \[0.001, 100\]'),
     ('guidance_scale', 1e300, r'in \[-100, 100\]'),
 ])  # fmt: skip

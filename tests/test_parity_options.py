@@ -156,7 +156,7 @@ def test_time_shift_evaluates_the_model_at_the_next_time_plus_delta():
     assert model.times == [10.5, 4.5, 1.5, 1.0]
     assert shifted.shape == (2, 8)
     with pytest.raises(ValueError, match='Euler steps only'):
-        SamplerSettings(heun=True, time_shift=0.5)
+        SamplerSettings(solver='heun', time_shift=0.5)
 
 
 @pytest.mark.slow

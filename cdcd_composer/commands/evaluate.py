@@ -271,7 +271,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         '--solver', choices=SOLVERS, default=None, help="solver (see generate.py; default: the model's)"
     )
-    p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument('--judge', default=DEFAULT_JUDGE, help="'smollm2', a causal LM name or path, or 'none'")
     p.add_argument('--batch_size', type=positive_int, default=16)
     p.add_argument('--seed', type=int, default=0)
@@ -290,8 +289,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f'--nll_samples must be 0 (skip the bound) or 2 to {MAX_NLL_SAMPLES:,} draws a canvas (the '
             "bound's error falls as 1/sqrt(draws)), --nll_canvases at least 1"
         )
-    if args.heun and args.solver not in (None, 'heun'):
-        p.error(f'--heun and --solver {args.solver} contradict each other; pass one of them')
     try:  # each temperature's range, before any model is loaded
         for tau in args.tau or [1.0]:
             SamplerSettings(solver=args.solver or DEFAULT_SOLVER, score_temperature=tau)
@@ -311,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(
             model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
             steps=args.steps and tuple(args.steps), taus=args.tau and tuple(args.tau),
-            solver='heun' if args.heun else args.solver,
+            solver=args.solver,
             batch_size=args.batch_size,
             seed=args.seed, nll_samples=args.nll_samples, nll_canvases=args.nll_canvases,
         )  # fmt: skip

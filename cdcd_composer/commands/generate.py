@@ -4,7 +4,7 @@
     python generate.py runs/cdcd-tiny/export --prompt "Once upon a time" --tau 0.9
     python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
     python generate.py runs/cdcd-tiny/export --solver dpmpp_2m --steps 24
-    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --heun --steps 100
+    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --solver heun --steps 100
     python generate.py runs/cdcd-tiny-distill/export --steps 1      # a distilled student, 1 pass
 
 Unset, --steps, --solver and --tau are the model's own: 24 DPM-Solver++(2M) steps at tau 1, or
@@ -64,7 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--eval_time_scale', type=float, default=None, metavar='C',
         help='evaluate the model at C t at each step (default 1; the demo model: 1.15, docs/ablations.md)',
     )  # fmt: skip
-    p.add_argument('--heun', action='store_true', help='shorthand for --solver heun')
     p.add_argument(
         '--tau', type=float, default=None, help="score temperature (default: the model's, 1 or a student's)"
     )
@@ -98,7 +97,7 @@ def requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         ValueError: one line naming the flag (`SamplerSettings`), before any model is loaded.
     """
     asked = {
-        'solver': args.solver, 'heun': args.heun or None, 'score_temperature': args.tau,
+        'solver': args.solver, 'score_temperature': args.tau,
         'initial_noise_scale': args.initial_noise_scale, 'guidance_scale': args.guidance,
         'time_shift': args.time_shift, 'eval_time_scale': args.eval_time_scale,
         'self_conditioning': {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
