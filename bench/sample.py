@@ -123,7 +123,7 @@ def quality(export: str, args: argparse.Namespace) -> None:
         for solver in args.solvers:
             for kind, scale in itertools.product(args.schedules, args.eval_time_scales):
                 for evaluations in args.evaluations:
-                    settings = SamplerSettings(solver=solver, score_temperature=tau, eval_time_scale=scale,
+                    settings = SamplerSettings(solver=solver, tau=tau, eval_time_scale=scale,
                                                self_conditioning=spec.self_conditioned)  # fmt: skip
                     steps = steps_for(solver, evaluations)
                     start = time.perf_counter()
@@ -166,7 +166,7 @@ def distillation_table(student_path: str, teacher_path: str, args: argparse.Name
     tau = student.spec.default_tau
     recorded = {int(c) for c in student.spec.sampling['timesteps']}
     rows = [('student', student, c, student.sampling_settings()) for c in args.evaluations if c in recorded]
-    ode = teacher.sampling_settings(score_temperature=tau)
+    ode = teacher.sampling_settings(tau=tau)
     teacher_counts = sorted({c for c in args.evaluations if c > 1} | {DEFAULT_STEPS + 1})
     rows += [('teacher', teacher, c, ode) for c in teacher_counts]
     print(f'{student_path} vs {teacher_path}: {args.samples} samples x seeds {args.seeds}, tau {tau:g}; '
@@ -244,7 +244,7 @@ def main() -> None:
         name = os.path.basename(config).removesuffix('.yaml')
         for solver, steps in solvers:
             off = SamplerSettings(solver=solver, self_conditioning=True)  # g = 1: no unconditional pass.
-            on = SamplerSettings(solver=solver, self_conditioning=True, guidance_scale=2.0)
+            on = SamplerSettings(solver=solver, self_conditioning=True, guidance=2.0)
             base = None
             for label, settings in (('off (g=1, prompted)', off), ('on (g=2, prompted)', on)):
                 s = seconds(model, steps, settings, args.batch, args.seq_len, args.timed_steps)

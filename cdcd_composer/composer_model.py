@@ -448,7 +448,7 @@ class CDCDComposerModel(ComposerModel):
         A change given as None keeps the model's value.
         """
         spec = self.spec
-        own = {'solver': spec.default_solver, 'score_temperature': spec.default_tau,
+        own = {'solver': spec.default_solver, 'tau': spec.default_tau,
                'self_conditioning': spec.self_conditioned}  # fmt: skip
         return SamplerSettings(**own | {k: v for k, v in changes.items() if v is not None})
 

@@ -58,9 +58,9 @@ class SamplerSettings:
 
     Attributes:
         solver: One of `SOLVERS` (see the module docstring).
-        score_temperature: tau; below 1 trades entropy for likelihood (§6.4).
+        tau: The score temperature; below 1 trades entropy for likelihood (§6.4).
         initial_noise_scale: s_init; x starts from N(0, (s_init * t_max)^2 I).
-        guidance_scale: g of classifier-free guidance,
+        guidance: g of classifier-free guidance,
             x0_hat = x0_hat(unconditional) + g * (x0_hat(conditional) - x0_hat(unconditional)).
             At 1 (or with nothing given) the unconditional pass is never computed.
         self_conditioning: Feed the latest x0_hat back as the self-conditioning input.
@@ -72,9 +72,9 @@ class SamplerSettings:
     """
 
     solver: str = DEFAULT_SOLVER
-    score_temperature: float = 1.0
+    tau: float = 1.0
     initial_noise_scale: float = 1.0
-    guidance_scale: float = 1.0
+    guidance: float = 1.0
     self_conditioning: bool = False
     time_shift: float | None = None
     eval_time_scale: float | None = None
@@ -105,20 +105,20 @@ class SamplerSettings:
             raise ValueError(
                 '--time_shift and --eval_time_scale both move the evaluation time; pass one of them'
             )
-        if not TAU_RANGE[0] <= self.score_temperature <= TAU_RANGE[1]:  # NaN fails too
+        if not TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]:  # NaN fails too
             raise ValueError(
                 f'score temperature (--tau) must lie in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got '
-                f'{self.score_temperature} (below, exp(-h / tau) underflows and samples come out empty)'
+                f'{self.tau} (below, exp(-h / tau) underflows and samples come out empty)'
             )
         if not 0 < self.initial_noise_scale < math.inf:
             raise ValueError(
                 f'initial noise scale (--initial_noise_scale) must be a positive finite number, got '
                 f'{self.initial_noise_scale}'
             )
-        if not abs(self.guidance_scale) <= MAX_GUIDANCE:
+        if not abs(self.guidance) <= MAX_GUIDANCE:
             raise ValueError(
                 f'guidance scale (--guidance) must lie in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] (1: none), '
-                f'got {self.guidance_scale}'
+                f'got {self.guidance}'
             )
 
 
@@ -296,7 +296,7 @@ def _euler_or_heun(
     on_state=None,
 ) -> torch.Tensor:
     """Euler steps x <- x + (t' - t) d(x, t) with d = -t s / tau; Heun adds the trapezoidal correction."""
-    tau, last = settings.score_temperature, len(timesteps) - 2
+    tau, last = settings.tau, len(timesteps) - 2
     shift, scale = settings.time_shift, settings.eval_time_scale
     for i in range(last + 1):
         if on_state is not None:
@@ -335,7 +335,7 @@ def _exponential_integrator(
     D_(i-1) (h_prev back) and adds -(c / h_prev) (D_i - D_(i-1)), with
     c = (1 - e^(-rh) (1 + rh)) / r - h (1 - e^(-rh)); its first step is the exponential one.
     """
-    r = 1.0 / settings.score_temperature
+    r = 1.0 / settings.tau
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (D_(i-1), h_prev)
     for i in range(len(timesteps) - 1):
         if on_state is not None:
@@ -366,7 +366,7 @@ def _distilled(
     the exponential step, which the student was trained to make land where the teacher's solver
     does (`distillation.jump_target`). The last pass lands at t_min: its argmax is the sample.
     """
-    r, last = 1.0 / settings.score_temperature, len(timesteps) - 2
+    r, last = 1.0 / settings.tau, len(timesteps) - 2
     for i in range(last):
         t_i, t_next = timesteps[i], timesteps[i + 1]
         x0_hat = denoiser(x, t_i, t_next)
@@ -428,7 +428,7 @@ class _Denoiser:
         self.settings = settings
         self.self_cond = torch.zeros(*tokens.shape, model.config.d_embed, device=tokens.device)
         # Guidance needs an unconditional pass only when something is given and g != 1.
-        self.guided = settings.guidance_scale != 1.0 and not bool(mask.all())
+        self.guided = settings.guidance != 1.0 and not bool(mask.all())
         self.all_generated = torch.ones_like(mask)
 
     def _call(
@@ -456,7 +456,7 @@ class _Denoiser:
         x0_hat = self._call(x, t, self.mask, t_next, expected=True).x0_hat
         if self.guided:
             unconditional = self._call(x, t, self.all_generated, t_next, expected=True).x0_hat
-            x0_hat = unconditional + self.settings.guidance_scale * (x0_hat - unconditional)
+            x0_hat = unconditional + self.settings.guidance * (x0_hat - unconditional)
         if self.settings.self_conditioning:
             self.self_cond = x0_hat
         return x0_hat
@@ -466,7 +466,7 @@ class _Denoiser:
         logits = self._call(x, t, self.mask, t_next, expected=False).logits
         if self.guided:
             unconditional = self._call(x, t, self.all_generated, t_next, expected=False).logits
-            logits = unconditional + self.settings.guidance_scale * (logits - unconditional)
+            logits = unconditional + self.settings.guidance * (logits - unconditional)
         return logits
 
 

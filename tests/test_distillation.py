@@ -100,9 +100,7 @@ def test_a_samples_rows_do_not_depend_on_the_batch_it_came_in(tiny_teacher):
     torch.testing.assert_close(whole['x_t'][first], expected[first])
     # The targets are the teacher's own samples from that noise.
     times = distillation.teacher_times().float()
-    settings = SamplerSettings(
-        score_temperature=distillation.tau, self_conditioning=teacher.spec.self_conditioned
-    )
+    settings = SamplerSettings(tau=distillation.tau, self_conditioning=teacher.spec.self_conditioned)
     ends = sample(
         teacher.model, times, 4, tokens.shape[1], settings, noise=noise.view(4, tokens.shape[1], 16)
     )

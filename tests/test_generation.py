@@ -100,9 +100,9 @@ def test_template_blanks_are_filled_and_the_rest_kept(model, tokenizer):
     ('settings', 'prompted', 'calls'),
     [
         (SamplerSettings(), True, 5 + 1),  # one call per step, plus the final argmax pass
-        (SamplerSettings(guidance_scale=1.0), False, 5 + 1),
-        (SamplerSettings(guidance_scale=2.0), False, 5 + 1),  # nothing given: no unconditional pass
-        (SamplerSettings(guidance_scale=2.0), True, 2 * (5 + 1)),
+        (SamplerSettings(guidance=1.0), False, 5 + 1),
+        (SamplerSettings(guidance=2.0), False, 5 + 1),  # nothing given: no unconditional pass
+        (SamplerSettings(guidance=2.0), True, 2 * (5 + 1)),
         (SamplerSettings(solver='heun'), False, 2 * 4 + 1 + 1),  # the last step stays Euler
     ],
 )
@@ -117,7 +117,7 @@ def test_model_calls_per_step(model, tokenizer, settings, prompted, calls):
 @pytest.mark.parametrize('solver', ODE_SOLVERS)
 @pytest.mark.parametrize(('guidance', 'prompted'), [(1.0, False), (2.0, True)])
 def test_network_evaluations_count_every_pass(model, tokenizer, solver, guidance, prompted):
-    settings = SamplerSettings(solver=solver, guidance_scale=guidance, self_conditioning=True)
+    settings = SamplerSettings(solver=solver, guidance=guidance, self_conditioning=True)
     calls_seen = count_calls(model)
     given, mask = prompt_canvas(tokenizer, L, 'lily was') if prompted else (None, None)
     kwargs = {'given_tokens': given.expand(2, -1), 'generate_mask': mask.expand(2, -1)} if prompted else {}
@@ -151,7 +151,7 @@ def test_the_exponential_and_multistep_solvers_are_exact_for_a_fixed_estimate(ta
         (_euler_or_heun, 'euler'),
     )
     for solve, solver in solvers:
-        settings = SamplerSettings(solver=solver, score_temperature=tau)
+        settings = SamplerSettings(solver=solver, tau=tau)
         out = solve(FixedDenoiser(target), x, steps, settings, None)
         if solver == 'euler':  # exact at tau = 1 (the step is then the solution), not below
             assert torch.allclose(out, exact, atol=1e-2) == (tau == 1.0)
@@ -223,23 +223,23 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
     """With g = 0 the guided path and final pass are unconditional: given tokens stop mattering."""
     given, mask = prompt_canvas(tokenizer, L, 'lily was happy')
     other, _ = prompt_canvas(tokenizer, L, 'tom was sad')
-    run = lambda g, tokens: sample(model, timesteps(3), 1, L, SamplerSettings(guidance_scale=g),  # noqa: E731
+    run = lambda g, tokens: sample(model, timesteps(3), 1, L, SamplerSettings(guidance=g),  # noqa: E731
                                    given_tokens=tokens[None], generate_mask=mask[None],
                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.equal(run(0.0, given)[:, mask], run(0.0, other)[:, mask])
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('score_temperature', 0.0, 'score temperature'), ('score_temperature', math.nan, 'score temperature'),
+    ('tau', 0.0, 'score temperature'), ('tau', math.nan, 'score temperature'),
     ('initial_noise_scale', math.nan, 'initial noise scale'), ('initial_noise_scale', -1.0, 'initial noise'),
-    ('guidance_scale', math.nan, 'guidance'), ('guidance_scale', math.inf, 'guidance'),
+    ('guidance', math.nan, 'guidance'), ('guidance', math.inf, 'guidance'),
     ('time_shift', math.nan, 'time shift'), ('time_shift', math.inf, 'time shift'),
     ('eval_time_scale', 0.0, 'evaluation time scale'), ('eval_time_scale', math.nan, 'evaluation time scale'),
     ('eval_time_scale', math.inf, 'evaluation time scale'),
     ('self_conditioning', 'off', 'self_conditioning must be True or False'),
     ('solver', 'rk4', 'must be one of'),
-    ('score_temperature', 5e-324, r'must lie in \[0.001, 100\]'),
-    ('guidance_scale', 1e300, r'in \[-100, 100\]'),
+    ('tau', 5e-324, r'must lie in \[0.001, 100\]'),
+    ('guidance', 1e300, r'in \[-100, 100\]'),
 ])  # fmt: skip
 def test_bad_sampler_settings_fail_by_name_nan_included(field, value, message):
     with pytest.raises(ValueError, match=message):

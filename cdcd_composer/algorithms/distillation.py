@@ -247,7 +247,7 @@ class Distillation(Algorithm):
             x_s.copy_(torch.where((land == i)[..., None, None], x[:, None], x_s))
 
         settings = SamplerSettings(
-            solver=DEFAULT_SOLVER, score_temperature=self.tau, self_conditioning=teacher.spec.self_conditioned
+            solver=DEFAULT_SOLVER, tau=self.tau, self_conditioning=teacher.spec.self_conditioned
         )
         times = self.teacher_times().to(tokens.device, torch.float32)
         ends = sample(teacher.model, times, size, length, settings, given_tokens=tokens, generate_mask=mask,

@@ -198,7 +198,7 @@ def evaluate(
     }
     for n_steps in steps:
         for tau in taus:
-            settings = model.sampling_settings(solver=solver, score_temperature=tau)
+            settings = model.sampling_settings(solver=solver, tau=tau)
             for kind in ('unconditional', 'prompted'):
                 start = time.perf_counter()
                 texts = model.generate(
@@ -291,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     try:  # each temperature's range, before any model is loaded
         for tau in args.tau or [1.0]:
-            SamplerSettings(solver=args.solver or DEFAULT_SOLVER, score_temperature=tau)
+            SamplerSettings(solver=args.solver or DEFAULT_SOLVER, tau=tau)
     except ValueError as e:
         p.error(str(e))
     return args

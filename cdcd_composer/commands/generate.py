@@ -97,8 +97,8 @@ def requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         ValueError: one line naming the flag (`SamplerSettings`), before any model is loaded.
     """
     asked = {
-        'solver': args.solver, 'score_temperature': args.tau,
-        'initial_noise_scale': args.initial_noise_scale, 'guidance_scale': args.guidance,
+        'solver': args.solver, 'tau': args.tau,
+        'initial_noise_scale': args.initial_noise_scale, 'guidance': args.guidance,
         'time_shift': args.time_shift, 'eval_time_scale': args.eval_time_scale,
         'self_conditioning': {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
     }  # fmt: skip
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
-    guided = settings.guidance_scale != 1.0 and (args.prompt is not None or args.template is not None)
+    guided = settings.guidance != 1.0 and (args.prompt is not None or args.template is not None)
     scaled = '' if settings.eval_time_scale == 1.0 else f', model evaluated at {settings.eval_time_scale:g} t'
     print(f'network evaluations: {network_evaluations(settings, args.steps, guided)} per sample '
           f'({settings.solver}, {args.steps} steps{scaled})')  # fmt: skip
@@ -167,7 +167,7 @@ def write_samples(
     """
     record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'guidance', 'seed')}
     record |= {
-        'tau': settings.score_temperature,
+        'tau': settings.tau,
         'solver': settings.solver,
         'eval_time_scale': settings.eval_time_scale,
     }

@@ -292,8 +292,8 @@ class CDCDModel(PreTrainedModel):
         if self_conditioning is None:
             self_conditioning = bool(config.self_conditioning)
         settings = SamplerSettings(
-            solver=solver or own_solver, score_temperature=own_tau if tau is None else tau,
-            guidance_scale=guidance, self_conditioning=self_conditioning,
+            solver=solver or own_solver, tau=own_tau if tau is None else tau,
+            guidance=guidance, self_conditioning=self_conditioning,
         )  # fmt: skip
         given = Request(prompt, template, blank_length).given(
             tokenizer, config.seq_len, config.padded, num_samples
