@@ -31,7 +31,8 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest -q -rs --durations=10
 
-# The fast lane: no Composer training runs and no spawned processes (a few minutes).
+# The fast lane (about 40 s): no Composer fit and no spawned Python interpreter; a guard in
+# tests/conftest.py fails any test not marked slow that does either.
 test-fast: lint
 	$(VENV)/bin/pytest -q -rs -m "not slow"
 

@@ -156,3 +156,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if 'gpu' in item.keywords:
             item.add_marker(skip)
+
+
+# -- the fast lane: a test not marked `slow` neither fits a Composer Trainer nor spawns an interpreter --
+_RUNNING: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _RUNNING.append(item)
+    try:
+        return (yield)
+    finally:
+        _RUNNING.pop()
+
+
+def _refuse_outside_slow(what: str) -> None:
+    """Fails the running test unless it is marked `slow` (its fixtures' work counts as its own)."""
+    item = _RUNNING[-1] if _RUNNING else None
+    if item is not None and item.get_closest_marker('slow') is None:
+        pytest.fail(
+            f'{item.nodeid} {what} but is not marked slow: mark it `slow` (make test-fast runs neither)'
+        )
+
+
+def _spawns_an_interpreter(args: object) -> bool:
+    words = [args] if isinstance(args, (str, os.PathLike)) else list(args or [])
+    head = os.path.basename(str(words[0])) if words else ''
+    return bool(words) and (
+        head.startswith(('python', 'composer', 'moto_server')) or str(words[0]) == sys.executable
+    )
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _fast_lane_guard():
+    """Trainer.fit and a spawned Python interpreter fail a test not marked slow (`make test-fast`)."""
+    from composer import Trainer
+
+    fit, popen = Trainer.fit, subprocess.Popen.__init__
+
+    def guarded_fit(self, *args, **kwargs):
+        _refuse_outside_slow('trains through Composer (Trainer.fit)')
+        return fit(self, *args, **kwargs)
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        if _spawns_an_interpreter(args):
+            _refuse_outside_slow('spawns a Python interpreter')
+        return popen(self, args, *rest, **kwargs)
+
+    Trainer.fit, subprocess.Popen.__init__ = guarded_fit, guarded_popen
+    yield
+    Trainer.fit, subprocess.Popen.__init__ = fit, popen

@@ -130,6 +130,7 @@ def test_missing_data_path_names_the_fix(tmp_path):
         validate(parse_config(raw))
 
 
+@pytest.mark.slow
 def test_cli_misspelt_key_fails_in_one_line_before_any_work(tmp_path):
     proc = subprocess.run(
         [

@@ -424,6 +424,7 @@ def test_write_to_s3_stream_back_and_train(tmp_path, tokenizer_dir, s3_env, tiny
         check_split(uri, key.split('/')[2])
 
 
+@pytest.mark.slow
 def test_unreachable_bucket_is_one_line_error(tmp_path, s3_env, capsys):
     src = write_text(tmp_path / 'all.txt', STORIES[:5])
     argv = ['--source', 'files', '--train_files', str(src), '--val_fraction', '0.5',
@@ -433,6 +434,7 @@ def test_unreachable_bucket_is_one_line_error(tmp_path, s3_env, capsys):
     assert err.startswith('error: cannot reach s3://no-such-bucket/x: NoSuchBucket') and '\n' not in err
 
 
+@pytest.mark.slow
 def test_a_second_converter_on_one_bucket_root_is_refused(tmp_path, s3_env, capsys):
     uri = f's3://{s3_env()}/data'
     root = Folder(uri)

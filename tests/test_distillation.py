@@ -42,6 +42,7 @@ def test_the_jump_target_lands_the_samplers_step_on_the_teachers_state(tau):
     torch.testing.assert_close(landed, x_s, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # tiny_teacher trains
 def test_a_student_starts_as_its_teacher_and_must_be_its_architecture(tiny_teacher):
     teacher = load_trained_model(str(tiny_teacher))
     config = dataclasses.replace(teacher.config, target_time=True)
@@ -73,6 +74,7 @@ def test_a_student_starts_as_its_teacher_and_must_be_its_architecture(tiny_teach
         distillation.init_student(CDCDComposerModel.from_spec(teacher.spec))
 
 
+@pytest.mark.slow  # tiny_teacher trains
 def test_a_samples_rows_do_not_depend_on_the_batch_it_came_in(tiny_teacher):
     """Each row is a function of (seed, epoch, its sample): a batch and its halves make the same rows."""
     teacher = load_trained_model(str(tiny_teacher))

@@ -21,6 +21,7 @@ def test_a_second_run_on_a_held_save_folder_is_refused_before_any_work(tiny_conf
     assert os.listdir(folder) == [LOCK_FILE]  # nothing written: no checkpoint, no log
 
 
+@pytest.mark.slow
 def test_the_lock_is_held_while_the_run_lives_and_handed_on_after(tiny_config, tmp_path):
     folder = tmp_path / 'checkpoints'
     trainer = train.main(tiny_config, return_trainer=True, do_train=False)
@@ -34,6 +35,7 @@ def test_the_lock_is_held_while_the_run_lives_and_handed_on_after(tiny_config, t
     train.HELD_FOLDERS.close()
 
 
+@pytest.mark.slow
 def test_an_object_store_save_folder_is_held_by_a_lease(tiny_config, s3_env):
     folder = f's3://{s3_env()}/run/checkpoints'
     train.hold_save_folder(train.parse_config({**tiny_config, 'save_folder': folder}))
@@ -50,6 +52,7 @@ def test_an_object_store_save_folder_is_held_by_a_lease(tiny_config, s3_env):
     assert '\n' not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_lease_left_by_a_dead_writer_is_taken_over(s3_env):
     root = Folder(f's3://{s3_env()}/data')
     expired = {'id': 'old', 'host': 'another-host', 'pid': 1, 'renewed': time.time() - LEASE_EXPIRES_S - 1}

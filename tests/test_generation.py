@@ -259,6 +259,7 @@ def trained_run(tmp_path_factory, tiny_dataset) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_export_round_trip_and_generate_from_it(trained_run, tmp_path, capsys):
     checkpoint, export = trained_run / 'checkpoints' / 'latest-rank0.pt', trained_run / 'export'
     assert sorted(os.listdir(export)) == ['.cdcd-owned', 'cdcd_config.json', 'model.safetensors', 'tokenizer']
@@ -348,6 +349,7 @@ def _cut_a_matrix(weights: dict) -> None:
     weights[name] = weights[name][:1].clone()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage, message', [
     (resigned(_drop_a_tensor), 'its tensors do not fit its run spec (KeyError'),
     (resigned(_cut_a_matrix), 'its tensors do not fit its run spec (RuntimeError: size mismatch'),
@@ -369,6 +371,7 @@ def test_damaged_exports_fail_in_one_line(trained_run, tmp_path, damage, message
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_a_real_checkpoint_loads_weights_only_from_anywhere(trained_run, capsys):
     checkpoint = trained_run / 'checkpoints' / 'latest-rank0.pt'
     assert outside_allowlist(str(checkpoint)) == []
@@ -381,6 +384,7 @@ def test_a_real_checkpoint_loads_weights_only_from_anywhere(trained_run, capsys)
         checkpoint.chmod(mode)
 
 
+@pytest.mark.slow
 def test_training_samples_are_logged_with_their_cost(trained_run):
     log = (trained_run / 'logs.txt').read_text()
     assert 'samples/seconds' in log and 'samples/fraction_of_training' in log
@@ -448,6 +452,7 @@ def test_judge_nll_matches_a_manual_computation(tiny_judge_dir):
     assert judge.score(texts, ['lily was', 'tom was sad ,']).tokens == 2 + 5
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_samples_next_to_the_data(
     trained_run, tiny_dataset, tiny_judge_dir, tmp_path, capsys
 ):
@@ -479,6 +484,7 @@ def test_eval_cli_reports_samples_next_to_the_data(
     assert lines['exact entropy'].startswith('exact entropy: unavailable (a canvas is truncated')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags, message', [
     (['--steps', '0'], 'argument --steps: must be a positive integer, got 0'),
     (['--steps', '4', '-1'], 'argument --steps: must be a positive integer, got -1'),
@@ -494,6 +500,7 @@ def test_eval_cli_refuses_empty_runs_in_one_line(trained_run, tiny_dataset, flag
     assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags, message', [
     (['--steps', '-3'], 'argument --steps: must be a positive integer, got -3'),
     (['--num_samples', '-1'], 'argument --num_samples: must be a positive integer, got -1'),
@@ -505,6 +512,7 @@ def test_generate_refuses_counts_below_one_naming_the_flag(trained_run, flags, m
     assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags, message', [
     (['--device', 'cuda'], '--device cuda but no CUDA GPU is visible here; use --device cpu'),
     (['--device', 'tpu9'], "--device 'tpu9' is not"),
@@ -521,6 +529,7 @@ def test_generate_checks_device_and_output_before_sampling(
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_export_and_generate_through_s3(trained_run, s3_env, tmp_path, capsys):
     from cdcd_composer.commands.export import main as export_main
 
@@ -570,6 +579,7 @@ def test_the_default_judges_dependencies_are_installed_and_a_missing_one_is_one_
     assert '\n' not in str(e.value)
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -601,6 +611,7 @@ def test_non_finite_weights_are_refused_on_load_and_at_export(trained_run, tmp_p
     assert 'holds NaN or inf' in capsys.readouterr().err and not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps_are_refused(
     trained_run, monkeypatch, capsys
 ):
@@ -630,6 +641,7 @@ def test_a_large_request_is_sampled_in_batches_that_fit_memory_and_endless_steps
             model.generate_tokens(1, steps=1, seed=seed)
 
 
+@pytest.mark.slow
 def test_eval_checks_its_output_path_before_any_work_and_a_failed_write_is_one_line(
     trained_run, tiny_dataset, tmp_path, capsys
 ):
@@ -649,6 +661,7 @@ def test_eval_checks_its_output_path_before_any_work_and_a_failed_write_is_one_l
     )
 
 
+@pytest.mark.slow
 def test_eval_refuses_more_samples_than_validation_stories(trained_run, tiny_dataset, capsys):
     argv = [str(trained_run / 'export'), '--data_root', str(tiny_dataset), '--judge', 'none', '--steps', '1']
     assert eval_cli.main([*argv, '--num_samples', '100000000']) == 2
@@ -656,6 +669,7 @@ def test_eval_refuses_more_samples_than_validation_stories(trained_run, tiny_dat
     assert '--num_samples 100000000 is more than the 64 validation stories' in err and '\n' not in err.strip()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_generate_and_eval_is_one_line_and_writes_nothing(
     trained_run, tiny_dataset, tmp_path, monkeypatch, capsys
 ):

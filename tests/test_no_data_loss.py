@@ -44,6 +44,7 @@ def test_the_export_cli_never_replaces_the_run_folder(tiny_dataset, tmp_path, ca
     assert export_main([str(checkpoint), str(out / 'export')]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['manifest.json', 'cdcd_dataset.json', 'cdcd_config.json'])
 def test_a_users_file_named_like_ours_does_not_make_the_folder_ours(tiny_dataset, tmp_path, name, capsys):
     """Only the `.cdcd-owned` marker makes a folder ours: the export CLI and the export callback

@@ -122,6 +122,7 @@ class LoseTheStore(Callback):
         )
 
 
+@pytest.mark.slow
 def test_a_lost_object_store_is_one_line_saying_where_the_run_stands(tiny_dataset, tmp_path):
     code, err, _ = fit(shrunk(tiny_dataset, tmp_path), LoseTheStore())
     assert code == 1 and '\n' not in err
@@ -129,6 +130,7 @@ def test_a_lost_object_store_is_one_line_saying_where_the_run_stands(tiny_datase
                    '; stopped at batch 0; no checkpoint was kept, so a rerun starts afresh')  # fmt: skip
 
 
+@pytest.mark.slow
 def test_no_room_for_the_final_export_is_found_before_training(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, 'disk_usage', full_when(lambda p: p == tmp_path))  # where export/ will be
     code, err, folder = fit(shrunk(tiny_dataset, tmp_path))

@@ -92,6 +92,7 @@ def test_a_malicious_load_path_is_refused_before_composer_sees_it(place, tiny_co
     train.validate(parse_config(dict(tiny_config, load_path=str(pt), trust_checkpoint=True)))  # accepted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['latest-rank0.pt', 'ep0-ba2-rank0.pt'])
 @pytest.mark.parametrize('place', PLACES)
 def test_a_malicious_checkpoint_autoresume_finds_never_runs(name, place, tiny_config, tmp_path):
@@ -104,6 +105,7 @@ def test_a_malicious_checkpoint_autoresume_finds_never_runs(name, place, tiny_co
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_allowlist_holds_every_type_of_a_real_checkpoint(tiny_config, tmp_path):
     """A checkpoint train.py wrote (EMA, self-conditioning, time warp, RNG states) loads weights-only,
     from anywhere, by Composer's resume and by our loader."""
