@@ -174,7 +174,7 @@ def sample(
             'a distilled student samples with its own steps (solver distilled), and only a distilled student '
             f'does; it is {"" if model.config.target_time else "not "}one, the solver {settings.solver}'
         )
-    denoiser = _Denoiser(model, given_tokens, generate_mask, settings)
+    denoiser = _Denoiser(model, given_tokens, generate_mask, settings, on_state)
     if noise is None:
         noise = torch.randn(num_samples, seq_len, model.config.d_embed, generator=generator, device=device)
     x = noise * timesteps[0] * settings.initial_noise_scale
@@ -182,7 +182,7 @@ def sample(
         logits = _distilled(denoiser, x, timesteps, settings, on_step)
     else:
         solve = _euler_or_heun if settings.solver in ('euler', 'heun') else _exponential_integrator
-        x = solve(denoiser, x, timesteps, settings, on_step, on_state)
+        x = solve(denoiser, x, timesteps, settings, on_step)
         logits = denoiser.logits(x, timesteps[-1])
     return torch.where(generate_mask, logits.argmax(-1), given_tokens)
 
@@ -293,14 +293,12 @@ def _euler_or_heun(
     timesteps: torch.Tensor,
     settings: SamplerSettings,
     on_step,
-    on_state=None,
 ) -> torch.Tensor:
     """Euler steps x <- x + (t' - t) d(x, t) with d = -t s / tau; Heun adds the trapezoidal correction."""
     tau, last = settings.tau, len(timesteps) - 2
     shift, scale = settings.time_shift, settings.eval_time_scale
     for i in range(last + 1):
-        if on_state is not None:
-            on_state(i, x)
+        denoiser.visit(i, x)
         t_i, t_next = timesteps[i], timesteps[i + 1]
         t_model = scale * t_i if shift is None else t_next + shift
         direction = -t_i * score(denoiser(x, t_model), x, t_i) / tau
@@ -313,8 +311,7 @@ def _euler_or_heun(
             x = x_euler
         if on_step is not None:
             on_step(i)
-    if on_state is not None:
-        on_state(last + 1, x)
+    denoiser.visit(last + 1, x)
     return x
 
 
@@ -324,7 +321,6 @@ def _exponential_integrator(
     timesteps: torch.Tensor,
     settings: SamplerSettings,
     on_step,
-    on_state=None,
 ) -> torch.Tensor:
     """The exponential integrator of dx/ds = r (x - x0_hat), s = ln t, r = 1/tau, one pass per step.
 
@@ -338,8 +334,7 @@ def _exponential_integrator(
     r = 1.0 / settings.tau
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (D_(i-1), h_prev)
     for i in range(len(timesteps) - 1):
-        if on_state is not None:
-            on_state(i, x)
+        denoiser.visit(i, x)
         t_i, t_next = timesteps[i], timesteps[i + 1]
         x0_hat = denoiser(x, settings.eval_time_scale * t_i)
         h = torch.log(t_i / t_next)
@@ -352,8 +347,7 @@ def _exponential_integrator(
         previous, x = (x0_hat, h), x_next
         if on_step is not None:
             on_step(i)
-    if on_state is not None:
-        on_state(len(timesteps) - 1, x)
+    denoiser.visit(len(timesteps) - 1, x)
     return x
 
 
@@ -421,15 +415,25 @@ class _Denoiser:
     """x0_hat(x, t) with guidance and self-conditioning state; counts nothing, hides nothing."""
 
     def __init__(
-        self, model: CDCDTransformer, tokens: torch.Tensor, mask: torch.Tensor, settings: SamplerSettings
+        self,
+        model: CDCDTransformer,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        settings: SamplerSettings,
+        on_state: Callable[[int, torch.Tensor], None] | None = None,
     ):
         # Contiguous: a compiled denoiser guards on strides, and prompts arrive broadcast.
         self.model, self.tokens, self.mask = model, tokens.contiguous(), mask.contiguous()
-        self.settings = settings
+        self.settings, self.on_state = settings, on_state
         self.self_cond = torch.zeros(*tokens.shape, model.config.d_embed, device=tokens.device)
         # Guidance needs an unconditional pass only when something is given and g != 1.
         self.guided = settings.guidance != 1.0 and not bool(mask.all())
         self.all_generated = torch.ones_like(mask)
+
+    def visit(self, i: int, x: torch.Tensor) -> None:
+        """Shows the solver's state x at its step i to `on_state` (`sample`), if any."""
+        if self.on_state is not None:
+            self.on_state(i, x)
 
     def _call(
         self,

@@ -128,7 +128,14 @@ def test_network_evaluations_count_every_pass(model, tokenizer, solver, guidance
         assert torch.equal(out[kept], given.expand(2, -1)[kept])
 
 
-class FixedDenoiser:
+class StandIn:
+    """A stand-in for `sampler._Denoiser`: subclasses say what x0_hat is; states go nowhere."""
+
+    def visit(self, i: int, x: torch.Tensor) -> None:
+        pass
+
+
+class FixedDenoiser(StandIn):
     """A stand-in `_Denoiser` whose x0_hat never changes: the ODE's exact solution is known."""
 
     def __init__(self, target: torch.Tensor) -> None:
@@ -166,7 +173,7 @@ def test_the_multistep_solver_is_second_order_on_a_moving_estimate():
     a, b = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     x = torch.randn(5, dtype=torch.float64) * 100
 
-    class Moving:
+    class Moving(StandIn):
         def __call__(self, x, t):
             return a + b * torch.log(t)
 
@@ -192,7 +199,7 @@ def test_every_step_evaluates_the_model_at_the_scaled_time(solver):
 
     seen, target = [], torch.randn(1, 2, 3)
 
-    class Recording:
+    class Recording(StandIn):
         def __call__(self, x, t):
             seen.append(float(t))
             return target
