@@ -697,6 +697,17 @@ def test_ctrl_c_in_generate_and_eval_is_one_line_and_writes_nothing(
     ]
     assert not out.exists() and not (tmp_path / 'r.json').exists()
 
+    # export.py: the export is staged, so an interrupted one leaves the folder as it was.
+    from cdcd_composer.commands.export import main as export_main
+    from cdcd_composer.storage import Folder
+
+    def interrupted_write(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Folder, 'staged_directory', interrupted_write)
+    assert export_main([export, str(tmp_path / 'again')]) == 130
+    assert 'interrupted while exporting' in capsys.readouterr().err and not (tmp_path / 'again').exists()
+
 
 @pytest.mark.parametrize('name', ['/no/such/judge', './judge-folder', '~/nothing-here'])
 def test_a_judge_path_that_is_no_folder_is_one_line(name):

@@ -58,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f'error: {error_line(e)}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the export is staged and renamed into place: nothing half-written stays
+        print(f'interrupted while exporting: {args.out_dir} is as it was; rerun to export', file=sys.stderr)
+        return 130
     print(
         f'exported {args.checkpoint} ({model.spec.weights} weights) to {args.out_dir} ({args.format} format)'
     )
     if args.push_to_hub:
         try:
             print(f'uploaded to {push_to_hub(args.out_dir, args.push_to_hub, args.private)}')
+        except KeyboardInterrupt:
+            print(
+                f'interrupted while uploading: {args.out_dir} is written; rerun with --push_to_hub or '
+                'upload it with huggingface-cli upload', file=sys.stderr,
+            )  # fmt: skip
+            return 130
         except Exception as e:  # huggingface_hub raises its own errors (network, auth) with long texts
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             print(
