@@ -68,7 +68,7 @@ import torch.distributed
 from cdcd_composer.commands import train
 from composer.utils import dist
 from cdcd_composer.config import load_config
-from cdcd_composer.sharding import ReduceOnLastMicrobatch
+from cdcd_composer.callbacks.sharding import ReduceOnLastMicrobatch
 from torch.distributed.fsdp import FSDPModule
 
 calls, gathers = [], []

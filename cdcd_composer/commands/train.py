@@ -20,6 +20,7 @@ from cdcd_composer import registry, workarounds
 from cdcd_composer.algorithms import Distillation
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
 from cdcd_composer.callbacks.checkpoint_space import CheckpointSpace
+from cdcd_composer.callbacks.sharding import LoadSingleFileCheckpoint, ReduceOnLastMicrobatch
 from cdcd_composer.checkpoints.resume import (
     check_load_path,
     checkpoint_to_resume,
@@ -44,13 +45,7 @@ from cdcd_composer.loggers import ResumableProgressBar, check_loggers
 from cdcd_composer.model import compile_denoiser
 from cdcd_composer.outputs import error_line
 from cdcd_composer.preflight import check_object_stores, check_system, default_precision, trains_on_gpu
-from cdcd_composer.sharding import (
-    LoadSingleFileCheckpoint,
-    ReduceOnLastMicrobatch,
-    fsdp_version,
-    parallelism_for_world,
-    trainer_parallelism,
-)
+from cdcd_composer.sharding import fsdp_version, parallelism_for_world, trainer_parallelism
 from cdcd_composer.storage import Folder, StorageError, check_writable, storage_fault
 
 log = logging.getLogger('train')
