@@ -29,7 +29,7 @@ lint: install
 
 # Everything, as CI runs it (~20 min on 2 cores).
 test: lint
-	$(VENV)/bin/pytest -q -rs --durations=10
+	$(VENV)/bin/pytest -q -rs --durations=25
 
 # The fast lane (about 40 s): no Composer fit and no spawned Python interpreter; a guard in
 # tests/conftest.py fails any test not marked slow that does either.
