@@ -12,7 +12,7 @@ from conftest import REPO
 from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.commands import generate, train
 from cdcd_composer.data.grammar import recognised_fraction
-from cdcd_composer.sampler import DEFAULT_SOLVER, SamplerSettings, decode_samples, sample
+from cdcd_composer.sampler import DEFAULT_SOLVER, decode_samples, sample
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +75,10 @@ def test_samples_decode_and_generate_cli(trained, tmp_path, capsys):
     assert [r['index'] for r in rows] == [0, 1] and all(
         f'[{r["index"]}] {r["text"]}' in printed for r in rows
     )
-    scale = SamplerSettings().eval_time_scale  # the default solver's evaluation time, printed
-    assert f'4 per sample ({DEFAULT_SOLVER}, 3 steps, model evaluated at {scale:g} t)' in printed
-    assert {(r['solver'], r['eval_time_scale']) for r in rows} == {(DEFAULT_SOLVER, scale)}
+    assert f'4 per sample ({DEFAULT_SOLVER}, 3 steps)' in printed  # evaluated at t: nothing to say
+    assert {(r['solver'], r['eval_time_scale']) for r in rows} == {(DEFAULT_SOLVER, 1.0)}
+    generate.main([str(checkpoint), '--num_samples', '1', '--steps', '3', '--eval_time_scale', '1.15'])
+    assert f'4 per sample ({DEFAULT_SOLVER}, 3 steps, model evaluated at 1.15 t)' in capsys.readouterr().out
     # The share it prints is the grammar's verdict on the very samples it wrote.
     assert f'recognised sentences: {recognised_fraction([r["text"] for r in rows]):.1%}' in printed
 
