@@ -27,7 +27,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 log = logging.getLogger(__name__)
 
 EMA_KEY = 'ema'  # The model state-dict entry: {parameter name: averaged tensor}.
-WEIGHT_CHOICES = ('ema', 'raw')
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from cdcd_composer.averaged_weights import EMA_KEY, WEIGHT_CHOICES
+from cdcd_composer.arguments import WEIGHT_CHOICES
+from cdcd_composer.averaged_weights import EMA_KEY
 from cdcd_composer.composer_model import WARP_PREFIX, CDCDComposerModel
 from cdcd_composer.run_spec import RunSpec
 from cdcd_composer.storage import Folder, is_remote

@@ -35,14 +35,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer.model import CDCDTransformer, DenoiserOutput, score
+from cdcd_composer.solver_names import DEFAULT_SOLVER, DEFAULT_STEPS, DISTILLED, ODE_SOLVERS, SOLVERS  # noqa: F401
 
-ODE_SOLVERS = ('euler', 'heun', 'exponential', 'dpmpp_2m')  # any trained model
-DISTILLED = 'distilled'  # a distilled student's own
-SOLVERS = (*ODE_SOLVERS, DISTILLED)
-# The defaults of generate.py, eval.py, the training samples and the Hugging Face model's
-# generate (`bench/sample.py --quality`): 24 steps + the argmax pass = 25 network evaluations.
-DEFAULT_SOLVER = 'dpmpp_2m'
-DEFAULT_STEPS = 24
 log = logging.getLogger(__name__)
 MAX_SAMPLING_STEPS = 100_000
 MAX_SAMPLES = 100_000_000  # per call: larger requests are batched and announced up to here, then refused

@@ -212,3 +212,17 @@ def test_precision_null_follows_the_device_the_run_trains_on(device, precision):
     """`precision: null` is bf16 autocast on a GPU and fp32 elsewhere, even where a GPU is present."""
     assert default_precision(device) == precision
     assert default_precision(None) == ('amp_bf16' if torch.cuda.is_available() else 'fp32')
+
+
+@pytest.mark.slow  # spawns interpreters
+@pytest.mark.parametrize('script', ['generate.py', 'eval.py', 'export.py'])
+def test_help_lists_the_options_without_importing_torch(script):
+    cmd = [sys.executable, '-X', 'importtime', str(REPO / script), '-h']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and 'usage:' in proc.stdout and '--' in proc.stdout
+    imported = {
+        line.rsplit('|', 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith('import time:')
+    }
+    assert not {'torch', 'composer', 'streaming', 'transformers'} & imported

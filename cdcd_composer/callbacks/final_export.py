@@ -10,7 +10,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger, MLFlowLogger, WandBLogger
 from composer.utils import dist
 
-from cdcd_composer.averaged_weights import WEIGHT_CHOICES
+from cdcd_composer.arguments import WEIGHT_CHOICES
 from cdcd_composer.composer_model import unwrap_model
 from cdcd_composer.export import export_size, split_folder, training_progress, write_export
 from cdcd_composer.storage import Folder, check_free_space, check_writable, is_remote

@@ -7,7 +7,6 @@ unpickler (see `cdcd_composer.checkpoints.trust`), from anywhere.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import torch
 
 from cdcd_composer import workarounds
-from cdcd_composer.averaged_weights import WEIGHT_CHOICES
 from cdcd_composer.checkpoints.trust import load_checkpoint_file, untrusted_cause
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.export import load_export, model_from_state, training_progress
@@ -126,16 +124,3 @@ def load_trained_model(
     if not warp:
         model.time_warp = TimeWarp(model.spec.t_min, model.spec.t_max)
     return model.to(device).eval()
-
-
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--trust_checkpoint` and `--weights {ema,raw}`, for the CLIs that load a trained model."""
-    parser.add_argument(
-        '--trust_checkpoint',
-        action='store_true',
-        help='fully unpickle a .pt that holds types outside the weights-only allowlist',
-    )
-    parser.add_argument(
-        '--weights', choices=WEIGHT_CHOICES, default='ema',
-        help='ema: the moving averages where the run kept them (else the raw weights); raw: as trained',
-    )  # fmt: skip

