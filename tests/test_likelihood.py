@@ -100,11 +100,11 @@ def test_the_exact_entropy_of_whole_stories_lies_below_any_models_bound(tmp_path
     from conftest import TINY_MODEL
 
     from cdcd_composer.commands.convert import convert
-    from cdcd_composer.commands.evaluate import likelihood, validation_tokens
     from cdcd_composer.composer_model import CDCDComposerModel
     from cdcd_composer.data.grammar import story_log_probability
     from cdcd_composer.data.metadata import DatasetMetadata
     from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
+    from cdcd_composer.evaluation_report import likelihood, validation_tokens
     from cdcd_composer.sampler import decode_samples
 
     root = tmp_path / 'synthetic'

@@ -40,7 +40,7 @@ def _training_lines(model: CDCDComposerModel) -> list[str]:
 
 
 def _evaluation_lines(report: dict[str, Any] | None) -> list[str]:
-    from cdcd_composer.commands.evaluate import markdown
+    from cdcd_composer.evaluation_report import markdown
 
     if report is None:
         return [
