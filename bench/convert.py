@@ -27,7 +27,7 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cdcd_composer.commands.convert import ConvertOptions, convert  # noqa: E402
+from cdcd_composer.data.conversion import ConvertOptions, convert  # noqa: E402
 from cdcd_composer.data.sources import text_file_stories  # noqa: E402
 from cdcd_composer.data.tokenization import load_tokenizer  # noqa: E402
 

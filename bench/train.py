@@ -89,7 +89,7 @@ def random_token_dataset(out: str, vocab_size: int, seq_len: int, stories: int =
     """A converted dataset of random-word stories over a `vocab_size` WordPiece vocabulary (offline)."""
     from transformers import BertTokenizerFast
 
-    from cdcd_composer.commands.convert import convert
+    from cdcd_composer.data.conversion import convert
 
     specials = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
     words = [f'w{i}' for i in range(vocab_size - len(specials))]

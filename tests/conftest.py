@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401 - fixtures
 
-from cdcd_composer.commands.convert import convert  # noqa: E402
 from cdcd_composer.config import load_config  # noqa: E402
+from cdcd_composer.data.conversion import convert  # noqa: E402
 
 TINY_MODEL = {'d_embed': 16, 'd_model': 32, 'n_layers': 2, 'n_heads': 2, 'n_fourier': 8, 'd_time': 16}
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 from conftest import REPO
 
-from cdcd_composer.commands import convert as convert_tinystories
-from cdcd_composer.commands.convert import convert, main
+from cdcd_composer.commands.convert import main
 from cdcd_composer.commands.train import main as train_main
 from cdcd_composer.commands.train import validate as train_validate
 from cdcd_composer.config import parse_config
+from cdcd_composer.data import conversion as convert_tinystories
+from cdcd_composer.data.conversion import convert
 from cdcd_composer.data.grammar import StoryGrammar
 from cdcd_composer.data.loaders import StoryDataset, build_dataloader, check_split
 from cdcd_composer.data.metadata import DatasetMetadata

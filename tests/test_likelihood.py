@@ -99,8 +99,8 @@ def test_the_eval_metric_is_the_models_bound_per_non_pad_token(self_conditioning
 def test_the_exact_entropy_of_whole_stories_lies_below_any_models_bound(tmp_path):
     from conftest import TINY_MODEL
 
-    from cdcd_composer.commands.convert import convert
     from cdcd_composer.composer_model import CDCDComposerModel
+    from cdcd_composer.data.conversion import convert
     from cdcd_composer.data.grammar import story_log_probability
     from cdcd_composer.data.metadata import DatasetMetadata
     from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json

@@ -9,9 +9,9 @@ import torch
 from conftest import REPO, TINY_MODEL
 
 from cdcd_composer.commands import generate, train
-from cdcd_composer.commands.convert import convert
 from cdcd_composer.composer_model import CDCDComposerModel
 from cdcd_composer.config import load_config
+from cdcd_composer.data.conversion import convert
 from cdcd_composer.data.tokenization import byte_tokenizer, load_tokenizer
 from cdcd_composer.model import CDCDConfig, CDCDTransformer, skip_and_out, vocabulary_cross_entropy
 from cdcd_composer.sampler import SamplerSettings, sample

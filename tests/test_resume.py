@@ -365,7 +365,7 @@ def test_every_resume_from_a_bucket_reads_its_newest_checkpoint(tiny_config, s3_
 def test_resuming_on_data_converted_again_differently_is_refused(tiny_config, tmp_path, change, message):
     """The same command after the data was converted again with another tokenizer or canvas must not
     train the checkpoint on token ids it never saw (a tokenizer trained again is another tokenizer)."""
-    from cdcd_composer.commands.convert import convert
+    from cdcd_composer.data.conversion import convert
 
     cfg = dict(tiny_config, autoresume=True, save_interval='2ba', max_duration='2ba')
     train.main(cfg)

@@ -23,8 +23,8 @@ from shipped import BATCHES, EVAL_EVERY, SAVE_EVERY, SHIPPED, shipped_yaml, shru
 
 from cdcd_composer.commands import evaluate as eval_cli
 from cdcd_composer.commands import generate
-from cdcd_composer.commands.convert import convert
 from cdcd_composer.commands.export import main as export_main
+from cdcd_composer.data.conversion import convert
 
 pytestmark = pytest.mark.slow
 
