@@ -165,3 +165,16 @@ def test_the_students_export_samples_at_its_recorded_steps(student, tmp_path, ca
     model = load_trained_model(str(student))
     assert torch.equal(hf.generate(2, seed=3).ids, model.generate_tokens(2, seed=3))
     assert model.spec.default_steps == 4 and model.sampling_settings().solver == DISTILLED
+
+
+@pytest.mark.parametrize('setting, message', [
+    ({'states_per_trajectory': 0}, 'states_per_trajectory=0 must be a positive integer'),
+    ({'teacher_steps': 'x'}, "teacher_steps='x' must be a positive integer"),
+    ({'evaluations': [0]}, r'evaluations=\[0\] must list counts in \[1, teacher_steps=24\]'),
+    ({'default_evaluations': 3}, r'default_evaluations=3 must be one of evaluations \[1, 2, 4, 8\]'),
+    ({'spacing': float('nan')}, 'spacing=nan must be a positive finite number'),
+    ({'evaluations': [8], 'default_evaluations': 8, 'teacher_steps': 8, 'spacing': 3.0}, 'share a step'),
+])  # fmt: skip
+def test_a_distillation_setting_out_of_range_is_one_line_naming_it(setting, message):
+    with pytest.raises(ValueError, match=message):
+        Distillation('runs/teacher/export', **setting)

@@ -118,6 +118,12 @@ class Distillation(Algorithm):
         jump_weight: float = 20.0,
         weights: str = 'ema',
     ) -> None:
+        for name, count in (
+            ('states_per_trajectory', states_per_trajectory),
+            ('teacher_steps', teacher_steps),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f'algorithms.distillation.{name}={count!r} must be a positive integer')
         counts = list(evaluations)
         if not counts or any(
             isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= teacher_steps for c in counts
