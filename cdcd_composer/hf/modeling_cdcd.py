@@ -149,7 +149,11 @@ def denoiser_of(config: CDCDHFConfig) -> CDCDTransformer:
         ValueError: config.json's `denoiser` is not an architecture.
     """
     fields = {f.name for f in dataclasses.fields(CDCDConfig)}
-    if not isinstance(config.denoiser, dict) or set(config.denoiser) != fields:
+    # `target_time` (a distilled student's) came later: a folder exported before it has none.
+    if not isinstance(config.denoiser, dict) or set(config.denoiser) not in (
+        fields,
+        fields - {'target_time'},
+    ):
         raise damaged(getattr(config, 'name_or_path', 'config'), 'config.json holds no denoiser architecture')
     return CDCDTransformer(CDCDConfig(**config.denoiser))
 
