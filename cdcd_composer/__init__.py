@@ -3,7 +3,7 @@
 The names most code needs, importable from the package (loaded on first use, so that importing
 one submodule does not import them all):
 
-    from cdcd_composer import CDCDComposerModel, load_trained_model, Request, SamplerSettings
+    from cdcd_composer import CDCDDiffusion, load_trained_model, Request, SamplerSettings
 """
 
 import importlib
@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     'CDCDComposerModel': 'cdcd_composer.composer_model',
+    'CDCDDiffusion': 'cdcd_composer.diffusion',
     'CDCDConfig': 'cdcd_composer.model',
     'CDCDTransformer': 'cdcd_composer.model',
     'TimeWarp': 'cdcd_composer.time_warping',

@@ -1,4 +1,4 @@
-"""The command lines of generate.py, eval.py and export.py, and the argument types they share.
+"""The command lines of the five commands, and the argument types they share.
 
 Nothing here imports torch: `-h` answers at once, and a bad flag is refused before anything
 loads (`type=positive_int` makes `--steps 0` the one line `error: argument --steps: must be a
@@ -8,7 +8,11 @@ positive integer, got 0`). The commands' logic is in `cdcd_composer.commands`.
 from __future__ import annotations
 
 import argparse
+import ast
+import os
+import sys
 
+from cdcd_composer.data.options import LAYOUTS, OVERFLOWS, SOURCES, ConvertOptions
 from cdcd_composer.solver_names import DEFAULT_SOLVER, DEFAULT_STEPS, SOLVERS
 
 WEIGHT_CHOICES = ('ema', 'raw')  # a checkpoint's moving averages, or its weights as trained
@@ -16,6 +20,8 @@ DEFAULT_JUDGE = 'smollm2'  # eval.py's judge (cdcd_composer.evaluation)
 MAX_NLL_SAMPLES = 1024  # draws of t per canvas for the bound (16 give +-0.011 nats/token on the demo model)
 EXPORT_FORMATS = ('cdcd', 'hf')
 RAW = argparse.RawDescriptionHelpFormatter  # the help texts keep their example lines
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+EXIT_STATUSES = 'exit status: 0 done, 1 failed while working, 2 usage or configuration error, 130 interrupted'
 
 
 def positive_int(text: str) -> int:
@@ -178,4 +184,116 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument('--push_to_hub', default=None, metavar='REPO_ID', help='upload the hf folder to the Hub')
     p.add_argument('--private', action='store_true', help='create the Hub repository private')
     add_loading_arguments(p)
+    return p
+
+
+# -- train.py: a YAML and dotted overrides, read by OmegaConf (`cdcd_composer.config`) ----------
+TRAIN_USAGE = 'usage: composer train.py CONFIG.yaml [key.sub=value ...]   (python train.py on one process)'
+
+
+def train_config_keys() -> list[str]:
+    """`TrainConfig`'s fields, read from the source of `cdcd_composer/config.py`.
+
+    Importing that module imports torch and Composer; its source names the keys as well.
+    """
+    with open(os.path.join(PACKAGE, 'config.py')) as f:
+        tree = ast.parse(f.read())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == 'TrainConfig')
+    return [
+        n.target.id for n in config.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    ]
+
+
+def train_help() -> str:
+    """`train.py -h`: the usage, the shipped YAMLs, the top-level keys and the override syntax."""
+    yamls = os.path.join(os.path.dirname(PACKAGE), 'yamls')
+    shipped = sorted(f for f in os.listdir(yamls) if f.endswith('.yaml')) if os.path.isdir(yamls) else []
+    return '\n'.join([
+        TRAIN_USAGE, '', 'Trains CDCD as the YAML says; the same command again resumes (autoresume).', '',
+        'shipped configs: ' + (', '.join(f'yamls/{f}' for f in shipped) or '(none here)'),
+        f'top-level keys: {", ".join(train_config_keys())}',
+        'overrides: dotted keys after the YAML, e.g. optimizer.lr=2e-4 max_duration=20000ba',
+        '  model.d_model=256 algorithms.ema=false (false disables an entry; null clears a value)',
+        EXIT_STATUSES,
+    ])  # fmt: skip
+
+
+def answer_train_usage(argv: list[str]) -> None:
+    """`-h` prints the help and exits 0; no YAML prints the usage and exits 2; else returns."""
+    if argv and argv[0] in ('-h', '--help'):
+        print(train_help())
+        sys.exit(0)
+    if not argv:
+        print(TRAIN_USAGE, file=sys.stderr)
+        sys.exit(2)
+
+
+# -- data_prep/convert_tinystories.py ------------------------------------------------------------
+CONVERT_HELP = r"""Converts stories to MDS shards (train and val) with the tokenizer saved beside them.
+
+TinyStories from the Hugging Face hub with bert-base-uncased (the default):
+
+    python data_prep/convert_tinystories.py --out_root data/tinystories
+
+The original text files (stories separated by <|endoftext|>), straight to S3:
+
+    python data_prep/convert_tinystories.py --source files \
+        --train_files TinyStoriesV2-GPT4-train.txt --val_files TinyStoriesV2-GPT4-valid.txt \
+        --out_root s3://my-bucket/datasets/tinystories-v2
+
+JSON Lines or Parquet files (globs welcome), validation carved out of train, a tokenizer trained
+offline, stories packed into full windows:
+
+    python data_prep/convert_tinystories.py --source files --train_files 'shards/*.parquet' \
+        --val_fraction 0.01 --train_tokenizer 8192 --layout packed --out_root data/mine
+
+The offline synthetic corpus (used by `make demo` and the tests):
+
+    python data_prep/convert_tinystories.py --source synthetic --out_root data/synthetic
+
+A rerun of an interrupted conversion keeps the splits already complete and redoes the rest; a
+complete dataset made with other settings is replaced only with --overwrite.
+"""
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    """The command line of data_prep/convert_tinystories.py (its options: `ConvertOptions`)."""
+    p = argparse.ArgumentParser(description=CONVERT_HELP, formatter_class=RAW)
+    d = ConvertOptions(out_root='')
+    p.add_argument('--out_root', required=True, help='local directory or s3://bucket/prefix')
+    p.add_argument('--source', choices=SOURCES, default=d.source)
+    p.add_argument(
+        '--train_files', nargs='+', default=[], metavar='FILE_OR_GLOB', help='.txt .jsonl .json .parquet'
+    )
+    p.add_argument('--val_files', nargs='+', default=[], metavar='FILE_OR_GLOB')
+    p.add_argument('--dataset', default=d.dataset, help='hub dataset name (--source hub)')
+    p.add_argument('--hub_train_split', default=d.hub_train_split)
+    p.add_argument('--hub_val_split', default=d.hub_val_split)
+    p.add_argument('--text_column', default=d.text_column, help='story field of JSON, Parquet and hub rows')
+    p.add_argument('--val_fraction', type=float, default=None, help='carve validation out of train (seeded)')
+    p.add_argument(
+        '--tokenizer', default=None,
+        help="hub name, local directory, BERT vocab.txt, or 'bytes' (one token per UTF-8 byte)",
+    )  # fmt: skip
+    p.add_argument(
+        '--train_tokenizer', type=int, default=None, metavar='VOCAB_SIZE', help='train WordPiece offline'
+    )
+    p.add_argument('--seq_len', type=int, default=d.seq_len, help='canvas length, framing tokens included')
+    p.add_argument('--layout', choices=LAYOUTS, default=d.layout)
+    p.add_argument('--overflow', choices=OVERFLOWS, default=d.overflow, help='over-long stories')
+    p.add_argument('--num_train', type=int, default=None, help='at most this many training stories')
+    p.add_argument('--num_val', type=int, default=None)
+    p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument(
+        '--max_story_chars',
+        type=int,
+        default=d.max_story_chars,
+        help='longer stories are skipped; tokenizing a story takes ~150 bytes of memory per character '
+        '(measured: 8.9 GB for a 60 MB story), so keep it well below your memory / 150',
+    )
+    p.add_argument('--num_workers', type=int, default=None, help='tokenizer processes (default: all cores)')
+    p.add_argument('--batch_stories', type=int, default=d.batch_stories)
+    p.add_argument('--size_limit', default=d.size_limit, help='shard size before compression')
+    p.add_argument('--overwrite', action='store_true', help='replace a dataset made with other settings')
+    p.add_argument('--no_progress', dest='progress', action='store_false')
     return p

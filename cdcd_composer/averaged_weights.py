@@ -7,7 +7,7 @@ on one rank, so a sharded checkpoint could not keep the other ranks' shards; and
 averages into the model at every checkpoint, so a checkpoint's "model" is not what is trained.
 
 Here the averages are a clone of each parameter taken after FSDP2 has sharded the model (the
-same placement, so every rank averages only its own shard) and held by the `CDCDComposerModel`,
+same placement, so every rank averages only its own shard) and held by the model (`diffusion.CDCDDiffusion`),
 whose state dict carries them under the key `ema` (a dict by parameter name). A checkpoint,
 sharded or full, therefore holds them with the model's weights and restores them on resume;
 the export chooses between them and the raw weights (`cdcd_composer.export.select_weights`).
@@ -25,8 +25,6 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 log = logging.getLogger(__name__)
-
-EMA_KEY = 'ema'  # The model state-dict entry: {parameter name: averaged tensor}.
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from composer.core import Time
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from cdcd_composer.composer_model import EVAL_NOISE_LEVELS
+from cdcd_composer.diffusion import EVAL_NOISE_LEVELS
 from cdcd_composer.masking import MaskingConfig
 from cdcd_composer.model import CDCDConfig
 

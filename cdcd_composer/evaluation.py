@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cdcd_composer.arguments import DEFAULT_JUDGE
-from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.diffusion import CDCDDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def _fetch_smollm2(path: str) -> None:
 # -- validation cross-entropy against t -----------------------------------------------------------
 @torch.no_grad()
 def cross_entropy_curve(
-    model: CDCDComposerModel, batches: Iterable[torch.Tensor], noise_levels: Sequence[float], seed: int = 1234
+    model: CDCDDiffusion, batches: Iterable[torch.Tensor], noise_levels: Sequence[float], seed: int = 1234
 ) -> dict[float, float]:
     """Mean CE (nats/token) of the clean tokens at each fixed noise level, all positions generated.
 

@@ -12,18 +12,20 @@ from typing import Any
 
 import torch
 
-from cdcd_composer.composer_model import EVAL_NOISE_LEVELS, CDCDComposerModel
 from cdcd_composer.data.grammar import recognised_fraction, story_log_probability
-from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
 from cdcd_composer.data.metadata import DatasetMetadata, check_tokenizer
+from cdcd_composer.diffusion import EVAL_NOISE_LEVELS, CDCDDiffusion
 from cdcd_composer.evaluation import Judge, cross_entropy_curve, diversity, unigram_entropy
 from cdcd_composer.sampler import DEFAULT_STEPS, decode_samples
 
 
 def validation_tokens(
-    model: CDCDComposerModel, data_root: str, local_cache: str | None, limit: int
+    model: CDCDDiffusion, data_root: str, local_cache: str | None, limit: int
 ) -> torch.Tensor:
     """Up to `limit` validation examples (n, L), in order; checks the data matches the model."""
+    # Streaming reads the shards; the report's other users (the model card) need not import it.
+    from cdcd_composer.data.loaders import build_dataloader, check_canvas, check_split, fetch_dataset_files
+
     encodings = check_split(data_root, 'val')
     meta = DatasetMetadata.load(fetch_dataset_files(data_root, local_cache))
     check_canvas(data_root, 'val', encodings, meta.seq_len, meta.token_dtype)
@@ -56,7 +58,7 @@ def prompt_canvases(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
 
 
 def measure(
-    texts: list[str], model: CDCDComposerModel, judge: Judge | None, prefixes: list[str] | None = None
+    texts: list[str], model: CDCDDiffusion, judge: Judge | None, prefixes: list[str] | None = None
 ) -> dict[str, Any]:
     """Every sample metric for a list of texts (prefixes: judge scores only what follows them)."""
     sequences = [model.spec.text_tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts]
@@ -71,7 +73,7 @@ def measure(
 
 
 def likelihood(
-    model: CDCDComposerModel, val: torch.Tensor, samples: int, batch_size: int, seed: int
+    model: CDCDDiffusion, val: torch.Tensor, samples: int, batch_size: int, seed: int
 ) -> dict[str, Any]:
     """The NLL bound over the validation canvases, the unigram baseline and (synthetic) the exact entropy.
 
@@ -83,21 +85,21 @@ def likelihood(
         model.nll_bound(batch, samples, seed=seed + i).total for i, batch in enumerate(val.split(batch_size))
     ])  # fmt: skip
     seconds = time.perf_counter() - start
-    counted = (val != model.pad_id).sum(-1).double()
+    counted = (val != model.spec.data.pad_id).sum(-1).double()
     n, tokens = len(val), float(counted.sum())
     canvas_se = float(totals.std()) / math.sqrt(n) if n > 1 else math.nan
     result = {
         'canvases': n, 'samples': samples, 'seconds': seconds,
         'bound_per_token': float(totals.sum()) / tokens, 'bound_per_token_se': canvas_se * n / tokens,
         'bound_per_canvas': float(totals.mean()), 'bound_per_canvas_se': canvas_se,
-        'unigram_entropy': unigram_entropy([row[row != model.pad_id].tolist() for row in val])[0],
+        'unigram_entropy': unigram_entropy([row[row != model.spec.data.pad_id].tolist() for row in val])[0],
     }  # fmt: skip
     if model.spec.data.source == 'synthetic':
         result['exact_entropy'] = exact_entropy(model, val, counted)
     return result
 
 
-def exact_entropy(model: CDCDComposerModel, val: torch.Tensor, counted: torch.Tensor) -> float | None:
+def exact_entropy(model: CDCDDiffusion, val: torch.Tensor, counted: torch.Tensor) -> float | None:
     """-ln P of the canvases under the corpus grammar, nats per non-pad token.
 
     None unless every canvas is a whole story that the tokenizer round-trips (then P(canvas) =
@@ -136,7 +138,7 @@ def likelihood_lines(result: dict[str, Any]) -> list[str]:
 
 
 def evaluate(
-    model: CDCDComposerModel,
+    model: CDCDDiffusion,
     data_root: str,
     *,
     local_cache: str | None = None,

@@ -1,4 +1,4 @@
-"""The weights-only export: a trained `CDCDComposerModel` saved without pickles.
+"""The weights-only export: a trained `CDCDDiffusion` saved without pickles.
 
     OUT/model.safetensors   the model's state dict: denoiser weights and time-warp tensors
     OUT/cdcd_config.json    the run spec (which says whether the weights are the EMA or the raw
@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from cdcd_composer.arguments import WEIGHT_CHOICES
-from cdcd_composer.averaged_weights import EMA_KEY
-from cdcd_composer.composer_model import WARP_PREFIX, CDCDComposerModel
+from cdcd_composer.diffusion import EMA_KEY, WARP_PREFIX, CDCDDiffusion
 from cdcd_composer.run_spec import RunSpec
 from cdcd_composer.storage import Folder, is_remote
 
@@ -36,7 +35,7 @@ EXPORT_CONFIG = 'cdcd_config.json'
 EXPORT_WEIGHTS = 'model.safetensors'
 EXPORT_TOKENIZER = 'tokenizer'
 EXPORT_FORMAT = 2  # bumped when the export's layout changes; a reader accepts its own only
-EXTRA_STATE = '_extra_state'  # The state-dict key of the run spec (`CDCDComposerModel.get_extra_state`).
+EXTRA_STATE = '_extra_state'  # The state-dict key of the run spec (`CDCDDiffusion.get_extra_state`).
 PROGRESS_UNITS = ('batch', 'sample', 'token')  # what `training` counts
 
 
@@ -76,7 +75,7 @@ def split_folder(out: str) -> tuple[str, str]:
     return tuple(out.rsplit('/', 1)) if '/' in out else ('.', out)  # type: ignore[return-value]
 
 
-def model_from_state(state: dict[str, Any], where: str, weights: str = 'ema') -> CDCDComposerModel:
+def model_from_state(state: dict[str, Any], where: str, weights: str = 'ema') -> CDCDDiffusion:
     """Builds the model a full state dict describes and loads it (the spec is its `_extra_state`).
 
     Args:
@@ -94,7 +93,7 @@ def model_from_state(state: dict[str, Any], where: str, weights: str = 'ema') ->
         )
     state = select_weights(state, weights, where)
     spec = RunSpec.from_json(state[EXTRA_STATE])
-    model = CDCDComposerModel.from_spec(spec, n_bins=state[f'{WARP_PREFIX}masses'].numel())
+    model = CDCDDiffusion.from_spec(spec, n_bins=state[f'{WARP_PREFIX}masses'].numel())
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as e:  # missing, unexpected or misshapen tensors
@@ -111,7 +110,7 @@ def select_weights(state: dict[str, Any], weights: str, where: str) -> dict[str,
     """A model state dict with one set of weights, its run spec saying which ('ema' or 'raw').
 
     Args:
-        state: A full `CDCDComposerModel` state dict: from training (the weights and, with
+        state: A full `CDCDDiffusion` state dict: from training (the weights and, with
             `algorithms.ema`, their averages under `ema`) or from an export (one set).
         weights: 'ema': the averages where the run kept them, else the raw weights; 'raw': the
             weights as trained.
@@ -172,7 +171,7 @@ def write_export(
 
     Args:
         out: Directory or URI.
-        state: `CDCDComposerModel.state_dict()` (full, unsharded; tensors on any device).
+        state: `CDCDDiffusion.state_dict()` (full, unsharded; tensors on any device).
         weights: 'ema': the moving averages when the state holds them (else the raw weights);
             'raw': the weights as trained. The spec in the export records the choice.
         training: How long the model trained (`training_progress`), when known.
@@ -240,7 +239,7 @@ def read_export_config(local: str, where: str) -> dict[str, Any]:
     return config
 
 
-def load_export(path: str, weights: str = 'ema') -> CDCDComposerModel:
+def load_export(path: str, weights: str = 'ema') -> CDCDDiffusion:
     """Loads a weights-only export (local directory or object-store prefix); unpickles nothing.
 
     `weights='raw'` refuses an export that holds only the averaged weights.

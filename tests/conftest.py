@@ -127,6 +127,12 @@ def launch_two_ranks(script: Path, args: list[str], tmp_path: Path, strategy: st
     assert proc.returncode == 0, proc.stderr[-1500:] + errors
 
 
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run imported, from its stderr."""
+    lines = importtime_stderr.splitlines()
+    return {line.rsplit('|', 1)[-1].strip() for line in lines if line.startswith('import time:')}
+
+
 def kill_when_paused(cmd: list[str], markers: list[Path], env: dict, cwd: Path | None = None) -> None:
     """Starts `cmd` in its own process group and SIGKILLs the group once every rank wrote its marker.
 

@@ -1,12 +1,14 @@
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, imported_modules
 
+from cdcd_composer.arguments import train_config_keys, train_help
 from cdcd_composer.commands.train import validate
-from cdcd_composer.config import load_config, parse_config
+from cdcd_composer.config import TrainConfig, load_config, parse_config
 from cdcd_composer.preflight import default_precision
 
 
@@ -215,14 +217,17 @@ def test_precision_null_follows_the_device_the_run_trains_on(device, precision):
 
 
 @pytest.mark.slow  # spawns interpreters
-@pytest.mark.parametrize('script', ['generate.py', 'eval.py', 'export.py'])
+@pytest.mark.parametrize(
+    'script', ['train.py', 'data_prep/convert_tinystories.py', 'generate.py', 'eval.py', 'export.py']
+)
 def test_help_lists_the_options_without_importing_torch(script):
     cmd = [sys.executable, '-X', 'importtime', str(REPO / script), '-h']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and 'usage:' in proc.stdout and '--' in proc.stdout
-    imported = {
-        line.rsplit('|', 1)[-1].strip()
-        for line in proc.stderr.splitlines()
-        if line.startswith('import time:')
-    }
-    assert not {'torch', 'composer', 'streaming', 'transformers'} & imported
+    assert proc.returncode == 0 and 'usage:' in proc.stdout
+    assert ('top-level keys:' if script == 'train.py' else '--') in proc.stdout
+    assert not {'torch', 'composer', 'streaming', 'transformers'} & imported_modules(proc.stderr)
+
+
+def test_train_help_names_every_top_level_key():
+    assert train_config_keys() == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert all(key in train_help() for key in train_config_keys())

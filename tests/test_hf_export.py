@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, imported_modules
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from shipped import shipped_yaml
@@ -102,6 +103,25 @@ def test_the_hf_folder_loads_without_the_package_offline_and_samples_what_genera
         assert len(set(map(tuple, hf['ids']))) > 1  # distinct samples, not one repeated
     prompt_ids = results[1]['ids'][0][:5]
     assert prompt_ids[0] == load_tokenizer(str(folder)).cls_token_id and len(set(prompt_ids)) == 5
+
+
+@pytest.mark.slow  # spawns interpreters: a fresh import is the thing tested
+def test_sampling_evaluating_and_exporting_an_export_import_no_composer(demo_export, tiny_dataset, tmp_path):
+    """generate.py, eval.py and export.py load an export as the plain sampling model (`CDCDDiffusion`)."""
+    commands = {
+        'generate.py': [str(demo_export), '--num_samples', '1', '--steps', '2'],
+        'eval.py': [str(demo_export), '--data_root', str(tiny_dataset), '--num_samples', '2', '--steps', '2',
+                    '--judge', 'none', '--nll_samples', '0'],
+        'export.py': [str(demo_export), str(tmp_path / 'hf'), '--format', 'hf'],
+    }  # fmt: skip
+    for script, args in commands.items():
+        cmd = [sys.executable, '-X', 'importtime', str(REPO / script), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = imported_modules(proc.stderr)
+        assert 'torch' in imported and 'composer' not in imported and 'torchmetrics' not in imported, script
+        # Only eval.py reads shards: the validation split, through Streaming, which wrote them.
+        assert ('streaming' in imported) == (script == 'eval.py'), script
 
 
 @pytest.fixture(scope='module')

@@ -31,8 +31,9 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from cdcd_composer import sample_draws
-from cdcd_composer.composer_model import CDCDComposerModel, data_difference, unwrap_model
+from cdcd_composer.composer_model import CDCDComposerModel, unwrap_model
 from cdcd_composer.data.loaders import HOST_INDEX
+from cdcd_composer.diffusion import data_difference
 from cdcd_composer.masking import sample_generate_mask
 from cdcd_composer.sampler import DEFAULT_SOLVER, DEFAULT_STEPS, DISTILLED, TAU_RANGE, SamplerSettings, sample
 

@@ -1,6 +1,6 @@
 """Loading a trained model from an export or a Composer checkpoint, local or on an object store.
 
-Both hold the state of one `CDCDComposerModel` (weights, time warp, run spec). An export loads
+Both hold the state of one `CDCDDiffusion` (weights, time warp, run spec). An export loads
 without unpickling anything; a Composer `.pt` checkpoint is a pickle, read by the weights-only
 unpickler (see `cdcd_composer.checkpoints.trust`), from anywhere.
 """
@@ -15,13 +15,13 @@ import torch
 
 from cdcd_composer import workarounds
 from cdcd_composer.checkpoints.trust import load_checkpoint_file, untrusted_cause
-from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.diffusion import CDCDDiffusion
 from cdcd_composer.export import load_export, model_from_state, training_progress
 from cdcd_composer.storage import is_remote
 from cdcd_composer.time_warping import TimeWarp
 
 
-def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDComposerModel:
+def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDDiffusion:
     """The model in a Composer checkpoint written by `train.py`: a `.pt` file or a sharded folder.
 
     `weights`: 'ema', the averaged weights where the run kept them (else the raw ones), or 'raw'.
@@ -99,7 +99,7 @@ def check_device(device: str) -> None:
 
 def load_trained_model(
     path: str, device: str = 'cpu', warp: bool = True, trust: bool = False, weights: str = 'ema'
-) -> CDCDComposerModel:
+) -> CDCDDiffusion:
     """A weights-only export (directory or prefix) or a Composer `.pt` checkpoint, local or remote.
 
     Args:

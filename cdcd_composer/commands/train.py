@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cdcd_composer import registry, workarounds
 from cdcd_composer.algorithms import Distillation
+from cdcd_composer.arguments import answer_train_usage
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
 from cdcd_composer.callbacks.checkpoint_space import CheckpointSpace
 from cdcd_composer.callbacks.sharding import LoadSingleFileCheckpoint, ReduceOnLastMicrobatch
@@ -352,34 +353,9 @@ def main(
     return trainer if return_trainer else None
 
 
-USAGE = 'usage: composer train.py CONFIG.yaml [key.sub=value ...]   (python train.py on one process)'
-
-
-def help_text() -> str:
-    """`train.py -h`: the usage, the shipped YAMLs, the top-level keys and the override syntax."""
-    yamls = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'yamls'
-    )
-    shipped = sorted(f for f in os.listdir(yamls) if f.endswith('.yaml')) if os.path.isdir(yamls) else []
-    keys = ', '.join(f.name for f in dataclasses.fields(TrainConfig))
-    return '\n'.join([
-        USAGE, '', 'Trains CDCD as the YAML says; the same command again resumes (autoresume).', '',
-        'shipped configs: ' + (', '.join(f'yamls/{f}' for f in shipped) or '(none here)'),
-        f'top-level keys: {keys}',
-        'overrides: dotted keys after the YAML, e.g. optimizer.lr=2e-4 max_duration=20000ba',
-        '  model.d_model=256 algorithms.ema=false (false disables an entry; null clears a value)',
-        'exit status: 0 done, 1 failed while working, 2 usage or configuration error, 130 interrupted',
-    ])  # fmt: skip
-
-
 def cli(argv: list[str]) -> None:
     """`train.py CONFIG.yaml [key=value ...]`: exit 2 on a usage or config error (one line), 1 on failure."""
-    if argv and argv[0] in ('-h', '--help'):
-        print(help_text())
-        sys.exit(0)
-    if not argv:
-        print(USAGE, file=sys.stderr)
-        sys.exit(2)
+    answer_train_usage(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     try:
         run = validate(parse_config(load_config(argv[0], argv[1:])))

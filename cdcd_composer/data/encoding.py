@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
+from cdcd_composer.data.options import LAYOUTS, OVERFLOWS  # noqa: F401 (importers)
 from cdcd_composer.data.sources import Record, Skipped
 
-LAYOUTS = ('padded', 'packed')
-OVERFLOWS = ('truncate', 'split')
 # C0/C1 control characters except tab, newline and carriage return.
 CONTROL_CHARACTERS = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]')
 

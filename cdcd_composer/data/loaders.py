@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from composer.utils import dist
 from streaming import StreamingDataset
 from streaming.base.compression import decompress
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
@@ -178,6 +177,18 @@ def decompress_local_split(where: str) -> None:
         os.replace(out.name, os.path.join(where, raw))
 
 
+def composer_dist() -> Any:
+    """Composer's `dist` where several ranks run; None in one process, which then needs no Composer.
+
+    eval.py reads the validation split in one process and does not import Composer.
+    """
+    if int(os.environ.get('WORLD_SIZE', '1')) == 1:
+        return None
+    from composer.utils import dist
+
+    return dist
+
+
 def build_dataloader(
     root: str,
     split: str,
@@ -212,9 +223,11 @@ def build_dataloader(
         remote, local = f'{root.rstrip("/")}/{split}', os.path.join(local_cache, split)
     else:
         remote, local = None, os.path.join(root, split)
-        if dist.get_local_rank() == 0:
+        ranks = composer_dist()
+        if ranks is None or ranks.get_local_rank() == 0:
             decompress_local_split(local)
-        dist.barrier()
+        if ranks is not None:
+            ranks.barrier()
     workarounds.streaming_releases_probed_blocks()
     dataset = StoryDataset(
         remote=remote,
@@ -292,7 +305,8 @@ def clean_shared_memory(root: str, local_cache: str | None, splits: tuple[str, .
         splits: The splits this run reads.
     """
     workarounds.require('clean_shared_memory')
-    if is_remote(root) and local_cache is not None and dist.get_local_rank() == 0:
+    ranks = composer_dist()
+    if is_remote(root) and local_cache is not None and (ranks is None or ranks.get_local_rank() == 0):
         ours = {os.path.abspath(os.path.join(local_cache, split)) for split in splits}
         for prefix_int in _registered_prefixes():
             try:  # Streaming's wrapper: attaching must not hand the block to our resource tracker
@@ -306,7 +320,8 @@ def clean_shared_memory(root: str, local_cache: str | None, splits: tuple[str, .
             if ours & {os.path.abspath(d) for d in their_locals}:
                 log.warning('removing stale Streaming shared memory %06d of %s', prefix_int, their_locals)
                 _unlink_prefix(prefix_int)
-    dist.barrier()
+    if ranks is not None:
+        ranks.barrier()
 
 
 def _registered_prefixes() -> list[int]:

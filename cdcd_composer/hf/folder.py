@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.diffusion import CDCDDiffusion
 from cdcd_composer.export import export_size, read_json, split_folder
 from cdcd_composer.hf.configuration_cdcd import HF_FORMAT, CDCDHFConfig
 from cdcd_composer.hf.model_card import model_card
@@ -33,7 +33,7 @@ from cdcd_composer.story_tokens import tokenizer_sha256
 AUTO_MAP = {'AutoConfig': 'configuration_cdcd.CDCDHFConfig', 'AutoModel': 'modeling_cdcd.CDCDModel'}
 
 
-def hf_config(model: CDCDComposerModel) -> CDCDHFConfig:
+def hf_config(model: CDCDDiffusion) -> CDCDHFConfig:
     """The `config.json` of `model`'s export."""
     import dataclasses
 
@@ -48,7 +48,7 @@ def hf_config(model: CDCDComposerModel) -> CDCDHFConfig:
     return config
 
 
-def write_hf_export(out: str, model: CDCDComposerModel, report: dict[str, Any] | None = None) -> None:
+def write_hf_export(out: str, model: CDCDDiffusion, report: dict[str, Any] | None = None) -> None:
     """Writes `model` as a Hugging Face folder at `out` (local or object store), atomically.
 
     Args:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from cdcd_composer.composer_model import CDCDComposerModel
+from cdcd_composer.diffusion import CDCDDiffusion
 
 HUB_DATASETS = {'tinystories': 'roneneldan/TinyStories'}
 
 
-def _front_matter(model: CDCDComposerModel) -> list[str]:
+def _front_matter(model: CDCDDiffusion) -> list[str]:
     dataset = HUB_DATASETS.get(model.spec.data.source)
     lines = ['---', 'library_name: transformers', 'tags:', '- text-diffusion', '- cdcd', '- custom_code']
     if dataset:
@@ -17,7 +17,7 @@ def _front_matter(model: CDCDComposerModel) -> list[str]:
     return [*lines, 'language:', '- en', 'license: apache-2.0', '---', '']
 
 
-def _training_lines(model: CDCDComposerModel) -> list[str]:
+def _training_lines(model: CDCDDiffusion) -> list[str]:
     spec, data = model.spec, model.spec.data
     counts = ', '.join(f'{n:,} {split}' for split, n in data.num_examples.items())
     trained = model.trained
@@ -53,7 +53,7 @@ def _evaluation_lines(report: dict[str, Any] | None) -> list[str]:
     return ['## Evaluation', '', f'`{report.get("command", "eval.py")}`', '', markdown(report), '']
 
 
-def model_card(model: CDCDComposerModel, report: dict[str, Any] | None = None) -> str:
+def model_card(model: CDCDDiffusion, report: dict[str, Any] | None = None) -> str:
     """The card's Markdown: what the model is, its data and training, its eval figures, how to sample.
 
     Args:
