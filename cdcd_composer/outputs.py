@@ -1,10 +1,46 @@
-"""A CLI's output file: checked before any work, written with a one-line error if the write fails."""
+"""How the commands end, and their output files: checked before any work, written whole or not at all.
+
+Every command (`train.py`, `generate.py`, `eval.py`, `export.py`, the converter) ends the same
+way: exit 0 when done; 2 and one line for a usage, configuration or input error (the command must
+change); 1 and one line for a failure while working (a full disk, an I/O error, a lost object
+store: the same command can succeed later); 130 and where the work stands on Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import IO
+
+from cdcd_composer.storage import StorageFault
+
+# What the system says when a write fails for want of room or of a working device.
+WORKING_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
+USAGE_ERROR, WORK_FAILED, INTERRUPTED = 2, 1, 130
+
+
+def run_command(work: Callable[[], int], interrupted: str) -> int:
+    """`work()`'s exit status, or the status and one line of the way it failed (the module's convention).
+
+    Args:
+        work: The command's work after its command line was read; returns its status.
+        interrupted: Where the work stands after Ctrl-C, e.g. 'while sampling: nothing was written'.
+    """
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print(f'interrupted {interrupted}', file=sys.stderr)
+        return INTERRUPTED
+    except (ValueError, OSError) as e:
+        print(f'error: {error_line(e)}', file=sys.stderr)
+        return WORK_FAILED if failed_while_working(e) else USAGE_ERROR
+
+
+def failed_while_working(error: BaseException) -> bool:
+    """A storage fault or an OSError of room or device, not a wrong input (a missing path, a bad flag)."""
+    return isinstance(error, StorageFault) or (isinstance(error, OSError) and error.errno in WORKING_FAILURES)
 
 
 def _where(path: str) -> str:
@@ -71,7 +107,7 @@ def write_output_file(path: str, write: Callable[[IO[str]], None], flag: str = '
     A failing write (a full disk, EIO) is one line naming it, and leaves `path` as it was.
 
     Raises:
-        ValueError: the write failed.
+        StorageFault: the write failed.
     """
     staged = os.path.join(
         os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp-{os.getpid()}'
@@ -83,7 +119,9 @@ def write_output_file(path: str, write: Callable[[IO[str]], None], flag: str = '
     except OSError as e:
         if os.path.exists(staged):
             os.remove(staged)
-        raise ValueError(f'{flag} {path}: writing failed ({e.strerror or e}); nothing was written') from None
+        raise StorageFault(
+            f'{flag} {path}: writing failed ({e.strerror or e}); nothing was written'
+        ) from None
 
 
 def error_line(error: Exception) -> str:

@@ -43,6 +43,13 @@ class StorageError(ValueError):
     """The dataset root cannot be read or written; the message names the URI and the fix."""
 
 
+class StorageFault(StorageError):
+    """A write that failed or cannot fit (a full disk, an I/O error, a lost store) while working.
+
+    The commands exit 1 on it (`outputs.run_command`): the same command can succeed once there is room.
+    """
+
+
 def is_remote(uri: str) -> bool:
     """Whether `uri` names an object store (`s3://`, `gs://`, `oci://`, ...) rather than a path."""
     return '://' in uri
@@ -144,7 +151,7 @@ def check_free_space(path: str, need: int, what: str) -> None:
         what: The message's start, naming the write and its destination.
 
     Raises:
-        StorageError: one line naming the path, the space free and the space needed.
+        StorageFault: one line naming the path, the space free and the space needed.
     """
     if is_remote(path):
         return
@@ -153,7 +160,7 @@ def check_free_space(path: str, need: int, what: str) -> None:
         existing = os.path.dirname(existing)
     free = shutil.disk_usage(existing).free
     if free < need:
-        raise StorageError(
+        raise StorageFault(
             f'{what}: its disk has {human_bytes(free)} free and this needs about {human_bytes(need)}; '
             'free some space or choose another folder'
         )
@@ -169,7 +176,7 @@ def reporting_storage_faults(what: str, where: str, after: str) -> Iterator[None
         after: What is left and how to go on, e.g. 'nothing was written: free space and rerun'.
 
     Raises:
-        StorageError: '{what} {where} failed ({fault}): {after}'.
+        StorageFault: '{what} {where} failed ({fault}): {after}'.
     """
     try:
         yield
@@ -179,7 +186,7 @@ def reporting_storage_faults(what: str, where: str, after: str) -> Iterator[None
         fault = storage_fault(e)
         if fault is None:
             raise
-        raise StorageError(f'writing {what} {where} failed ({fault}): {after}') from e
+        raise StorageFault(f'writing {what} {where} failed ({fault}): {after}') from e
 
 
 class Folder:

@@ -680,12 +680,12 @@ def test_eval_refuses_more_samples_than_validation_stories(trained_run, tiny_dat
 def test_ctrl_c_in_generate_and_eval_is_one_line_and_writes_nothing(
     trained_run, tiny_dataset, tmp_path, monkeypatch, capsys
 ):
-    from cdcd_composer.composer_model import CDCDComposerModel
+    from cdcd_composer.diffusion import CDCDDiffusion
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(CDCDComposerModel, 'generate_tokens', interrupted)
+    monkeypatch.setattr(CDCDDiffusion, 'generate_tokens', interrupted)
     export, out = str(trained_run / 'export'), tmp_path / 'out.txt'
     assert generate.main([export, '--num_samples', '1', '--steps', '1', '--out', str(out)]) == 130
     argv = [export, '--data_root', str(tiny_dataset), '--judge', 'none', '--num_samples', '1', '--steps', '1']

@@ -286,7 +286,7 @@ def test_push_to_hub_uploads_the_folder_through_upload_folder(demo_export, tmp_p
         raise ConnectionError('Max retries exceeded with url: /api/repos/create\n(more)')
 
     monkeypatch.setattr(huggingface_hub, 'upload_folder', unreachable)
-    assert export_command.main(argv) == 2
+    assert export_command.main(argv) == 1  # failed while working: the same command can succeed later
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0 and 'the folder is written' in err and (out / 'model.safetensors').exists()
 

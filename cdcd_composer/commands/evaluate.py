@@ -10,7 +10,7 @@ from cdcd_composer.arguments import MAX_NLL_SAMPLES, evaluate_parser
 from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.evaluation import Judge
 from cdcd_composer.evaluation_report import evaluate, markdown
-from cdcd_composer.outputs import check_output_file, error_line, write_output_file
+from cdcd_composer.outputs import check_output_file, run_command, write_output_file
 from cdcd_composer.sampler import DEFAULT_SOLVER, SamplerSettings
 
 
@@ -32,35 +32,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; failures are one line on stderr."""
+    """Command-line entry point: exit 0, or one line and 2 (usage), 1 (failed) or 130 (`run_command`)."""
     args = parse_args(argv)
-    try:
-        if args.out:
-            check_output_file(args.out, inputs=[args.model, args.data_root, args.local_cache, args.judge])
-        model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint, weights=args.weights)
-        judge = None if args.judge == 'none' else Judge(args.judge, args.device)
-        report = evaluate(
-            model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
-            steps=args.steps and tuple(args.steps), taus=args.tau and tuple(args.tau),
-            solver=args.solver,
-            batch_size=args.batch_size,
-            seed=args.seed, nll_samples=args.nll_samples, nll_canvases=args.nll_canvases,
-        )  # fmt: skip
-    except (ValueError, OSError) as e:
-        print(f'error: {error_line(e)}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            'interrupted while evaluating: no report was printed or written; rerun to evaluate',
-            file=sys.stderr,
-        )
-        return 130
+    interrupted = 'while evaluating: no report was printed or written; rerun to evaluate'
+    return run_command(lambda: evaluate_and_report(args), interrupted)
+
+
+def evaluate_and_report(args: argparse.Namespace) -> int:
+    """Evaluates, prints the report and writes `--out`."""
+    if args.out:
+        check_output_file(args.out, inputs=[args.model, args.data_root, args.local_cache, args.judge])
+    model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint, weights=args.weights)
+    judge = None if args.judge == 'none' else Judge(args.judge, args.device)
+    report = evaluate(
+        model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
+        steps=args.steps and tuple(args.steps), taus=args.tau and tuple(args.tau),
+        solver=args.solver,
+        batch_size=args.batch_size,
+        seed=args.seed, nll_samples=args.nll_samples, nll_canvases=args.nll_canvases,
+    )  # fmt: skip
     report['command'] = ' '.join(sys.argv)
     print(markdown(report))
     if args.out:
-        try:
-            write_output_file(args.out, lambda f: json.dump(report, f, indent=2))
-        except ValueError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return 2
+        write_output_file(args.out, lambda f: json.dump(report, f, indent=2))
     return 0

@@ -15,7 +15,7 @@ from cdcd_composer import sampler
 from cdcd_composer.arguments import generate_parser
 from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.data.grammar import recognised_fraction
-from cdcd_composer.outputs import check_output_file, error_line, write_output_file
+from cdcd_composer.outputs import check_output_file, run_command, write_output_file
 from cdcd_composer.prompting import Request
 from cdcd_composer.sampler import (
     SamplerSettings,
@@ -48,39 +48,39 @@ def requested_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; failures are one line on stderr."""
+    """Command-line entry point: exit 0, or one line and 2 (usage), 1 (failed) or 130 (`run_command`)."""
     args = parse_args(argv)
-    try:
-        if args.out:
-            check_output_file(args.out, inputs=[args.model])
-        asked = requested_settings(args)
-        model = load_trained_model(
-            args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint,
-            weights=args.weights,
+    return run_command(
+        lambda: sample(args), 'while sampling: nothing was printed or written; rerun to sample'
+    )
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Samples, prints the samples and their cost, and writes `--out`."""
+    if args.out:
+        check_output_file(args.out, inputs=[args.model])
+    asked = requested_settings(args)
+    model = load_trained_model(
+        args.model, args.device, warp=args.warp == 'checkpoint', trust=args.trust_checkpoint,
+        weights=args.weights,
+    )  # fmt: skip
+    settings = model.sampling_settings(**asked)
+    args.steps = args.steps or model.spec.default_steps
+    request = Request(args.prompt, args.template, args.blank_length)
+    # Every solver step of every batch, so the bar's rate and time left cover the whole request.
+    config = model.config
+    size = sampling_batch_size(config.vocab_size, config.d_model, model.spec.data.seq_len)
+    batches = math.ceil(args.num_samples / size)
+    if batches > 1:  # a long job says so before it starts; the bar then shows its time left
+        fit = f'the samples that fit {sampler.SAMPLING_MEMORY / 2**30:g} GiB of activations'
+        print(f'sampling {args.num_samples:,} samples in {batches:,} batches of at most {size:,} ({fit})',
+              file=sys.stderr)  # fmt: skip
+    with tqdm(total=args.steps * batches, desc='sampling', unit='step') as bar:  # closed on any way out
+        ids = model.generate_tokens(
+            args.num_samples, args.steps, settings, request=request, seed=args.seed,
+            on_step=lambda _: bar.update(),
         )  # fmt: skip
-        settings = model.sampling_settings(**asked)
-        args.steps = args.steps or model.spec.default_steps
-        request = Request(args.prompt, args.template, args.blank_length)
-        # Every solver step of every batch, so the bar's rate and time left cover the whole request.
-        config = model.config
-        size = sampling_batch_size(config.vocab_size, config.d_model, model.spec.data.seq_len)
-        batches = math.ceil(args.num_samples / size)
-        if batches > 1:  # a long job says so before it starts; the bar then shows its time left
-            fit = f'the samples that fit {sampler.SAMPLING_MEMORY / 2**30:g} GiB of activations'
-            print(f'sampling {args.num_samples:,} samples in {batches:,} batches of at most {size:,} ({fit})',
-                  file=sys.stderr)  # fmt: skip
-        with tqdm(total=args.steps * batches, desc='sampling', unit='step') as bar:  # closed on any way out
-            ids = model.generate_tokens(
-                args.num_samples, args.steps, settings, request=request, seed=args.seed,
-                on_step=lambda _: bar.update(),
-            )  # fmt: skip
-        texts = decode_samples(ids, model.spec.text_tokenizer, model.spec.data.eos_id)
-    except (ValueError, OSError) as e:
-        print(f'error: {error_line(e)}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted while sampling: nothing was printed or written; rerun to sample', file=sys.stderr)
-        return 130
+    texts = decode_samples(ids, model.spec.text_tokenizer, model.spec.data.eos_id)
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
     guided = settings.guidance != 1.0 and (args.prompt is not None or args.template is not None)
@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if model.spec.data.source == 'synthetic':
         print(f'recognised sentences: {recognised_fraction(texts):.1%} (grammar of the synthetic corpus)')
     if args.out:
-        try:
-            write_samples(args, texts, ids, settings)
-        except ValueError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return 2
+        write_samples(args, texts, ids, settings)
     return 0
 
 
@@ -104,7 +100,7 @@ def write_samples(
     """Writes the samples to `--out`: JSON Lines (with the ids and settings) if it ends in .jsonl, else text.
 
     Raises:
-        ValueError: the write failed (one line; `write_output_file`).
+        StorageFault: the write failed (one line; `write_output_file`).
     """
     record = {k: getattr(args, k) for k in ('prompt', 'template', 'steps', 'guidance', 'seed')}
     record |= {

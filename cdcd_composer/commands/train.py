@@ -44,7 +44,7 @@ from cdcd_composer.data.metadata import TOKENIZER_DIR, DatasetMetadata, check_to
 from cdcd_composer.data.tokenization import load_tokenizer, tokenizer_to_json
 from cdcd_composer.loggers import ResumableProgressBar, check_loggers
 from cdcd_composer.model import compile_denoiser
-from cdcd_composer.outputs import error_line
+from cdcd_composer.outputs import USAGE_ERROR, WORK_FAILED, error_line, failed_while_working
 from cdcd_composer.preflight import check_object_stores, check_system, default_precision, trains_on_gpu
 from cdcd_composer.sharding import fsdp_version, parallelism_for_world, trainer_parallelism
 from cdcd_composer.storage import Folder, StorageError, check_writable, storage_fault
@@ -361,11 +361,14 @@ def cli(argv: list[str]) -> None:
         run = validate(parse_config(load_config(argv[0], argv[1:])))
     except ValueError as e:
         print(f'config error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_ERROR)
     try:
         trainer = build(run)
     except (ValueError, OSError) as e:  # a damaged checkpoint to resume from, a full disk at start
-        sys.exit(f'error: {e if isinstance(e, ValueError) else storage_fault(e) or error_line(e)}')
+        print(
+            f'error: {e if isinstance(e, ValueError) else storage_fault(e) or error_line(e)}', file=sys.stderr
+        )
+        sys.exit(WORK_FAILED if failed_while_working(e) or storage_fault(e) else USAGE_ERROR)
     fit_or_say_where_it_stopped(trainer, run.cfg)
 
 
