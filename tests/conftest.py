@@ -17,11 +17,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401 - fixtures
+from shipped import WIDTHS, shrunk_overrides  # noqa: E402
 
 from cdcd_composer.config import load_config  # noqa: E402
 from cdcd_composer.data.conversion import convert  # noqa: E402
 
-TINY_MODEL = {'d_embed': 16, 'd_model': 32, 'n_layers': 2, 'n_heads': 2, 'n_fourier': 8, 'd_time': 16}
+TINY_MODEL = {**WIDTHS, 'n_layers': 2}  # the shrunk recipes' denoiser
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +49,6 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -
 
     The teacher of yamls/cdcd-tiny-distill.yaml shrunk the same way (tests/test_distillation.py).
     """
-    from shipped import shrunk_overrides
-
     from cdcd_composer.commands import train
 
     out = tmp_path_factory.mktemp('teacher')
@@ -64,24 +63,11 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -
 
 
 def tiny_overrides(dataset: Path, out: Path) -> list[str]:
-    """yamls/cdcd-tiny.yaml shrunk to a few thousand non-embedding parameters and 4 batches."""
+    """yamls/cdcd-tiny.yaml shrunk (`shipped.shrunk_overrides`) to 4 batches, writing under `out`."""
     return [
-        f'variables.data_root={dataset}',
-        'max_duration=4ba',
-        'global_train_batch_size=8',
-        'device_eval_batch_size=16',
-        'eval_interval=2ba',
-        'eval_subset_num_batches=1',
+        *shrunk_overrides('cdcd-tiny', dataset, out, batches=4, eval_every=2, save_every=4),
         'progress_bar=false',
-        f'save_folder={out}/checkpoints',
-        'save_interval=4ba',
-        f'loggers.file.filename={out}/logs.txt',
-        'scheduler.t_warmup=1ba',
-        f'callbacks.time_warp_refit.plot_folder={out}',
-        f'callbacks.export_weights.folder={out}/export',
-        'callbacks.training_samples.interval=2ba',
-        'callbacks.training_samples.steps=2',
-    ] + [f'model.{k}={v}' for k, v in TINY_MODEL.items()]
+    ]
 
 
 @pytest.fixture
@@ -93,21 +79,6 @@ def tiny_config(tiny_dataset: Path, tmp_path: Path) -> dict:
 @pytest.fixture(autouse=True)
 def _single_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', '1'))
-
-
-def two_rank_overrides(dataset: Path, tmp_path: Path, steps: int) -> list[str]:
-    """Overrides of cdcd-tiny.yaml for a short multi-process run with an eval and a checkpoint."""
-    return [
-        f'variables.data_root={dataset}', f'max_duration={steps}ba', 'global_train_batch_size=8',
-        f'eval_interval={steps // 2}ba', 'eval_subset_num_batches=1', 'progress_bar=false',
-        f'save_folder={tmp_path}/ckpt', f'save_interval={steps // 2}ba',
-        f'loggers.file.filename={tmp_path}/log-{{rank}}.txt',
-        f'callbacks.time_warp_refit.plot_folder={tmp_path}/run',
-        f'callbacks.export_weights.folder={tmp_path}/export',
-        f'callbacks.training_samples.interval={steps // 2}ba',
-        'callbacks.training_samples.steps=2',
-        *[f'model.{k}={v}' for k, v in TINY_MODEL.items()],
-    ]  # fmt: skip
 
 
 def launch_two_ranks(script: Path, args: list[str], tmp_path: Path, strategy: str | None = None) -> None:

@@ -29,15 +29,28 @@ def shipped_yaml(name: str) -> dict[str, Any]:
     return yaml.safe_load((Path(__file__).resolve().parents[1] / 'yamls' / f'{name}.yaml').read_text())
 
 
-def shrunk_overrides(name: str, data_root: Path) -> list[str]:
-    """Dotted overrides that make `yamls/{name}.yaml` tiny without changing what it runs."""
+def shrunk_overrides(
+    name: str,
+    data_root: Path,
+    folder: Path | None = None,
+    *,
+    batches: int = BATCHES,
+    eval_every: int = EVAL_EVERY,
+    save_every: int = SAVE_EVERY,
+) -> list[str]:
+    """Dotted overrides that make `yamls/{name}.yaml` tiny without changing what it runs.
+
+    The one way the tests shrink a YAML. `batches` long, evaluating every `eval_every` and saving
+    every `save_every` batches. With `folder`, the run writes there (checkpoints/, logs-{rank}.txt,
+    the warp plot, export/) instead of the YAML's `runs/...` relative to the working directory.
+    """
     cfg = shipped_yaml(name)
     out = [f'variables.data_root={data_root}']
     out += [f'model.{key}={value}' for key, value in WIDTHS.items()]
     out.append(f'model.n_layers={min(cfg["model"]["n_layers"], 2)}')
     out += [
-        'global_train_batch_size=8', 'device_eval_batch_size=8', f'max_duration={BATCHES}ba',
-        f'eval_interval={EVAL_EVERY}ba', 'eval_subset_num_batches=1', f'save_interval={SAVE_EVERY}ba',
+        'global_train_batch_size=8', 'device_eval_batch_size=8', f'max_duration={batches}ba',
+        f'eval_interval={eval_every}ba', 'eval_subset_num_batches=1', f'save_interval={save_every}ba',
         'scheduler.t_warmup=2ba', f'data.num_workers={min(cfg["data"].get("num_workers", 0), 1)}',
     ]  # fmt: skip
     if isinstance(cfg.get('device_train_microbatch_size'), int):
@@ -54,10 +67,14 @@ def shrunk_overrides(name: str, data_root: Path) -> list[str]:
         out += [f'callbacks.time_warp_refit.{key}={value}' for key, value in refit.items()]
     if 'training_samples' in callbacks:
         out += [
-            f'callbacks.training_samples.interval={SAVE_EVERY}ba',
+            f'callbacks.training_samples.interval={save_every}ba',
             'callbacks.training_samples.steps=2',
             'callbacks.training_samples.num_samples=2',
         ]
     if 'speed_monitor' in callbacks:
         out.append('callbacks.speed_monitor.window_size=2')
+    if folder is not None:
+        out += [f'save_folder={folder}/checkpoints', f'loggers.file.filename={folder}/logs-{{rank}}.txt']
+        out += [f'callbacks.time_warp_refit.plot_folder={folder}'] if 'time_warp_refit' in callbacks else []
+        out += [f'callbacks.export_weights.folder={folder}/export'] if 'export_weights' in callbacks else []
     return out

@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, launch_two_ranks, two_rank_overrides
+from conftest import REPO, launch_two_ranks
+from shipped import shrunk_overrides
 
 from cdcd_composer.checkpoints.loading import load_trained_model
 
@@ -75,7 +76,7 @@ def test_two_ranks_agree_on_every_mechanism(tiny_dataset, tmp_path, strategy):
     yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
     driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), out=str(tmp_path), yaml=yaml)))
     overrides = [
-        *two_rank_overrides(tiny_dataset, tmp_path, steps=12),
+        *shrunk_overrides('cdcd-tiny', tiny_dataset, tmp_path, batches=12, eval_every=6, save_every=6),
         *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
         'algorithms.self_conditioning.p=0.5', 'masking.prefix=0.5', 'masking.random=0.3', 'masking.span=0.2',
         'masking.drop=0.1',
@@ -89,11 +90,11 @@ def test_two_ranks_agree_on_every_mechanism(tiny_dataset, tmp_path, strategy):
     # Distribution: nested FSDP2 units (every transformer block) or a DDP wrapper.
     if strategy == 'fsdp2':
         assert ranks[0]['sharded_blocks'] == ranks[0]['blocks'] == 2
-        shards = sorted(p.name for p in (tmp_path / 'ckpt' / 'ep0-ba12').glob('*.distcp'))
+        shards = sorted(p.name for p in (tmp_path / 'checkpoints' / 'ep0-ba12').glob('*.distcp'))
         assert shards == ['__0_0.distcp', '__1_0.distcp']  # each rank wrote its own shard
     else:
         assert ranks[0]['ddp'] and ranks[0]['sharded_blocks'] == 0
-        assert (tmp_path / 'ckpt' / 'ep0-ba12-rank0.pt').is_file()
+        assert (tmp_path / 'checkpoints' / 'ep0-ba12-rank0.pt').is_file()
     # Time warping: refits on the pairs of both ranks give bit-identical curves, installed everywhere.
     assert ranks[0]['fit_count'] == ranks[1]['fit_count'] == 3
     assert ranks[0]['installed'] and ranks[1]['installed']
@@ -106,7 +107,7 @@ def test_two_ranks_agree_on_every_mechanism(tiny_dataset, tmp_path, strategy):
     assert ranks[0]['eval'] == ranks[1]['eval']
     assert len(ranks[0]['eval']) == 9  # CE and accuracy at 4 t, and the NLL bound
     # Samples are logged by rank 0; under FSDP rank 1 joins the sampler's forwards (it must).
-    log0, log1 = (tmp_path / 'log-0.txt').read_text(), (tmp_path / 'log-1.txt').read_text()
+    log0, log1 = (tmp_path / 'logs-0.txt').read_text(), (tmp_path / 'logs-1.txt').read_text()
     assert 'samples/seconds' in log0 and 'samples/seconds' not in log1
     assert (ranks[1]['sampling_seconds'] > 0) == (strategy == 'fsdp2')
     # The export written at the end (full weights gathered under FSDP) loads on its own.

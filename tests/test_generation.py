@@ -393,7 +393,7 @@ def test_a_real_checkpoint_loads_weights_only_from_anywhere(trained_run, capsys)
 
 @pytest.mark.slow
 def test_training_samples_are_logged_with_their_cost(trained_run):
-    log = (trained_run / 'logs.txt').read_text()
+    log = (trained_run / 'logs-0.txt').read_text()
     assert 'samples/seconds' in log and 'samples/fraction_of_training' in log
     assert 'once upon a time' in log  # The prompted half of the table.
 

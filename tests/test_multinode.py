@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, two_rank_overrides
+from conftest import REPO
 from s3_server import free_port
+from shipped import shrunk_overrides
 from test_distributed import DRIVER, REFIT
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,9 @@ def launch_nodes(tmp_path: Path, overrides: list[str], nodes: int, ranks_per_nod
 
 def sharded_overrides(dataset: Path, tmp_path: Path, steps: int) -> list[str]:
     return [
-        *two_rank_overrides(dataset, tmp_path, steps=steps),
+        *shrunk_overrides(
+            'cdcd-tiny', dataset, tmp_path, batches=steps, eval_every=steps // 2, save_every=steps // 2
+        ),
         *[f'callbacks.time_warp_refit.{k}={v}' for k, v in REFIT.items()],
         'parallelism_config.fsdp.state_dict_type=sharded',
     ]
@@ -105,7 +108,7 @@ def test_hybrid_sharding_shards_inside_a_node_and_replicates_across_nodes(tiny_d
     assert any(not torch.equal(halves[0][n], halves[1][n]) for n in halves[0] if halves[0][n].numel())
 
     # One file per shard, not per rank: the second node's replica writes nothing.
-    assert sorted(p.name for p in (tmp_path / 'ckpt' / 'ep0-ba8').glob('*.distcp')) == [
+    assert sorted(p.name for p in (tmp_path / 'checkpoints' / 'ep0-ba8').glob('*.distcp')) == [
         '__0_0.distcp',
         '__1_0.distcp',
     ]
@@ -116,7 +119,7 @@ def test_hybrid_sharding_shards_inside_a_node_and_replicates_across_nodes(tiny_d
     elsewhere.mkdir()
     plain = [*sharded_overrides(tiny_dataset, elsewhere, steps=8), 'max_duration=12ba']
     resumed = launch_nodes(
-        elsewhere, [*plain, f'load_path={tmp_path}/ckpt/ep0-ba8'], nodes=1, ranks_per_node=2
+        elsewhere, [*plain, f'load_path={tmp_path}/checkpoints/ep0-ba8'], nodes=1, ranks_per_node=2
     )
     assert all(len(r['losses']) == 4 for r in resumed)  # batches 9-12 only
     assert all(r['meshes'] == {((2,), ('S(0)',))} for r in resumed)

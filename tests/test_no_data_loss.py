@@ -19,11 +19,11 @@ def test_an_export_into_the_run_folder_is_refused_before_training(tiny_dataset, 
     out = tmp_path / 'run'
     overrides = [*tiny_overrides(tiny_dataset, out), f'callbacks.export_weights.folder={out}']
     cfg = load_config(str(REPO / 'yamls' / 'cdcd-tiny.yaml'), overrides)
-    trainer = train.main(cfg, return_trainer=True, do_train=False)  # the file logger has written logs.txt
+    trainer = train.main(cfg, return_trainer=True, do_train=False)  # the file logger has written logs-0.txt
     with pytest.raises(StorageError, match=r'run holds files cdcd-composer did not write'):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0  # refused at FIT_START, before any step
-    assert (out / 'logs.txt').exists()
+    assert (out / 'logs-0.txt').exists()
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_the_export_cli_never_replaces_the_run_folder(tiny_dataset, tmp_path, ca
     assert export_main([str(checkpoint), str(users)]) == 2  # not an input, but not ours either
     assert 'holds files cdcd-composer did not write' in capsys.readouterr().err
     assert (users / 'notes.txt').read_text() == 'mine'
-    assert checkpoint.exists() and (out / 'logs.txt').exists() and (out / 'export').exists()
+    assert checkpoint.exists() and (out / 'logs-0.txt').exists() and (out / 'export').exists()
     # Its own earlier export, though, is replaced in place.
     assert export_main([str(checkpoint), str(out / 'export')]) == 0
 

@@ -8,6 +8,7 @@ unpickler (see `cdcd_composer.checkpoints.trust`), from anywhere.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -20,6 +21,9 @@ from cdcd_composer.export import load_export, model_from_state, training_progres
 from cdcd_composer.storage import is_remote
 from cdcd_composer.time_warping import TimeWarp
 
+# The checkpoints Composer saves: `ep0-ba800-rank0.pt` (one file) or `ep0-ba800` (a sharded folder).
+CHECKPOINT_NAME = re.compile(r'ep(\d+)-ba(\d+)-rank0\.pt$|ep(\d+)-ba(\d+)$')
+
 
 def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema') -> CDCDDiffusion:
     """The model in a Composer checkpoint written by `train.py`: a `.pt` file or a sharded folder.
@@ -30,6 +34,11 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
         ValueError: missing, holding types outside the allowlist without `trust`, or not written by
             this recipe's `train.py`.
     """
+    if is_sharded_checkpoint(path) and is_remote(path):
+        raise ValueError(
+            f'{path} is a sharded checkpoint in an object store, which is read in place only locally: '
+            "download its folder, or pass the run's export"
+        )
     if is_sharded_checkpoint(path):
         checkpoint: dict[str, Any] = load_sharded_checkpoint(path, trust)
     elif not is_remote(path) and not os.path.isfile(path):
@@ -56,8 +65,15 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
 
 
 def is_sharded_checkpoint(path: str) -> bool:
-    """A local sharded (distributed-checkpoint) folder, or the `latest-rank0.pt` link to one."""
-    return not is_remote(path) and os.path.isfile(os.path.join(path, '.metadata'))
+    """A sharded (distributed-checkpoint) checkpoint: the one rule for loading, resuming and FSDP.
+
+    Local: a folder holding `.metadata` (written after its shards), or the `latest-rank0.pt` link
+    to one. In an object store, where folders are prefixes: a key named like Composer's sharded
+    folders (`.../ep0-ba800`).
+    """
+    if is_remote(path):
+        return not path.endswith('.pt') and CHECKPOINT_NAME.search(path.rstrip('/')) is not None
+    return os.path.isfile(os.path.join(path, '.metadata'))
 
 
 def load_sharded_checkpoint(path: str, trust: bool) -> dict[str, Any]:

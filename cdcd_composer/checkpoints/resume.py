@@ -14,13 +14,12 @@ import re
 import tempfile
 import zipfile
 
+from cdcd_composer.checkpoints.loading import CHECKPOINT_NAME, is_sharded_checkpoint
 from cdcd_composer.checkpoints.trust import outside_allowlist, refusal
 from cdcd_composer.config import TrainConfig
 from cdcd_composer.storage import Folder, is_remote
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = re.compile(r'ep(\d+)-ba(\d+)-rank0\.pt$|ep(\d+)-ba(\d+)$')
 
 
 def checkpoints_in(folder: str) -> list[str]:
@@ -104,11 +103,6 @@ def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
     return cfg.load_path
 
 
-def is_sharded_checkpoint_path(path: str) -> bool:
-    """Whether a checkpoint path or key (from `checkpoint_to_resume`) names a sharded (DCP) folder."""
-    return os.path.isdir(path) if not is_remote(path) and os.path.exists(path) else not path.endswith('.pt')
-
-
 def unloadable_checkpoint(cfg: TrainConfig, error: Exception) -> ValueError:
     """The one-line error for a checkpoint that cannot be loaded, naming the way out."""
     folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else None
@@ -140,7 +134,7 @@ def check_load_path(cfg: TrainConfig) -> None:
         return
     if not is_remote(cfg.load_path) and not os.path.exists(cfg.load_path):
         raise ValueError(f'load_path {cfg.load_path} not found: pass a checkpoint written by train.py')
-    if os.path.isdir(cfg.load_path) and not os.path.isfile(os.path.join(cfg.load_path, '.metadata')):
+    if os.path.isdir(cfg.load_path) and not is_sharded_checkpoint(cfg.load_path):
         inside = checkpoints_in(cfg.load_path)
         example = f'{cfg.load_path.rstrip("/")}/{inside[-1]}' if inside else 'a .pt file written by train.py'
         raise ValueError(

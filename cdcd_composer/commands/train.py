@@ -22,11 +22,11 @@ from cdcd_composer.arguments import answer_train_usage
 from cdcd_composer.callbacks import BatchNoiseSeed, FinalExport
 from cdcd_composer.callbacks.checkpoint_space import CheckpointSpace
 from cdcd_composer.callbacks.sharding import LoadSingleFileCheckpoint, ReduceOnLastMicrobatch
+from cdcd_composer.checkpoints.loading import is_sharded_checkpoint
 from cdcd_composer.checkpoints.resume import (
     check_load_path,
     checkpoint_to_resume,
     checkpoints_in,
-    is_sharded_checkpoint_path,
     resolve_autoresume,
     unloadable_checkpoint,
 )
@@ -211,7 +211,7 @@ def build_callbacks(cfg: TrainConfig, parallelism: dict[str, Any] | None, resume
     fsdp = (parallelism or {}).get('fsdp')
     if fsdp is not None and fsdp_version() == '2':
         callbacks.append(ReduceOnLastMicrobatch())
-        resume_single_file = resume_from is not None and not is_sharded_checkpoint_path(resume_from)
+        resume_single_file = resume_from is not None and not is_sharded_checkpoint(resume_from)
         if resume_single_file and fsdp.get('state_dict_type') == 'sharded':
             callbacks.append(LoadSingleFileCheckpoint())
     return callbacks
@@ -253,7 +253,7 @@ def build_trainer(run: ValidatedRun) -> Trainer:
     model = build_model(run, algorithms)
     train_data, evaluator = build_data(cfg, model)
     resume_from = checkpoint_to_resume(cfg)
-    resume_sharded = resume_from is not None and is_sharded_checkpoint_path(resume_from)
+    resume_sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
     parallelism = parallelism_for_world(cfg.parallelism_config, dist.get_world_size(), resume_sharded)
     try:
         trainer = Trainer(
