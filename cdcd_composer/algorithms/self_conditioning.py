@@ -22,34 +22,27 @@ GRANULARITIES = ('batch', 'example')
 class SelfConditioning(Algorithm):
     """Feeds the model its own stop-gradient estimate x0_hat with probability `p`.
 
-    At BEFORE_FORWARD the batch is corrupted once (t, noise and conditioning mask are drawn
-    and stored in the batch), the denoiser runs without gradient under the run's precision on
-    the chosen examples, and `self_cond = softmax(logits) @ E` (zero at given positions) is put
-    in the batch for them; the others get zeros. The training forward then reuses exactly the
-    same corruption. Either way a fraction `p` of the examples is trained with self-conditioning
-    in expectation, as in the paper.
+    The batch is corrupted once (t, noise and conditioning mask are drawn and stored in the
+    batch), the denoiser runs without gradient under the run's precision on the chosen examples,
+    and `self_cond = softmax(logits) @ E` (zero at given positions) is put in the batch for them;
+    the others get zeros. The training forward then reuses exactly the same corruption. Either
+    way a fraction `p` of the examples is trained with self-conditioning in expectation, as in
+    the paper.
 
-    - `per='example'` (default; Plaid's variant): each example's own coin, heads with
-      probability p, drawn from (seed, epoch, its dataset index) like the rest of its corruption
-      (`sample_draws`), so which examples are chosen does not depend on ranks or microbatches.
-      The coins are tossed on the host (from the batch's host-side indices), so nothing waits for
-      the device. Every microbatch pays a whole pass's kernel launches for about p of its FLOPs;
-      a microbatch without heads still runs a pass over one example, so every rank makes the
-      same forward calls.
-    - `per='batch'` (Analog Bits' Algorithm 1): one coin per optimizer batch, seeded by (seed,
-      batch index), so every rank and every microbatch of the batch agree. A batch with heads
-      runs one no-grad pass over each whole microbatch; one with tails runs none: `p` passes per
-      microbatch on average, fewer launches where a GPU is launch-bound (`python bench/train.py
-      --overhead --set algorithms.self_conditioning.per=batch`). It recognised fewer sentences
-      than `example` on both seeds of the ablation in docs/ablations.md, so it is not the default.
-
-    `fuse=True` (with `per='example'`) runs the no-grad passes of all of a batch's microbatches
-    as one pass at BATCH_START: the device batch is corrupted and its examples chosen exactly as
-    above (every draw belongs to its sample), and one pass over the chosen examples computes
-    their estimates (the weights do not change within a batch). It draws the same corruption
-    and chooses the same examples as the unfused form, so the training signal is the same; a
-    batch of k microbatches then pays one pass's kernel launches instead of k, at the memory of
-    a no-grad pass over p of the device batch (`python bench/train.py --overhead`).
+    - `per='example'` (default, every shipped YAML; Plaid's variant): each example's own coin,
+      heads with probability p, drawn from (seed, epoch, its dataset index) like the rest of its
+      corruption (`sample_draws`), so which examples are chosen does not depend on ranks or
+      microbatches. At BATCH_START the device batch is corrupted and one no-grad pass over its
+      chosen examples computes their estimates (the weights do not change within a batch): a
+      batch of k microbatches pays one pass's kernel launches, not k, at the memory of a no-grad
+      pass over p of the device batch. The coins are tossed on the host (from the batch's
+      host-side indices), so nothing waits for the device; a batch without heads still runs a
+      pass over one example, so every rank makes the same forward calls.
+    - `per='batch'` (Analog Bits' Algorithm 1; the ablation in docs/ablations.md): one coin per
+      optimizer batch, seeded by (seed, batch index), so every rank and every microbatch of the
+      batch agree. A batch with heads runs one no-grad pass over each whole microbatch at
+      BEFORE_FORWARD; one with tails runs none. It recognised fewer sentences than `example` on
+      both seeds of the ablation, so it is not the default.
 
     Both draws depend only on the seed and the samples (or the batch index): identical after a
     resume, on any number of ranks, with no state to checkpoint, and the same forward calls on
@@ -58,40 +51,33 @@ class SelfConditioning(Algorithm):
     Args:
         p: Fraction of examples trained with self-conditioning (paper: 0.5).
         per: What one draw decides, `batch` or `example`.
-        fuse: One no-grad pass per batch instead of one per microbatch (`per='example'` only).
     """
 
-    def __init__(self, p: float = 0.5, per: str = 'example', fuse: bool = False) -> None:
+    def __init__(self, p: float = 0.5, per: str = 'example') -> None:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f'algorithms.self_conditioning.p={p} must lie in [0, 1]')
         if per not in GRANULARITIES:
             raise ValueError(
                 f'algorithms.self_conditioning.per={per!r} must be one of {", ".join(GRANULARITIES)}'
             )
-        if fuse and per != 'example':
-            raise ValueError('algorithms.self_conditioning.fuse=true needs per: example; set one of them')
-        self.p, self.per, self.fuse = p, per, fuse
+        self.p, self.per = p, per
 
     def match(self, event: Event, state: State) -> bool:
-        """Runs at INIT (to register its FLOPs), then before every training forward (fused: BATCH_START)."""
-        return event in (Event.INIT, Event.BATCH_START if self.fuse else Event.BEFORE_FORWARD)
+        """Runs at INIT (to register its FLOPs), then at BATCH_START (per example) or BEFORE_FORWARD."""
+        return event in (Event.INIT, Event.BEFORE_FORWARD if self.per == 'batch' else Event.BATCH_START)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """Adds `self_cond` (and the corruption it was computed for) to `state.batch`."""
         model = unwrap_model(state.model)
         if event == Event.INIT:
             model.extra_forward_fraction += self.p
-            return
-        if event == Event.BATCH_START:
-            state.batch = self._fused(model, state)
-            return
-        batch = model.corrupt(state.batch)
-        if self.per == 'batch':
+        elif event == Event.BATCH_START:
+            state.batch = self._per_example(model, state)
+        else:
+            batch = model.corrupt(state.batch)
             if self._batch_heads(state):
                 batch['self_cond'] = self._estimate(model, batch, state)
-        else:
-            batch['self_cond'] = self._estimate_on_subset(model, batch, state)
-        state.batch = batch
+            state.batch = batch
 
     def _estimate(self, model, batch: dict, state: State) -> torch.Tensor:
         """x0_hat of a corrupted batch (B, L, d_embed), zero at given positions, without gradient."""
@@ -99,13 +85,6 @@ class SelfConditioning(Algorithm):
             x0_hat = model.denoise(batch, expected_embedding=True).x0_hat
         given = ~batch['generate_mask'].bool()
         return x0_hat.to(batch['self_cond'].dtype).masked_fill(given[..., None], 0.0)
-
-    def _estimate_on_subset(self, model, batch: dict, state: State) -> torch.Tensor:
-        """`self_cond` with the estimate on the examples whose coin came up heads, zeros elsewhere."""
-        self_cond = torch.zeros_like(batch['self_cond'])
-        if self.p > 0:  # p = 0: no coin comes up heads on any rank, and no pass runs
-            self._estimate_chosen(model, batch, self._choose(model, batch), self_cond, state)
-        return self_cond
 
     def _choose(self, model, batch: dict) -> torch.Tensor:
         """The indices of the examples whose coin (probability p) came up heads, in batch order.
@@ -136,14 +115,14 @@ class SelfConditioning(Algorithm):
         if len(chosen):
             self_cond[chosen] = estimate
 
-    def _fused(self, model, state: State) -> dict[str, torch.Tensor]:
+    def _per_example(self, model, state: State) -> dict[str, torch.Tensor]:
         """The device batch corrupted, with the estimates of its chosen examples from one pass.
 
         Every draw belongs to its sample, so corrupting the device batch at once draws what
-        corrupting each microbatch draws, and the same examples are chosen.
+        corrupting each microbatch would, and the same examples are chosen.
         """
         batch = model.corrupt(state.device.batch_to_device(state.batch))
-        if self.p > 0:
+        if self.p > 0:  # p = 0: no coin comes up heads on any rank, and no pass runs
             self._estimate_chosen(model, batch, self._choose(model, batch), batch['self_cond'], state)
         return batch
 

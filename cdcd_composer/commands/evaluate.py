@@ -42,8 +42,10 @@ def evaluate_and_report(args: argparse.Namespace) -> int:
     """Evaluates, prints the report and writes `--out`."""
     if args.out:
         check_output_file(args.out, inputs=[args.model, args.data_root, args.local_cache, args.judge])
+    judge = (
+        None if args.judge == 'none' else Judge(args.judge, args.device)
+    )  # a missing one: before the model
     model = load_trained_model(args.model, args.device, trust=args.trust_checkpoint, weights=args.weights)
-    judge = None if args.judge == 'none' else Judge(args.judge, args.device)
     report = evaluate(
         model, args.data_root, local_cache=args.local_cache, judge=judge, num_samples=args.num_samples,
         steps=args.steps and tuple(args.steps), taus=args.tau and tuple(args.tau),
