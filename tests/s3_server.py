@@ -41,7 +41,9 @@ def start_moto_server(port: int, log_path: Path) -> subprocess.Popen:
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f'http://127.0.0.1:{port}/moto-api/', timeout=1)
-            return proc
+            # Ours, not another worker's that took the port first (ours then exits): it says it runs.
+            if b'Running on' in log_path.read_bytes() and proc.poll() is None:
+                return proc
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError(f'moto_server exited early; see {log_path}') from None
@@ -53,8 +55,14 @@ def start_moto_server(port: int, log_path: Path) -> subprocess.Popen:
 @pytest.fixture(scope='session')
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a `moto_server` process shared by the test session."""
-    port = free_port()
-    proc = start_moto_server(port, tmp_path_factory.mktemp('moto') / 'moto.log')
+    for attempt in range(3):  # a port another process took between `free_port` and the server's bind
+        port = free_port()
+        try:
+            proc = start_moto_server(port, tmp_path_factory.mktemp('moto') / 'moto.log')
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     yield f'http://127.0.0.1:{port}'
     proc.terminate()
     proc.wait(timeout=10)
