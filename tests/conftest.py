@@ -16,6 +16,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Parallel test workers (`pytest -n 2`, pytest-xdist) run Streaming datasets at the same moment:
+# each names its shared memory and locks in its own namespace (`workarounds.streaming_node_namespace`),
+# so that two never race for one prefix. The processes they spawn inherit it.
+if 'PYTEST_XDIST_WORKER' in os.environ:
+    from cdcd_composer.workarounds import SHM_NAMESPACE_ENV
+
+    os.environ.setdefault(SHM_NAMESPACE_ENV, os.environ['PYTEST_XDIST_WORKER'])
+
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401 - fixtures
 from shipped import WIDTHS, shrunk_overrides  # noqa: E402
 

@@ -96,8 +96,8 @@ def test_shared_memory_clean_up_removes_only_this_runs_stale_registrations(tmp_p
         for block in blocks:
             block.shm.close()
         SharedMemory(name(0, 'locals'), False, auto_cleanup=False).shm.unlink()
-        monkeypatch.delenv(workarounds.SHM_NAMESPACE_ENV)
-        workarounds.streaming_node_namespace()  # back to node0 for the tests that follow
+        monkeypatch.undo()  # the namespace as it was (a test worker's own, or node0) ...
+        workarounds.streaming_node_namespace()  # ... for the tests that follow
 
 
 @pytest.mark.parametrize('index, message', [

@@ -17,6 +17,8 @@ from s3_server import free_port
 from shipped import shrunk_overrides
 from test_distributed import DRIVER, REFIT
 
+from cdcd_composer.workarounds import SHM_NAMESPACE_ENV
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,6 +29,7 @@ def launch_nodes(tmp_path: Path, overrides: list[str], nodes: int, ranks_per_nod
     driver.write_text(textwrap.dedent(DRIVER.format(repo=str(REPO), out=str(tmp_path), yaml=yaml)))
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('FSDP_VERSION', None)
+    env.pop(SHM_NAMESPACE_ENV, None)  # each node's own, from its node rank: two nodes share this host
     launcher, port, world = Path(sys.executable).parent / 'composer', free_port(), nodes * ranks_per_node
     procs = [
         subprocess.Popen(

@@ -34,22 +34,22 @@ def load_composer_checkpoint(path: str, trust: bool = False, weights: str = 'ema
         ValueError: missing, holding types outside the allowlist without `trust`, or not written by
             this recipe's `train.py`.
     """
-    if is_sharded_checkpoint(path) and is_remote(path):
+    if is_remote(path) and is_sharded_checkpoint(path):
         raise ValueError(
             f'{path} is a sharded checkpoint in an object store, which is read in place only locally: '
             "download its folder, or pass the run's export"
         )
-    if is_sharded_checkpoint(path):
-        checkpoint: dict[str, Any] = load_sharded_checkpoint(path, trust)
-    elif not is_remote(path) and not os.path.isfile(path):
-        raise ValueError(f'checkpoint {path!r} not found; pass a .pt file or an export directory')
-    elif is_remote(path):
+    if is_remote(path):
         from composer.utils import get_file
 
         with tempfile.TemporaryDirectory() as workdir:
             local = os.path.join(workdir, os.path.basename(path))
             get_file(path, local, progress_bar=False)
             checkpoint = load_checkpoint_file(local, path, trust)
+    elif not os.path.exists(path) or not (os.path.isfile(path) or is_sharded_checkpoint(path)):
+        raise ValueError(f'checkpoint {path!r} not found; pass a .pt file or an export directory')
+    elif is_sharded_checkpoint(path):
+        checkpoint: dict[str, Any] = load_sharded_checkpoint(path, trust)
     else:
         checkpoint = load_checkpoint_file(path, path, trust)
     try:
@@ -68,12 +68,13 @@ def is_sharded_checkpoint(path: str) -> bool:
     """A sharded (distributed-checkpoint) checkpoint: the one rule for loading, resuming and FSDP.
 
     Local: a folder holding `.metadata` (written after its shards), or the `latest-rank0.pt` link
-    to one. In an object store, where folders are prefixes: a key named like Composer's sharded
-    folders (`.../ep0-ba800`).
+    to one. In an object store, where folders are prefixes (a URI, or the key a remote pointer
+    holds): a key named like Composer's sharded folders (`.../ep0-ba800`).
     """
-    if is_remote(path):
-        return not path.endswith('.pt') and CHECKPOINT_NAME.search(path.rstrip('/')) is not None
-    return os.path.isfile(os.path.join(path, '.metadata'))
+    if not is_remote(path) and os.path.exists(path):
+        return os.path.isfile(os.path.join(path, '.metadata'))
+    # An object-store URI, or a key as a remote `latest-rank0.pt.symlink` holds it.
+    return not path.endswith('.pt') and CHECKPOINT_NAME.search(path.rstrip('/')) is not None
 
 
 def load_sharded_checkpoint(path: str, trust: bool) -> dict[str, Any]:
