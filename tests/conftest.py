@@ -131,8 +131,16 @@ def kill_when_paused(cmd: list[str], markers: list[Path], env: dict, cwd: Path |
     proc.wait()
 
 
+# The files that launch the most processes (minutes each), longest first. Collected first, so that
+# parallel workers (`pytest -n 2 --dist loadfile`, as `make test` runs) start them at once and end
+# together, instead of one worker finishing the longest file alone.
+LONG_FILES = ('test_resume.py', 'test_shipped_recipes.py', 'test_elastic.py', 'test_bench.py')
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` need CUDA: without it they are skipped, saying so (`-rs` lists them)."""
+    """Long files first (`LONG_FILES`); tests marked `gpu` skipped without CUDA, saying so (`-rs`)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(

@@ -84,14 +84,9 @@ def assert_ranks_agree(ranks: list[dict], steps: int) -> None:
         assert rank['eval'] == ranks[0]['eval'] and len(rank['eval']) == 9
 
 
-def test_two_nodes_on_one_machine_train_together_and_agree(tiny_dataset, tmp_path):
-    overrides = sharded_overrides(tiny_dataset, tmp_path, steps=8)
-    ranks = launch_nodes(tmp_path, overrides, nodes=2, ranks_per_node=1)
-    assert_ranks_agree(ranks, steps=8)
-
-
 def test_hybrid_sharding_shards_inside_a_node_and_replicates_across_nodes(tiny_dataset, tmp_path):
-    """HSDP on 2 nodes x 2 ranks: every parameter is a DTensor on a 2x2 mesh placed (Replicate, Shard(0));
+    """Two nodes on one machine train together and agree (every rank's warp and metrics), and
+    HSDP on 2 nodes x 2 ranks: every parameter is a DTensor on a 2x2 mesh placed (Replicate, Shard(0));
     ranks 0 and 2 (shard 0 of each replica) hold bit-identical shards after training, which only holds
     if the gradients were reduced across the nodes; ranks 0 and 1 hold different halves."""
     overrides = [

@@ -63,7 +63,7 @@ def test_fsdp2_on_gloo_averages_gradients_over_ranks_and_replicas(tmp_path):
 
 
 ACCUMULATION = """
-import json, os, sys, torch
+import json, sys, torch
 import torch.distributed
 from cdcd_composer.commands import train
 from composer.utils import dist
@@ -84,46 +84,49 @@ def counting_gathers(*args, **kwargs):
 torch.distributed.reduce_scatter_tensor = counting  # FSDP2 reduces through this
 torch.distributed.all_gather_into_tensor = counting_gathers  # and gathers through this
 
-trainer = train.main(load_config({yaml!r}, sys.argv[1:]), return_trainer=True, do_train=False)
-if os.environ['SYNC'] == 'every':
-    kept = [c for c in trainer.state.callbacks if not isinstance(c, ReduceOnLastMicrobatch)]
-    trainer.state.callbacks[:] = kept
-trainer.fit()
-for module in trainer.state.model.modules():  # FSDP2's root unit stays unsharded after a forward
-    if isinstance(module, FSDPModule):
-        module.reshard()
-weights = {{n: p.full_tensor() for n, p in trainer.state.model.named_parameters()}}
-if dist.get_global_rank() == 0:
-    torch.save(weights, {out!r} + os.environ['SYNC'] + '.pt')
-    json.dump([len(calls), len(gathers)], open({out!r} + os.environ['SYNC'] + '.json', 'w'))
+# Every case in one launch: each is a Trainer of its own on the same process group.
+for reshard in ('true', 'false'):
+    for sync in ('every', 'last'):
+        overrides = [*sys.argv[1:], f'parallelism_config.fsdp.reshard_after_forward={{reshard}}']
+        trainer = train.main(load_config({yaml!r}, overrides), return_trainer=True, do_train=False)
+        if sync == 'every':
+            kept = [c for c in trainer.state.callbacks if not isinstance(c, ReduceOnLastMicrobatch)]
+            trainer.state.callbacks[:] = kept
+        calls.clear(), gathers.clear()
+        trainer.fit()
+        for module in trainer.state.model.modules():  # FSDP2's root unit stays unsharded after a forward
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        weights = {{n: p.full_tensor() for n, p in trainer.state.model.named_parameters()}}
+        if dist.get_global_rank() == 0:
+            torch.save(weights, f'{out}{{reshard}}-{{sync}}.pt')
+            json.dump([len(calls), len(gathers)], open(f'{out}{{reshard}}-{{sync}}.json', 'w'))
+        trainer.close()
 """
 
 
-@pytest.mark.parametrize('reshard_after_forward', ['true', 'false'])
-def test_fsdp2_reduces_once_per_batch_and_trains_the_same_weights(
-    tiny_dataset, tmp_path, monkeypatch, reshard_after_forward
-):
+def test_fsdp2_reduces_once_per_batch_and_trains_the_same_weights(tiny_dataset, tmp_path):
+    """With parameters resharded after each forward or kept gathered across the batch's microbatches."""
     script = tmp_path / 'accumulate.py'
     yaml = str(REPO / 'yamls' / 'cdcd-tiny.yaml')
-    script.write_text(
-        textwrap.dedent(ACCUMULATION.format(repo=str(REPO), yaml=yaml, out=str(tmp_path / 'w-')))
-    )
+    script.write_text(textwrap.dedent(ACCUMULATION.format(yaml=yaml, out=str(tmp_path / 'w-'))))
     overrides = [
         *tiny_overrides(tiny_dataset, tmp_path), 'save_folder=null', 'max_duration=3ba',
         'eval_interval=100ba', 'callbacks.training_samples=false', 'global_train_batch_size=16',
         'device_train_microbatch_size=2',
-        f'parallelism_config.fsdp.reshard_after_forward={reshard_after_forward}',
     ]  # fmt: skip
-    for sync in ('every', 'last'):
-        monkeypatch.setenv('SYNC', sync)
-        launch_two_ranks(script, overrides, tmp_path)
-    calls = {sync: json.loads((tmp_path / f'w-{sync}.json').read_text()) for sync in ('every', 'last')}
-    (reduced_every, gathered_every), (reduced_last, gathered_last) = calls['every'], calls['last']
-    assert reduced_every == 4 * reduced_last > 0  # 4 microbatches per rank: one reduction per batch
-    if reshard_after_forward == 'false':  # Parameters stay gathered across the batch's microbatches.
-        assert gathered_every == 4 * gathered_last > 0
-    else:  # Gathered again for every forward and backward.
-        assert gathered_every == gathered_last > 0
-    every, last = (torch.load(tmp_path / f'w-{sync}.pt') for sync in ('every', 'last'))
-    assert every.keys() == last.keys()
-    assert all(torch.allclose(every[k], last[k], atol=1e-6) for k in every)  # the same sums, reordered
+    launch_two_ranks(script, overrides, tmp_path)
+    for reshard in ('true', 'false'):
+        calls = {
+            sync: json.loads((tmp_path / f'w-{reshard}-{sync}.json').read_text())
+            for sync in ('every', 'last')
+        }
+        (reduced_every, gathered_every), (reduced_last, gathered_last) = calls['every'], calls['last']
+        assert reduced_every == 4 * reduced_last > 0  # 4 microbatches per rank: one reduction per batch
+        if reshard == 'false':  # Parameters stay gathered across the batch's microbatches.
+            assert gathered_every == 4 * gathered_last > 0
+        else:  # Gathered again for every forward and backward.
+            assert gathered_every == gathered_last > 0
+        every, last = (torch.load(tmp_path / f'w-{reshard}-{sync}.pt') for sync in ('every', 'last'))
+        assert every.keys() == last.keys()
+        assert all(torch.allclose(every[k], last[k], atol=1e-6) for k in every)  # the same sums, reordered

@@ -45,12 +45,17 @@ def run_command(name: str, ranks: int, data_root: Path, tmp_path: Path, teacher:
     A distillation recipe distils `teacher`, cdcd-tiny shrunk the same way.
     """
     distils = 'distillation' in (shipped_yaml(name).get('algorithms') or {})
+    # One process runs as `python train.py` does (the launcher's one-rank path: test_train_e2e.py).
     launcher = str(Path(sys.executable).parent / 'composer')
+    launch = (
+        [launcher, '-n', str(ranks), '--stderr', str(tmp_path / 'err{rank}.txt')]
+        if ranks > 1
+        else [sys.executable]
+    )
     yaml_path = str(REPO / 'yamls' / f'{name}.yaml')
     return [
-        launcher, '-n', str(ranks), '--stderr', str(tmp_path / 'err{rank}.txt'), str(DRIVER),
-        str(tmp_path / 'batches-{rank}.txt'), yaml_path, *shrunk_overrides(name, data_root),
-        *([f'variables.teacher={teacher}'] if distils else []),
+        *launch, str(DRIVER), str(tmp_path / 'batches-{rank}.txt'), yaml_path,
+        *shrunk_overrides(name, data_root), *([f'variables.teacher={teacher}'] if distils else []),
     ]  # fmt: skip
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_overrides
 
 from cdcd_composer.checkpoints.loading import load_trained_model
 from cdcd_composer.commands import generate, train
@@ -108,22 +108,9 @@ def test_generate_cli_rejects_a_missing_checkpoint(tmp_path, capsys):
 def test_composer_launcher_runs_the_tiny_yaml(tiny_dataset, tmp_path):
     launcher = Path(sys.executable).parent / 'composer'
     launcher = str(launcher) if launcher.exists() else shutil.which('composer')
-    cmd = [
-        launcher,
-        str(REPO / 'train.py'),
-        str(REPO / 'yamls' / 'cdcd-tiny.yaml'),
-        'max_duration=4ba',
-        f'variables.data_root={tiny_dataset}',
-        'global_train_batch_size=8',
-        'eval_interval=4ba',
-        'eval_subset_num_batches=1',
-        'progress_bar=false',
-        'model.d_model=32',
-        'model.n_heads=2',
-        f'save_folder={tmp_path}/ckpt',
-        f'loggers.file.filename={tmp_path}/log.txt',
-    ]
+    cmd = [launcher, str(REPO / 'train.py'), str(REPO / 'yamls' / 'cdcd-tiny.yaml')]
+    cmd += tiny_overrides(tiny_dataset, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / 'ckpt' / 'latest-rank0.pt').exists()
+    assert (tmp_path / 'checkpoints' / 'latest-rank0.pt').exists()
