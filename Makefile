@@ -32,9 +32,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Everything, as CI runs it (~20 min on 2 cores).
+# Everything, as CI runs it: one test worker per core (at most 4; pytest-xdist), a file's tests on
+# one worker so that its fixtures are built once; the 25 slowest tests at the end.
 test: lint
-	$(VENV)/bin/pytest -q -rs --durations=25
+	$(VENV)/bin/pytest -q -rs -n auto --maxprocesses 4 --dist loadfile --durations=25
 
 # The fast lane (about 40 s): no Composer fit and no spawned Python interpreter; a guard in
 # tests/conftest.py fails any test not marked slow that does either.

