@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -168,8 +169,9 @@ def evaluate(
             f'--num_samples {num_samples} is more than the {len(val)} validation stories in {data_root}; '
             f'use at most {len(val)}'
         )
-    t_min, t_max = model.spec.t_min, model.spec.t_max
-    levels = sorted({*(t for t in EVAL_NOISE_LEVELS if t_min <= t <= t_max), t_min, t_max})
+    levels = sorted(
+        {*(t for t in EVAL_NOISE_LEVELS if spec.t_min <= t <= spec.t_max), spec.t_min, spec.t_max}
+    )
     curve = cross_entropy_curve(model, val[: max(num_samples, 4 * batch_size)].split(batch_size), levels)
     tokenizer, eos = model.spec.text_tokenizer, model.spec.data.eos_id
     real = decode_samples(val[:num_samples], tokenizer, eos)
@@ -187,18 +189,23 @@ def evaluate(
     }
     for n_steps in steps:
         for tau in taus:
-            settings = model.sampling_settings(solver=solver, tau=tau)
             for kind in ('unconditional', 'prompted'):
-                start = time.perf_counter()
-                texts = model.generate(
-                    num_samples, n_steps, settings, given=(given, mask) if kind == 'prompted' else None,
+                prompted = kind == 'prompted'
+                settings = model.sampling_settings(solver=solver, tau=tau)
+                texts, seconds = timed(
+                    model.generate, num_samples, n_steps, settings, given=(given, mask) if prompted else None,
                     seed=seed, batch_size=batch_size,
                 )  # fmt: skip
-                row = {'kind': kind, 'steps': n_steps, 'tau': tau, 'seconds': time.perf_counter() - start}
-                row |= measure(texts, model, judge, prompts if kind == 'prompted' else None)
-                row['examples'] = texts[:3]
+                row = {'kind': kind, 'steps': n_steps, 'tau': tau, 'seconds': seconds}
+                row |= measure(texts, model, judge, prompts if prompted else None) | {'examples': texts[:3]}
                 report['rows'].append(row)
     return report
+
+
+def timed(work: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """`work(*args, **kwargs)`'s result and the seconds it took."""
+    start = time.perf_counter()
+    return work(*args, **kwargs), time.perf_counter() - start
 
 
 COLUMNS = (

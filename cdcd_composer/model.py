@@ -449,14 +449,7 @@ class CDCDTransformer(nn.Module):
         if pad:
             parts.append(m.new_zeros(*m.shape[:-1], pad))
         h = self.input_projection(torch.cat(parts, dim=-1))  # (B, L, d_model)
-        time = self.time_embedding(t)  # (B, d_time)
-        if self.config.target_time:
-            if t_next is None:
-                raise ValueError(
-                    'a distilled denoiser (model.target_time) needs t_next, the time its step lands at'
-                )
-            time = time + self.target_time_embedding(t_next)
-        time = time.to(h.dtype)
+        time = self.time_conditioning(t, t_next).to(h.dtype)  # (B, d_time)
         rope = rotary_tables(h.shape[1], self.config.d_model // self.config.n_heads, h.device, h.dtype)
         for block in self.blocks:
             h = block(h, time, rope)
@@ -466,6 +459,17 @@ class CDCDTransformer(nn.Module):
         error = (x0_hat - clean.float()).square().mean(-1) if embedding_error else None
         ce = vocabulary_cross_entropy(padded, tokens) if cross_entropy else None
         return DenoiserOutput(logits, x0_hat if expected_embedding else None, error, ce)
+
+    def time_conditioning(self, t: torch.Tensor, t_next: torch.Tensor | None) -> torch.Tensor:
+        """(B, d_time): t's embedding, plus the landing time's for a distilled student (`target_time`)."""
+        time = self.time_embedding(t)
+        if not self.config.target_time:
+            return time
+        if t_next is None:
+            raise ValueError(
+                'a distilled denoiser (model.target_time) needs t_next, the time its step lands at'
+            )
+        return time + self.target_time_embedding(t_next)
 
     def padded_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Head output (B, L, padded_vocab_size) with the padded logits at -inf."""

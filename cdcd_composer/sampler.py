@@ -117,6 +117,19 @@ class SamplerSettings:
 
 
 @torch.no_grad()
+def check_solver_fits(model: CDCDTransformer, settings: SamplerSettings) -> None:
+    """A distilled student samples with its own steps (`distilled`), and only a student does.
+
+    Raises:
+        ValueError: one line naming what the model is and the solver asked for.
+    """
+    if (settings.solver == DISTILLED) != bool(model.config.target_time):
+        raise ValueError(
+            'a distilled student samples with its own steps (solver distilled), and only a distilled student '
+            f'does; it is {"" if model.config.target_time else "not "}one, the solver {settings.solver}'
+        )
+
+
 def sample(
     model: CDCDTransformer,
     timesteps: torch.Tensor,
@@ -163,11 +176,7 @@ def sample(
         given_tokens = torch.zeros(num_samples, seq_len, dtype=torch.long, device=device)
     given_tokens = given_tokens.to(device)
     settings = settings or SamplerSettings()
-    if (settings.solver == DISTILLED) != bool(model.config.target_time):
-        raise ValueError(
-            'a distilled student samples with its own steps (solver distilled), and only a distilled student '
-            f'does; it is {"" if model.config.target_time else "not "}one, the solver {settings.solver}'
-        )
+    check_solver_fits(model, settings)
     denoiser = _Denoiser(model, given_tokens, generate_mask, settings, on_state)
     if noise is None:
         noise = torch.randn(num_samples, seq_len, model.config.d_embed, generator=generator, device=device)

@@ -189,6 +189,15 @@ def composer_dist() -> Any:
     return dist
 
 
+def decompress_on_local_leader(local: str) -> None:
+    """Local rank 0 decompresses a local split in place; the node's other ranks wait for it."""
+    ranks = composer_dist()
+    if ranks is None or ranks.get_local_rank() == 0:
+        decompress_local_split(local)
+    if ranks is not None:
+        ranks.barrier()
+
+
 def build_dataloader(
     root: str,
     split: str,
@@ -223,11 +232,7 @@ def build_dataloader(
         remote, local = f'{root.rstrip("/")}/{split}', os.path.join(local_cache, split)
     else:
         remote, local = None, os.path.join(root, split)
-        ranks = composer_dist()
-        if ranks is None or ranks.get_local_rank() == 0:
-            decompress_local_split(local)
-        if ranks is not None:
-            ranks.barrier()
+        decompress_on_local_leader(local)
     workarounds.streaming_releases_probed_blocks()
     dataset = StoryDataset(
         remote=remote,
