@@ -169,9 +169,7 @@ def evaluate(
             f'--num_samples {num_samples} is more than the {len(val)} validation stories in {data_root}; '
             f'use at most {len(val)}'
         )
-    levels = sorted(
-        {*(t for t in EVAL_NOISE_LEVELS if spec.t_min <= t <= spec.t_max), spec.t_min, spec.t_max}
-    )
+    levels = sorted({*(t for t in EVAL_NOISE_LEVELS if spec.t_min < t < spec.t_max), spec.t_min, spec.t_max})
     curve = cross_entropy_curve(model, val[: max(num_samples, 4 * batch_size)].split(batch_size), levels)
     tokenizer, eos = model.spec.text_tokenizer, model.spec.data.eos_id
     real = decode_samples(val[:num_samples], tokenizer, eos)
@@ -179,9 +177,9 @@ def evaluate(
     prompts = decode_samples(torch.where(mask, torch.full_like(given, eos), given), tokenizer, eos)
     report: dict[str, Any] = {
         'cross_entropy_vs_t': {str(t): ce for t, ce in curve.items()},
-        'likelihood': likelihood(model, val[:nll_canvases], nll_samples, batch_size, seed)
-        if nll_samples
-        else None,
+        'likelihood': nll_samples
+        and likelihood(model, val[:nll_canvases], nll_samples, batch_size, seed)
+        or None,
         'rows': [
             {'kind': 'data', **measure(real, model, judge)},
             {'kind': 'data (2nd half given 1st)', **measure(real, model, judge, prompts)},
