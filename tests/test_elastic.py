@@ -149,6 +149,7 @@ def test_a_resume_on_another_number_of_ranks_reads_the_uninterrupted_sample_orde
             *common,
             'max_duration=8ba',
             f'save_folder={tmp_path}/ckpt',
+            'save_num_checkpoints_to_keep=-1',  # batch 4's stays beside batch 8's
             *(['device_train_microbatch_size=2'] * whole),
         ],
         stop_at=None if whole else '4',

@@ -2,6 +2,7 @@
 stays off with one line where not, and never ends a run."""
 
 import ast
+import os
 import re
 
 import pytest
@@ -136,9 +137,10 @@ def test_the_patches_are_idempotent_and_keep_the_original():
     workarounds.gloo_gradient_reductions()
     assert _fsdp_collectives._get_gradient_divide_factors.__wrapped__ is once.__wrapped__
     assert not hasattr(once.__wrapped__, '__wrapped__')  # never a patch of the patch
+    namespace = workarounds.streaming_node_namespace()  # node0, or a parallel test worker's own
     workarounds.streaming_node_namespace()
-    workarounds.streaming_node_namespace()
-    assert prefix._get_path(3, 'locals') == 'node0_000003_locals'
+    assert prefix._get_path(3, 'locals') == f'{namespace}_000003_locals'
+    assert namespace == os.environ.get(workarounds.SHM_NAMESPACE_ENV, 'node0')
 
 
 def test_the_engine_formats_debug_lines_only_when_asked(monkeypatch, caplog):
