@@ -9,8 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +126,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     Built with `tokenizers`' byte-level pieces (GPT-2's byte-to-character map) and a BPE model
     without merges, so every byte is one token and decoding returns the exact text.
     """
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode  # loads GPT-2's package
+
     specials = list(BERT_SPECIAL_TOKENS.values())
     byte_chars = bytes_to_unicode()
     vocab = {token: i for i, token in enumerate(specials)}
@@ -171,6 +172,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     Raises:
         ValueError: it cannot be loaded, or has no fast (Rust) implementation.
     """
+    # The Auto and BERT classes import transformers' model code (1 s): only where a tokenizer is loaded.
+    from transformers import AutoTokenizer, BertTokenizerFast
+
     if name_or_path == BYTES:
         return byte_tokenizer()
     if os.path.isfile(name_or_path):
