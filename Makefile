@@ -40,7 +40,7 @@ test: lint
 # The fast lane (about 40 s): no Composer fit and no spawned Python interpreter; a guard in
 # tests/conftest.py fails any test not marked slow that does either.
 test-fast: lint
-	$(VENV)/bin/pytest -q -rs -m "not slow"
+	$(VENV)/bin/pytest -q -rs -n auto --maxprocesses 4 -m "not slow"
 
 # Only the tests that need CUDA, on a machine with a GPU, with the Python that has its torch and
 # nothing installed (GPU images are often air-gapped: docs/gpu.md). A venv: make test-gpu PYTHON=.venv/bin/python
