@@ -319,7 +319,7 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     # Sampling and evaluation: limits, silent garbage, outputs.
     gen = ['{w}/run/export', '--num_samples', '2', '--steps', '4']
     for extra, names in (
-        (['--time_shift', 'inf'], ['time_shift']), (['--steps', '1000000000'], ['steps']),
+        (['--eval_time', 'next+inf'], ['eval_time']), (['--steps', '1000000000'], ['steps']),
         (['--seed', str(2**70)], ['seed']), (['--out', '/dev/full'], ['/dev/full']),
         (['--out', '/proc/nope/samples.txt'], ['/proc/nope']), (['--steps', '0'], ['steps']),
         (['--steps', '-3'], ['steps']), (['--num_samples', '-1'], ['num_samples']), (['--tau', '0'], ['tau']),

@@ -14,7 +14,7 @@ network evaluations per sample (denoiser passes, the final argmax pass included)
 unconditional samples at the run's score temperature (`--tau`, default the demo's 0.7, seed
 0): the share of sentences the corpus grammar recognises (synthetic data), distinct-2, the
 unigram entropy of the samples, and seconds per sample. `c` is the time at which each step
-evaluates the model, as a multiple of t (`--eval_time_scales`; default each solver's own).
+evaluates the model (`--eval_times`, as generate.py's `--eval_time`: C for C t; default 1).
 
     python bench/sample.py --distilled runs/cdcd-tiny-distill/export --teacher runs/cdcd-tiny/export
 
@@ -121,9 +121,9 @@ def quality(export: str, args: argparse.Namespace) -> None:
           f'{"H(unigram)":>12}{"s/sample":>10}')  # fmt: skip
     for tau in args.tau:
         for solver in args.solvers:
-            for kind, scale in itertools.product(args.schedules, args.eval_time_scales):
+            for kind, where in itertools.product(args.schedules, args.eval_times):
                 for evaluations in args.evaluations:
-                    settings = SamplerSettings(solver=solver, tau=tau, eval_time_scale=scale,
+                    settings = SamplerSettings(solver=solver, tau=tau, eval_time=where,
                                                self_conditioning=spec.self_conditioned)  # fmt: skip
                     steps = steps_for(solver, evaluations)
                     start = time.perf_counter()
@@ -134,8 +134,8 @@ def quality(export: str, args: argparse.Namespace) -> None:
                     stats = diversity([tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts])
                     recognised = f'{recognised_fraction(texts):.1%}' if synthetic else '-'
                     nfe = network_evaluations(settings, steps)
-                    c = settings.eval_time_scale
-                    head = f'{solver:<13}{kind:>9}{tau:>5.2f}{c:>6.2f}{nfe:>6}{steps:>7}{recognised:>12}'
+                    c = settings.eval_time
+                    head = f'{solver:<13}{kind:>9}{tau:>5.2f}{c:>6}{nfe:>6}{steps:>7}{recognised:>12}'
                     print(
                         f'{head}{stats["distinct_2"]:>12.3f}{stats["entropy_pooled"]:>12.3f}{per_sample:>10.3f}'
                     )
@@ -216,8 +216,8 @@ def main() -> None:
     p.add_argument('--evaluations', type=int, nargs='+', default=[10, 25, 50, 100, 200])
     p.add_argument('--solvers', nargs='+', choices=ODE_SOLVERS, default=list(ODE_SOLVERS), help='(--quality)')
     p.add_argument(
-        '--eval_time_scales', nargs='+', type=float, default=[None], metavar='C',
-        help="the model evaluated at C t (--quality; default: each solver's own, SamplerSettings)",
+        '--eval_times', nargs='+', default=['1'], metavar='C|next+D',
+        help='where each step evaluates the model, as generate.py --eval_time (--quality; default 1)',
     )  # fmt: skip
     p.add_argument(
         '--schedules', nargs='+', choices=SCHEDULES, default=['warp'],

@@ -107,18 +107,15 @@ def generate_parser() -> argparse.ArgumentParser:
         f"the default, {DEFAULT_SOLVER}), distilled (a distilled student's own; its default)",
     )  # fmt: skip
     p.add_argument(
-        '--eval_time_scale', type=float, default=None, metavar='C',
-        help='evaluate the model at C t at each step (default 1; the demo model: 1.15, docs/ablations.md)',
+        '--eval_time', default=None, metavar='C|next+D',
+        help="where each step evaluates the model: C, at C t (default 1; the demo model's best 1.15, "
+        'docs/ablations.md), or next+D, at the next time + D (the asymmetric time shift; Euler only)',
     )  # fmt: skip
     p.add_argument(
         '--tau', type=float, default=None, help="score temperature (default: the model's, 1 or a student's)"
     )
     p.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale')
     p.add_argument('--initial_noise_scale', type=float, default=1.0)
-    p.add_argument(
-        '--time_shift', type=float, default=None, metavar='DELTA',
-        help='asymmetric time shift: evaluate the model at t_{i+1} + DELTA instead of t_i (Euler only)',
-    )  # fmt: skip
     p.add_argument('--seed', type=int, default=0)
     p.add_argument(
         '--self_conditioning', choices=('auto', 'on', 'off'), default='auto',

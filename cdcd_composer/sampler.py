@@ -11,8 +11,8 @@ With x0_hat = softmax(logits) @ E the ODE is dx/dt = (x - x0_hat) / (tau t). Sol
   lands, t_(i+1), and its x0_hat takes the exponential step there, landing where the teacher's
   solver would; the last pass's argmax is the sample. Its times are the ones it was distilled
   for, recorded in its spec (`distilled_timesteps`); one network evaluation per step.
-Every solver step may evaluate the denoiser at a scaled time, c t instead of t
-(`eval_time_scale`; the final argmax pass stays at t_min): the time-shifted evaluation that
+Where every solver step evaluates the denoiser is one setting, `eval_time` (the final argmax
+pass stays at t_min): 'C' evaluates at C t instead of t, the time-shifted evaluation that
 corrects few-step samplers' exposure bias (Li et al. 2024, "Alleviating exposure bias in diffusion
 models through sampling with shifted time steps"; Ning et al. 2023, epsilon scaling). It is
 neutral (c = 1) unless asked for: the best c depends on the model (1.15 on the demo model,
@@ -46,6 +46,28 @@ TAU_RANGE, MAX_GUIDANCE = (1e-3, 100.0), 100.0  # per call: a day of sampling fo
 SAMPLING_MEMORY = 2 << 30  # bytes of activations per solver batch when no batch_size is given
 
 
+def parse_eval_time(value: str | float) -> tuple[float, float | None]:
+    """(scale, shift) of an `eval_time`: 'C' evaluates at C t (shift None), 'next+D' at t_next + D.
+
+    Raises:
+        ValueError: one line naming `--eval_time` and its two forms.
+    """
+    text = str(value).strip()
+    shifted = text.startswith('next+')
+    try:
+        amount = float(text.removeprefix('next+'))
+    except ValueError:
+        amount = math.nan
+    if shifted and 0 <= amount < math.inf:  # NaN fails every comparison
+        return 1.0, amount
+    if not shifted and 0 < amount < math.inf:
+        return amount, None
+    raise ValueError(
+        f'--eval_time {text!r} must be C, a positive number (the model at C t), or next+D with D >= 0 '
+        "(at the next step's time + D)"
+    )
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to integrate the ODE.
@@ -58,11 +80,10 @@ class SamplerSettings:
             x0_hat = x0_hat(unconditional) + g * (x0_hat(conditional) - x0_hat(unconditional)).
             At 1 (or with nothing given) the unconditional pass is never computed.
         self_conditioning: Feed the latest x0_hat back as the self-conditioning input.
-        time_shift: delta of the asymmetric time shift (char-diffusion; Analog Bits' asymmetric
-            time intervals): step i evaluates the model at t_{i+1} + delta instead of t_i, while
-            the step itself still runs from t_i to t_{i+1}. None (default) evaluates at t_i.
-        eval_time_scale: c: step i evaluates the model at c t_i (exposure-bias correction; the
-            step still runs from t_i to t_{i+1}). None (default): 1, the paper's evaluation at t.
+        eval_time: Where step i (from t_i to t_{i+1}) evaluates the model: 'C' (or a number) at
+            C t_i (exposure-bias correction; '1', the default, is the paper's t_i), or 'next+D' at
+            t_{i+1} + D (the asymmetric time shift of char-diffusion and Analog Bits; Euler only).
+            Kept in its canonical form ('1.15', 'next+0.1').
     """
 
     solver: str = DEFAULT_SOLVER
@@ -70,35 +91,21 @@ class SamplerSettings:
     initial_noise_scale: float = 1.0
     guidance: float = 1.0
     self_conditioning: bool = False
-    time_shift: float | None = None
-    eval_time_scale: float | None = None
+    eval_time: str | float = '1'
 
     def __post_init__(self) -> None:
         if not isinstance(self.self_conditioning, bool):
             raise ValueError(f'self_conditioning must be True or False, got {self.self_conditioning!r}')
         if self.solver not in SOLVERS:
             raise ValueError(f'solver (--solver) {self.solver!r} must be one of {", ".join(SOLVERS)}')
+        scale, shift = parse_eval_time(self.eval_time)
+        object.__setattr__(self, 'eval_time', f'next+{shift:g}' if shift is not None else f'{scale:g}')
+        object.__setattr__(self, '_where', (scale, shift))
+        if self.solver == DISTILLED and self.eval_time != '1':
+            raise ValueError('--eval_time does not apply to a distilled student (it reads its own times)')
+        if shift is not None and self.solver != 'euler':
+            raise ValueError(f'--eval_time {self.eval_time} (at the next time) works with Euler steps only')
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
-        if self.solver == DISTILLED and self.eval_time_scale not in (None, 1.0):
-            raise ValueError(
-                '--eval_time_scale does not apply to a distilled student (it reads its own times)'
-            )
-        if self.time_shift is not None and (not 0 <= self.time_shift < math.inf or self.solver != 'euler'):
-            raise ValueError(
-                f'time shift (--time_shift) {self.time_shift} must be a finite number >= 0 and works with '
-                'Euler steps only'
-            )
-        if self.eval_time_scale is None:
-            object.__setattr__(self, 'eval_time_scale', 1.0)
-        if not 0 < self.eval_time_scale < math.inf:
-            raise ValueError(
-                f'evaluation time scale (--eval_time_scale) must be a positive finite number, got '
-                f'{self.eval_time_scale}'
-            )
-        if self.time_shift is not None and self.eval_time_scale != 1.0:
-            raise ValueError(
-                '--time_shift and --eval_time_scale both move the evaluation time; pass one of them'
-            )
         if not TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]:  # NaN fails too
             raise ValueError(
                 f'score temperature (--tau) must lie in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got '
@@ -115,8 +122,17 @@ class SamplerSettings:
                 f'got {self.guidance}'
             )
 
+    def model_time(self, t: torch.Tensor, t_next: torch.Tensor | None = None) -> torch.Tensor:
+        """Where a step from t (to t_next) evaluates the denoiser (`eval_time`)."""
+        scale, shift = self._where
+        return scale * t if shift is None else t_next + shift
 
-@torch.no_grad()
+    def evaluated_at(self) -> str:
+        """`eval_time` in words: '1.15 t', 't_next + 0.1'."""
+        scale, shift = self._where
+        return f'{scale:g} t' if shift is None else f't_next + {shift:g}'
+
+
 def check_solver_fits(model: CDCDTransformer, settings: SamplerSettings) -> None:
     """A distilled student samples with its own steps (`distilled`), and only a student does.
 
@@ -130,6 +146,7 @@ def check_solver_fits(model: CDCDTransformer, settings: SamplerSettings) -> None
         )
 
 
+@torch.no_grad()
 def sample(
     model: CDCDTransformer,
     timesteps: torch.Tensor,
@@ -299,15 +316,13 @@ def _euler_or_heun(
 ) -> torch.Tensor:
     """Euler steps x <- x + (t' - t) d(x, t) with d = -t s / tau; Heun adds the trapezoidal correction."""
     tau, last = settings.tau, len(timesteps) - 2
-    shift, scale = settings.time_shift, settings.eval_time_scale
     for i in range(last + 1):
         denoiser.visit(i, x)
         t_i, t_next = timesteps[i], timesteps[i + 1]
-        t_model = scale * t_i if shift is None else t_next + shift
-        direction = -t_i * score(denoiser(x, t_model), x, t_i) / tau
+        direction = -t_i * score(denoiser(x, settings.model_time(t_i, t_next)), x, t_i) / tau
         x_euler = x + (t_next - t_i) * direction
         if settings.solver == 'heun' and i < last:  # The last step stays Euler (EDM Alg. 1).
-            x0_next = denoiser(x_euler, scale * t_next)
+            x0_next = denoiser(x_euler, settings.model_time(t_next))  # Heun: never at the next time
             direction_next = -t_next * score(x0_next, x_euler, t_next) / tau
             x = x + (t_next - t_i) * 0.5 * (direction + direction_next)
         else:
@@ -339,7 +354,7 @@ def _exponential_integrator(
     for i in range(len(timesteps) - 1):
         denoiser.visit(i, x)
         t_i, t_next = timesteps[i], timesteps[i + 1]
-        x0_hat = denoiser(x, settings.eval_time_scale * t_i)
+        x0_hat = denoiser(x, settings.model_time(t_i))  # Euler only evaluates at the next time
         h = torch.log(t_i / t_next)
         decay = torch.exp(-r * h)
         x_next = decay * x + (1.0 - decay) * x0_hat

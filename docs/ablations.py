@@ -47,8 +47,8 @@ ROWS = {
     'mse-0.1': ('cdcd-tiny', ['loss.mse_weight=0.1'], []),
     'layernorm': ('cdcd-tiny', ['model.embedding_norm=layernorm'], []),
     'resample': ('cdcd-tiny', None, ['--seed', '1']),  # the baseline's samples from other noise
-    'shift-0.1': ('cdcd-tiny', None, ['--time_shift', '0.1']),
-    'shift-1': ('cdcd-tiny', None, ['--time_shift', '1.0']),
+    'shift-0.1': ('cdcd-tiny', None, ['--eval_time', 'next+0.1']),  # the asymmetric time shift
+    'shift-1': ('cdcd-tiny', None, ['--eval_time', 'next+1.0']),
     'char': ('cdcd-char', [], []),
     # Self-conditioning with one coin per batch instead of on half of every microbatch: the same
     # expected fraction, fewer kernel launches per step.

@@ -179,7 +179,7 @@ def test_the_multistep_solver_is_second_order_on_a_moving_estimate():
 
     def solve(solver, n):
         steps = torch.logspace(2, 0, n + 1, dtype=torch.float64)
-        settings = SamplerSettings(solver=solver, eval_time_scale=1.0)  # the same ODE for both solvers
+        settings = SamplerSettings(solver=solver, eval_time=1.0)  # the same ODE for both solvers
         return _exponential_integrator(Moving(), x, steps, settings, None)
 
     fine = solve('dpmpp_2m', 4000)
@@ -206,10 +206,10 @@ def test_every_step_evaluates_the_model_at_the_scaled_time(solver):
 
     steps, x = torch.tensor([20.0, 8.0, 3.0, 1.0]), torch.randn(1, 2, 3) * 20
     solve = _euler_or_heun if solver in ('euler', 'heun') else _exponential_integrator
-    out = solve(Recording(), x, steps, SamplerSettings(solver=solver, eval_time_scale=1.5), None)
+    out = solve(Recording(), x, steps, SamplerSettings(solver=solver, eval_time='1.5'), None)
     expected = [20.0, 8.0, 8.0, 3.0, 3.0] if solver == 'heun' else [20.0, 8.0, 3.0]
     assert seen == pytest.approx([1.5 * t for t in expected])
-    unscaled = solve(Recording(), x, steps, SamplerSettings(solver=solver, eval_time_scale=1.0), None)
+    unscaled = solve(Recording(), x, steps, SamplerSettings(solver=solver, eval_time=1), None)
     torch.testing.assert_close(out, unscaled)  # the estimate is the same here, so are the steps
 
 
@@ -217,13 +217,14 @@ def test_the_default_sampler_and_its_neutral_time_scale():
     from cdcd_composer.sampler import DEFAULT_STEPS
 
     default = SamplerSettings()
-    assert (default.solver, default.eval_time_scale, DEFAULT_STEPS) == ('dpmpp_2m', 1.0, 24)
+    assert (default.solver, default.eval_time, DEFAULT_STEPS) == ('dpmpp_2m', '1', 24)
     assert network_evaluations(default, DEFAULT_STEPS) == 25
     for solver in ODE_SOLVERS:  # no constant tuned on one model is any solver's default
-        assert SamplerSettings(solver=solver).eval_time_scale == 1.0
-    assert SamplerSettings(solver='dpmpp_2m', eval_time_scale=1.15).eval_time_scale == 1.15
-    with pytest.raises(ValueError, match='--time_shift and --eval_time_scale'):
-        SamplerSettings(solver='euler', time_shift=0.1, eval_time_scale=1.2)
+        assert SamplerSettings(solver=solver).eval_time == '1'
+    # One setting says where a step evaluates the model, in its canonical form.
+    assert SamplerSettings(solver='dpmpp_2m', eval_time=1.15).eval_time == '1.15'
+    assert SamplerSettings(solver='euler', eval_time=' next+0.10').eval_time == 'next+0.1'
+    assert SamplerSettings(solver='euler', eval_time='next+0.1').evaluated_at() == 't_next + 0.1'
 
 
 def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer):
@@ -240,9 +241,10 @@ def test_guidance_mixes_conditional_and_unconditional_estimates(model, tokenizer
     ('tau', 0.0, 'score temperature'), ('tau', math.nan, 'score temperature'),
     ('initial_noise_scale', math.nan, 'initial noise scale'), ('initial_noise_scale', -1.0, 'initial noise'),
     ('guidance', math.nan, 'guidance'), ('guidance', math.inf, 'guidance'),
-    ('time_shift', math.nan, 'time shift'), ('time_shift', math.inf, 'time shift'),
-    ('eval_time_scale', 0.0, 'evaluation time scale'), ('eval_time_scale', math.nan, 'evaluation time scale'),
-    ('eval_time_scale', math.inf, 'evaluation time scale'),
+    ('eval_time', 'next+nan', '--eval_time'), ('eval_time', 'next+inf', '--eval_time'),
+    ('eval_time', 'next+-1', '--eval_time'), ('eval_time', 0.0, '--eval_time'),
+    ('eval_time', 'nan', '--eval_time'),
+    ('eval_time', math.inf, '--eval_time'), ('eval_time', 'later', 'C, a positive number .* or next\\+D'),
     ('self_conditioning', 'off', 'self_conditioning must be True or False'),
     ('solver', 'rk4', 'must be one of'),
     ('tau', 5e-324, r'must lie in \[0.001, 100\]'),

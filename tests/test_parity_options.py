@@ -135,13 +135,13 @@ class RecordTimes(torch.nn.Module):
         return self.model(tokens, t, *args, **kwargs)
 
 
-def test_time_shift_evaluates_the_model_at_the_next_time_plus_delta():
+def test_eval_time_evaluates_at_a_scaled_time_or_at_the_next_time_plus_delta():
     model = RecordTimes(CDCDTransformer(CDCDConfig(vocab_size=VOCAB, **TINY_MODEL)).eval())
     steps = torch.tensor([20.0, 10.0, 4.0, 1.0])
     sample(model, steps, 2, 8, SamplerSettings(solver='euler'), generator=torch.Generator().manual_seed(0))
     assert model.times == [20.0, 10.0, 4.0, 1.0]  # t_i, then the final pass at t_min
     model.times.clear()
-    scaled = SamplerSettings(eval_time_scale=1.15)
+    scaled = SamplerSettings(eval_time='1.15')
     sample(model, steps, 2, 8, scaled, generator=torch.Generator().manual_seed(0))
     assert model.times == pytest.approx([23.0, 11.5, 4.6, 1.0])  # 1.15 t_i; the argmax pass at t_min
     model.times.clear()
@@ -150,13 +150,13 @@ def test_time_shift_evaluates_the_model_at_the_next_time_plus_delta():
         steps,
         2,
         8,
-        SamplerSettings(solver='euler', time_shift=0.5),
+        SamplerSettings(solver='euler', eval_time='next+0.5'),
         generator=torch.Generator().manual_seed(0),
     )
     assert model.times == [10.5, 4.5, 1.5, 1.0]
     assert shifted.shape == (2, 8)
     with pytest.raises(ValueError, match='Euler steps only'):
-        SamplerSettings(solver='heun', time_shift=0.5)
+        SamplerSettings(solver='heun', eval_time='next+0.5')
 
 
 @pytest.mark.slow
@@ -183,8 +183,8 @@ def test_bytes_end_to_end_convert_train_generate(tmp_path):
         '3',
         '--solver',
         'euler',
-        '--time_shift',
-        '0.5',
+        '--eval_time',
+        'next+0.5',
         '--prompt',
         'Once upon a time',
     ]

@@ -76,8 +76,8 @@ def test_samples_decode_and_generate_cli(trained, tmp_path, capsys):
         f'[{r["index"]}] {r["text"]}' in printed for r in rows
     )
     assert f'4 per sample ({DEFAULT_SOLVER}, 3 steps)' in printed  # evaluated at t: nothing to say
-    assert {(r['solver'], r['eval_time_scale']) for r in rows} == {(DEFAULT_SOLVER, 1.0)}
-    generate.main([str(checkpoint), '--num_samples', '1', '--steps', '3', '--eval_time_scale', '1.15'])
+    assert {(r['solver'], r['eval_time']) for r in rows} == {(DEFAULT_SOLVER, '1')}
+    generate.main([str(checkpoint), '--num_samples', '1', '--steps', '3', '--eval_time', '1.15'])
     assert f'4 per sample ({DEFAULT_SOLVER}, 3 steps, model evaluated at 1.15 t)' in capsys.readouterr().out
     # The share it prints is the grammar's verdict on the very samples it wrote.
     assert f'recognised sentences: {recognised_fraction([r["text"] for r in rows]):.1%}' in printed

@@ -40,7 +40,7 @@ def requested_settings(args: argparse.Namespace) -> dict[str, Any]:
     asked = {
         'solver': args.solver, 'tau': args.tau,
         'initial_noise_scale': args.initial_noise_scale, 'guidance': args.guidance,
-        'time_shift': args.time_shift, 'eval_time_scale': args.eval_time_scale,
+        'eval_time': args.eval_time,
         'self_conditioning': {'auto': None, 'on': True, 'off': False}[args.self_conditioning],
     }  # fmt: skip
     SamplerSettings(**{k: v for k, v in asked.items() if v is not None})
@@ -84,7 +84,7 @@ def sample(args: argparse.Namespace) -> int:
     for i, text in enumerate(texts):
         print(f'[{i}] {text}\n')
     guided = settings.guidance != 1.0 and (args.prompt is not None or args.template is not None)
-    scaled = '' if settings.eval_time_scale == 1.0 else f', model evaluated at {settings.eval_time_scale:g} t'
+    scaled = '' if settings.eval_time == '1' else f', model evaluated at {settings.evaluated_at()}'
     print(f'network evaluations: {network_evaluations(settings, args.steps, guided)} per sample '
           f'({settings.solver}, {args.steps} steps{scaled})')  # fmt: skip
     if model.spec.data.source == 'synthetic':
@@ -106,7 +106,7 @@ def write_samples(
     record |= {
         'tau': settings.tau,
         'solver': settings.solver,
-        'eval_time_scale': settings.eval_time_scale,
+        'eval_time': settings.eval_time,
     }
 
     def write(f) -> None:
