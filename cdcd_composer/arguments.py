@@ -24,6 +24,11 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 EXIT_STATUSES = 'exit status: 0 done, 1 failed while working, 2 usage or configuration error, 130 interrupted'
 
 
+def command_parser(description: str) -> argparse.ArgumentParser:
+    """A command's parser, built the same way for each: its help, examples kept, exit statuses last."""
+    return argparse.ArgumentParser(description=description, formatter_class=RAW, epilog=EXIT_STATUSES)
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts: samples, steps, batch sizes, blank lengths)."""
     try:
@@ -91,7 +96,7 @@ only torch and transformers are installed, and samples with its `generate` metho
 
 def generate_parser() -> argparse.ArgumentParser:
     """The command line of generate.py."""
-    p = argparse.ArgumentParser(description=GENERATE_HELP, formatter_class=RAW)
+    p = command_parser(GENERATE_HELP)
     p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
     p.add_argument('--prompt', default=None, help='text to continue')
     p.add_argument('--template', default=None, help='story with ___ blanks to fill')
@@ -135,7 +140,7 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def evaluate_parser() -> argparse.ArgumentParser:
     """The command line of eval.py."""
-    p = argparse.ArgumentParser(description=EVALUATE_HELP, formatter_class=RAW)
+    p = command_parser(EVALUATE_HELP)
     p.add_argument('model', help='export directory or .pt checkpoint, local or object-store URI')
     p.add_argument('--data_root', required=True, help='the dataset the model was trained on (for val)')
     p.add_argument('--local_cache', default=None, help='cache for an object-store data_root')
@@ -170,7 +175,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
     """The command line of export.py."""
-    p = argparse.ArgumentParser(description=EXPORT_HELP, formatter_class=RAW)
+    p = command_parser(EXPORT_HELP)
     p.add_argument('checkpoint', help='a .pt checkpoint from train.py or an export (local or object store)')
     p.add_argument('out_dir', help='where the export goes (local directory or object-store URI)')
     p.add_argument(
@@ -255,7 +260,7 @@ complete dataset made with other settings is replaced only with --overwrite.
 
 def convert_parser() -> argparse.ArgumentParser:
     """The command line of data_prep/convert_tinystories.py (its options: `ConvertOptions`)."""
-    p = argparse.ArgumentParser(description=CONVERT_HELP, formatter_class=RAW)
+    p = command_parser(CONVERT_HELP)
     d = ConvertOptions(out_root='')
     p.add_argument('--out_root', required=True, help='local directory or s3://bucket/prefix')
     p.add_argument('--source', choices=SOURCES, default=d.source)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPO, imported_modules
 
-from cdcd_composer.arguments import train_config_keys, train_help
+from cdcd_composer.arguments import EXIT_STATUSES, train_config_keys, train_help
 from cdcd_composer.commands.train import validate
 from cdcd_composer.config import TrainConfig, load_config, parse_config
 from cdcd_composer.preflight import default_precision
@@ -225,6 +225,7 @@ def test_help_lists_the_options_without_importing_torch(script):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and 'usage:' in proc.stdout
     assert ('top-level keys:' if script == 'train.py' else '--') in proc.stdout
+    assert EXIT_STATUSES in proc.stdout  # one convention: 0, 1 failed while working, 2 usage, 130
     assert not {'torch', 'composer', 'streaming', 'transformers'} & imported_modules(proc.stderr)
 
 
