@@ -162,11 +162,17 @@ def fresh_case_folder(w: Path) -> None:
     (w / 'case').mkdir()
 
 
-def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
-    """Every input, grouped by the class of fault."""
+# The command lines the sampling, resume, converter and output cases start from.
+EVAL_ARGS = ['{w}/run/export', '--data_root', '{w}/data', '--judge', 'none', '--steps', '2', '--num_samples', '2',
+             '--nll_samples', '0']  # fmt: skip
+CONVERT_ARGS = ['--source', 'synthetic', '--out_root', '{w}/case/data', '--num_train', '64', '--num_val', '16',
+                '--train_tokenizer', '300']  # fmt: skip
+
+
+def code_execution_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Code execution: a malicious pickle at every path a checkpoint is read from."""
     c: list[Case] = []
 
-    # Code execution: a malicious pickle at every path a checkpoint is read from.
     def evil(rel: str, **kw) -> Callable[[Path], None]:
         return lambda w: plant_pickle(w / rel, w / 'PWNED', **kw)
 
@@ -182,8 +188,12 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
             c.append(Case('train', train_args(), ['trust'], setup, label='code execution'))
     c.append(Case('generate', ['{w}/other/evil.pt'], ['trust'], evil('other/evil.pt', owner=65534),
                   label='code execution'))  # fmt: skip
+    return c
 
-    # Data loss: a folder the user made, holding files with our names, is never replaced.
+
+def data_loss_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Data loss: a folder the user made, holding files with our names, is never replaced."""
+    c: list[Case] = []
     for name in ('manifest.json', 'cdcd_dataset.json', 'cdcd_config.json'):
         for overwrite in ([], ['--overwrite']):
             c.append(Case('convert', ['--source', 'synthetic', '--out_root', '{w}/userdir', '--num_train', '64',
@@ -201,8 +211,12 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     c.append(Case('train', train_args('callbacks.export_weights.folder={w}/userdir'), ['userdir'],
                   lambda w: user_files(w / 'userdir', 'cdcd_config.json', 'notes.txt'),
                   protect=['userdir/cdcd_config.json', 'userdir/notes.txt'], label='data loss'))  # fmt: skip
+    return c
 
-    # Config values that crashed with a traceback, were silently accepted, or were unclear.
+
+def config_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Config values that crashed with a traceback, were silently accepted, or were unclear."""
+    c: list[Case] = []
     for override, names in (
         ('model.n_heads=0', ['n_heads']), ('device_train_microbatch_size=-2', ['device_train_microbatch_size']),
         ('model.mlp_ratio=-1', ['mlp_ratio']), ('model.embed_init_std=-0.1', ['embed_init_std']),
@@ -237,8 +251,13 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     c.append(Case('train', ['{w}/missing.yaml'], ['missing.yaml'], label='config'))
     c.append(Case('train', ['{w}'], ['is a directory'], label='config'))
     c.append(Case('train', train_args('variables.data_root={w}/nodata'), ['nodata'], label='config'))
+    return c
 
-    # On-disk formats: damaged dataset files.
+
+def formats_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """On-disk formats: damaged dataset files."""
+    c: list[Case] = []
+
     def damaged(change: Callable[[Path], None]) -> Callable[[Path], None]:
         def setup(w: Path) -> None:
             copy_tree(w / 'data', w / 'bad')
@@ -259,8 +278,13 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     ):  # fmt: skip
         c.append(Case('train', train_args('variables.data_root={w}/bad'), names, damaged(change),
                       label='format'))  # fmt: skip
+    return c
 
-    # Exports: damaged, then sampled.
+
+def exports_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Exports: damaged, then sampled."""
+    c: list[Case] = []
+
     def damaged_export(change: Callable[[Path], None]) -> Callable[[Path], None]:
         def setup(w: Path) -> None:
             copy_tree(w / 'run' / 'export', w / 'badexport')
@@ -315,8 +339,12 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     c.append(
         Case('export', ['{w}/badexport', '{w}/case/re'], ['nan'], damaged_export(nan_weights), label='format')
     )
+    return c
 
-    # Sampling and evaluation: limits, silent garbage, outputs.
+
+def sampling_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Sampling and evaluation: limits, silent garbage, outputs."""
+    c: list[Case] = []
     gen = ['{w}/run/export', '--num_samples', '2', '--steps', '4']
     for extra, names in (
         (['--eval_time', 'next+inf'], ['eval_time']), (['--steps', '1000000000'], ['steps']),
@@ -341,8 +369,7 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
                   limit=60, label='limits', announces=['batches']))  # fmt: skip
     c.append(Case('generate', [*gen, '--prompt', 'the cat 🐈 sat'], None, label='reasonable'))
     c.append(Case('generate', [*gen, '--out', '{w}/case/s.jsonl'], None, label='reasonable'))
-    ev = ['{w}/run/export', '--data_root', '{w}/data', '--judge', 'none', '--steps', '2', '--num_samples', '2',
-          '--nll_samples', '0']  # fmt: skip
+    ev = EVAL_ARGS
     for extra, names in (
         (['--num_samples', '100000000'], ['num_samples']), (['--out', '/nonexistent/dir/r.json'], ['/nonexistent']),
         (['--steps', '1000000000'], ['steps']), (['--batch_size', '0'], ['batch_size']),
@@ -351,8 +378,13 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
     ):  # fmt: skip
         c.append(Case('eval', [*ev, *extra], names, label='sampling'))
     c.append(Case('eval', [*ev, '--out', '{w}/case/r.json'], None, label='reasonable'))
+    return c
 
-    # Resuming on data converted again with another tokenizer or canvas.
+
+def resuming_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Resuming on data converted again with another tokenizer or canvas."""
+    c: list[Case] = []
+
     def reconverted(*args: str) -> Callable[[Path], None]:
         def setup(w: Path) -> None:
             copy_tree(w / 'run', w / 'case')
@@ -364,11 +396,14 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
                   reconverted(), label='resume'))  # fmt: skip
     c.append(Case('train', train_args('variables.data_root={w}/data48', 'max_duration=4ba'), ['seq_len'],
                   reconverted(), label='resume'))  # fmt: skip
-    c.append(Case('eval', [*ev[:2], '{w}/data300', *ev[3:]], ['vocabulary'], label='resume'))
+    c.append(Case('eval', [*EVAL_ARGS[:2], '{w}/data300', *EVAL_ARGS[3:]], ['vocabulary'], label='resume'))
+    return c
 
-    # The converter.
-    conv = ['--source', 'synthetic', '--out_root', '{w}/case/data', '--num_train', '64', '--num_val', '16',
-            '--train_tokenizer', '300']  # fmt: skip
+
+def converter_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """The converter."""
+    c: list[Case] = []
+    conv = CONVERT_ARGS
     for extra, names in (
         (['--size_limit', '0'], ['size_limit']), (['--seq_len', '0'], ['seq_len']), (['--seq_len', '-5'], ['seq_len']),
         (['--num_train', '-1'], ['num_train']), (['--val_fraction', '1.5'], ['val_fraction']),
@@ -396,35 +431,45 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
                   lambda w: (w / 'rows.jsonl').write_text('{"text": "a story."}\n' * 50), label='convert'))  # fmt: skip
     c.append(Case('convert', [*conv[:2], '--out_root', '{w}/case/data', '--tokenizer', '{w}/notok'], ['notok'],
                   label='convert'))  # fmt: skip
+    return c
 
-    # Outputs that are inputs, work without bounds, prompts, and the last probe's leftovers.
+
+def outputs_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Outputs that are inputs, work without bounds, prompts, and the last probe's leftovers."""
+    c: list[Case] = []
     gen = ['{w}/run/export', '--num_samples', '1', '--steps', '2']
     for out, names in (('{w}/run/ckpt/latest-rank0.pt', ['latest-rank0.pt']), ('{w}/run/export', ['export']),
                        ('{w}/run/export/model.safetensors', ['model.safetensors']), ('{w}/case', ['case']),
                        ('/dev/full', ['/dev/full']), ('{w}/fifo', ['fifo'])):  # fmt: skip
         c.append(Case('generate', [*gen, '--out', out], names, lambda w: os.mkfifo(w / 'fifo'), limit=60,
                       protect=['run/export/model.safetensors', 'run/ckpt/latest-rank0.pt'], label='outputs'))  # fmt: skip
-    c.append(Case('eval', [*ev, '--out', '{w}/data/cdcd_dataset.json'], ['cdcd_dataset.json'],
+    c.append(Case('eval', [*EVAL_ARGS, '--out', '{w}/data/cdcd_dataset.json'], ['cdcd_dataset.json'],
                   protect=['data/cdcd_dataset.json'], label='outputs'))  # fmt: skip
     c.append(Case('export', ['{w}/run/export', '{w}/run/export', '--format', 'hf'], ['export'],
                   protect=['run/export/model.safetensors'], label='outputs'))  # fmt: skip
     for flag, value in (('--num_samples', '1000000000000'), ('--steps', '2.5'), ('--tau', '5e-324'),
                         ('--guidance', '1e30'), ('--batch_size', '-1')):  # fmt: skip
         c.append(Case('generate', [*gen, flag, value], [flag], limit=60, label='bounds'))
-    c.append(Case('eval', [*ev, '--nll_samples', '1000000000'], ['nll_samples'], limit=60, label='bounds'))
+    c.append(
+        Case('eval', [*EVAL_ARGS, '--nll_samples', '1000000000'], ['nll_samples'], limit=60, label='bounds')
+    )
     for prompt, names in (('\udcff\udcfe story', ['prompt']), ('x' * 100_000, ['prompt']),
                           ('[SEP] [PAD]', None)):  # fmt: skip
         c.append(Case('generate', [*gen, '--prompt', prompt], names, limit=60, label='prompts'))
     c.append(
         Case('train', train_args('load_path={w}/run', 'autoresume=false'), ['load_path'], label='leftovers')
     )
+    return c
 
-    # A full disk (a real one: the tmpfs at {w}/full), for every writer.
+
+def full_disk_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """A full disk (a real one: the tmpfs at {w}/full), for every writer."""
+    c: list[Case] = []
     mb = 10**6
     for fmt in ('cdcd', 'hf'):
         c.append(Case('export', ['{w}/run/ckpt/latest-rank0.pt', '{w}/full/exp', '--format', fmt], ['full/exp', 'free'],
                       lambda w: leave_free(w, 50_000), label='full disk'))  # fmt: skip
-    c.append(Case('convert', [*conv[:2], '--out_root', '{w}/full/data', '--num_train', '200000', '--num_val', '16',
+    c.append(Case('convert', [*CONVERT_ARGS[:2], '--out_root', '{w}/full/data', '--num_train', '200000', '--num_val', '16',
                               '--size_limit', '100kb'], ['full/data', 'free'], lambda w: leave_free(w, 3 * mb),
                   label='full disk'))  # fmt: skip
     c.append(Case('train', train_args('save_folder={w}/full/ckpt'), ['full/ckpt', 'free'],
@@ -433,13 +478,35 @@ def cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
                   lambda w: leave_free(w, checkpoint_size(w) * 3 // 2), label='full disk'))  # fmt: skip
     c.append(Case('train', train_args('callbacks.export_weights.folder={w}/full/export'), ['full/export', 'free'],
                   lambda w: leave_free(w, 50_000), label='full disk'))  # fmt: skip
+    return c
 
-    # Export.
+
+def export_cases() -> list[Case]:  # noqa: PLR0915 - a table, one entry per input
+    """Export."""
+    c: list[Case] = []
     c.append(Case('export', ['{w}/nothing.pt', '{w}/case/out'], ['nothing.pt']))
     c.append(Case('export', ['{w}/run/ckpt/latest-rank0.pt', '{w}/afile'], ['afile'],
                   lambda w: (w / 'afile').write_text('mine'), protect=['afile']))  # fmt: skip
     c.append(Case('export', ['{w}/run/ckpt/latest-rank0.pt', '{w}/case/out'], None, label='reasonable'))
     return c
+
+
+def cases() -> list[Case]:
+    """Every input, grouped by the class of fault."""
+    tables = (
+        code_execution_cases,
+        data_loss_cases,
+        config_cases,
+        formats_cases,
+        exports_cases,
+        sampling_cases,
+        resuming_cases,
+        converter_cases,
+        outputs_cases,
+        full_disk_cases,
+        export_cases,
+    )
+    return [case for table in tables for case in table()]
 
 
 def build_fixtures(tree: Path, w: Path) -> None:
