@@ -23,6 +23,10 @@ if 'PYTEST_XDIST_WORKER' in os.environ:
     from cdcd_composer.workarounds import SHM_NAMESPACE_ENV
 
     os.environ.setdefault(SHM_NAMESPACE_ENV, os.environ['PYTEST_XDIST_WORKER'])
+    # The cores shared out between the workers: intra-op threads beyond them only wait on each other.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
+    os.environ['OMP_NUM_THREADS'] = str(_threads)
+    torch.set_num_threads(_threads)
 
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401 - fixtures
 from shipped import WIDTHS, shrunk_overrides  # noqa: E402
