@@ -33,6 +33,7 @@ def test_a_tiny_run_logs_scalars_figure_samples_and_export_to_tensorboard_and_ml
         },  # fmt: skip
         callbacks=dict(
             tiny_config['callbacks'],
+            training_samples=dict(tiny_config['callbacks']['training_samples'], interval='2ba'),  # at 2 and 4
             time_warp_refit=dict(
                 tiny_config['callbacks']['time_warp_refit'],
                 interval='2ba',
@@ -65,7 +66,7 @@ def test_a_tiny_run_logs_scalars_figure_samples_and_export_to_tensorboard_and_ml
     images = [a.path for a in client.list_artifacts(run.info.run_id, 'images')]
     assert any('time_warp' in path and path.endswith('.png') for path in images)
     table = client.load_table(run.info.experiment_id, 'samples.json', run_ids=[run.info.run_id])
-    assert list(table.columns)[:3] == ['batch', 'prompt', 'sample'] and len(table) >= 2
+    assert list(table.columns)[:3] == ['batch', 'prompt', 'sample'] and len(table) >= 4
     assert table['sample'].str.len().gt(0).all()
 
 
