@@ -24,6 +24,13 @@ beside the teacher's default solver at the same counts and at its 25-evaluation 
 the student's score temperature, averaged over `--seeds` (64 samples each): recognised sentences,
 distinct-2, unigram entropy, the share of distinct samples (a collapse check), the recognised
 sentences of samples prompted with "once upon a time", and seconds per sample.
+
+    python bench/sample.py --handover --distilled runs/cdcd-tiny-distill/export \
+        --teacher runs/cdcd-tiny/export
+
+`--handover`: where the student loses quality. The teacher samples each seed once; each row
+starts the student at the teacher's own state at one of its pass times and lets it finish,
+beside the teacher's one-pass argmax from that state (docs/ablations.md, "Distillation").
 """
 
 from __future__ import annotations
@@ -193,6 +200,71 @@ def distillation_table(student_path: str, teacher_path: str, args: argparse.Name
               f'{mean["seconds"]:.3f} |', flush=True)  # fmt: skip
 
 
+def teacher_states(teacher, grid: torch.Tensor, noise: torch.Tensor, settings: SamplerSettings):
+    """The teacher's samples from `noise` and its state before each of its steps: (ids, {step: x})."""
+    states: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        ids = sample(teacher.model, grid, len(noise), noise.shape[1], settings, noise=noise,
+                     on_state=lambda i, x: states.__setitem__(i, x.clone()))  # fmt: skip
+    return ids, states
+
+
+@torch.no_grad()
+def one_pass_argmax(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoiser's argmax tokens from the state x at time t, with no self-conditioning estimate."""
+    blank = torch.zeros(x.shape[:2], dtype=torch.long)
+    everything = torch.ones_like(blank, dtype=torch.bool)
+    return model.model(blank, t.expand(len(x)), everything, torch.zeros_like(x), x_t=x).logits.argmax(-1)
+
+
+def handover_table(student_path: str, teacher_path: str, args: argparse.Namespace) -> None:
+    """Prints where a student loses quality: its remaining passes from the teacher's own states.
+
+    For each seed the teacher samples once (its default solver, the student's tau) and keeps its
+    state before every step. Each row starts the student at the teacher's state at one of its pass
+    times and lets it finish with its remaining passes, beside the teacher's own one-pass argmax
+    from that state. Both start with no self-conditioning estimate, as a first pass does.
+    """
+    from cdcd_composer.checkpoints.loading import load_trained_model
+    from cdcd_composer.sampler import decode_samples
+
+    student, teacher = load_trained_model(student_path), load_trained_model(teacher_path)
+    spec, own = teacher.spec, student.sampling_settings()
+    grid = teacher.time_warp.sampling_timesteps(DEFAULT_STEPS).float()
+
+    def recognised(ids: torch.Tensor) -> float:
+        return recognised_fraction(decode_samples(ids, spec.text_tokenizer, spec.data.eos_id))
+
+    counts = [c for c in args.evaluations if str(c) in student.spec.sampling['timesteps']]
+    found: dict[tuple[int, int, int, float], list[tuple[float, float]]] = {}
+    full = []
+    for seed in args.seeds:
+        shape = (args.samples, spec.data.seq_len, teacher.config.d_embed)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        ids, states = teacher_states(teacher, grid, noise, teacher.sampling_settings(tau=own.tau))
+        full.append(recognised(ids))
+        for count in counts:
+            times = student.spec.distilled_timesteps(count).float()
+            for k in range(count):
+                at = int((grid - times[k]).abs().argmin())
+                with torch.no_grad():
+                    ids = sample(
+                        student.model, times[k:], args.samples, shape[1], own, noise=states[at] / times[k]
+                    )
+                argmax = one_pass_argmax(teacher, states[at], grid[at])
+                found.setdefault((count, k + 1, at, float(times[k])), []).append(
+                    (recognised(ids), recognised(argmax))
+                )
+    finishing = sum(full) / len(full)
+    print(f'{student_path} from the states of {teacher_path}: {args.samples} samples x seeds {args.seeds}, '
+          f'tau {own.tau:g}; the teacher finishing its {DEFAULT_STEPS} steps: {finishing:.1%}')  # fmt: skip
+    print("| NFE | pass | from teacher step | t | the student finishes | the teacher's argmax there |")
+    print('|---|---|---|---|---|---|')
+    for (count, k, at, t), pairs in found.items():
+        done, argmax = (sum(v) / len(v) for v in zip(*pairs))
+        print(f'| {count} | {k} | {at} | {t:.2f} | {done:.1%} | {argmax:.1%} |', flush=True)
+
+
 def main() -> None:
     """Prints the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +284,10 @@ def main() -> None:
         '--distilled', metavar='STUDENT', default=None, help='a distilled student (with --teacher)'
     )
     p.add_argument('--teacher', metavar='TEACHER', default=None, help="the student's teacher (--distilled)")
+    p.add_argument(
+        '--handover', action='store_true',
+        help="(--distilled) the student's remaining passes from the teacher's own states, pass by pass",
+    )  # fmt: skip
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds averaged (--distilled)')
     p.add_argument('--evaluations', type=int, nargs='+', default=[10, 25, 50, 100, 200])
     p.add_argument('--solvers', nargs='+', choices=ODE_SOLVERS, default=list(ODE_SOLVERS), help='(--quality)')
@@ -230,7 +306,7 @@ def main() -> None:
             p.error('--distilled needs --teacher, the export it was distilled from')
         if args.evaluations == p.get_default('evaluations'):
             args.evaluations = [1, 2, 4, 8]
-        distillation_table(args.distilled, args.teacher, args)
+        (handover_table if args.handover else distillation_table)(args.distilled, args.teacher, args)
         return
     if args.quality:
         quality(args.quality, args)

@@ -167,6 +167,29 @@ def test_the_students_export_samples_at_its_recorded_steps(student, tmp_path, ca
     assert model.spec.default_steps == 4 and model.sampling_settings().solver == DISTILLED
 
 
+@pytest.mark.slow
+def test_the_handover_table_starts_the_student_on_the_teachers_states(student, tiny_teacher, capsys):
+    """`bench/sample.py --handover`: a row per pass of each count, from the teacher's step it starts at."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('bench_sample', REPO / 'bench' / 'sample.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(evaluations=[1, 2, 4], seeds=[0], samples=2)
+    bench.handover_table(str(student), str(tiny_teacher), args)
+    rows = [
+        line.split(' | ')
+        for line in capsys.readouterr().out.splitlines()
+        if line[:3] in ('| 1', '| 2', '| 4')
+    ]
+    starts = [(int(r[0][2:]), int(r[1]), int(r[2])) for r in rows]
+    expected = [(c, k + 1, step) for c in (1, 2, 4) for k, step in enumerate(pass_indices(24, c, 1.5)[:-1])]
+    assert starts == expected
+    for row in rows:
+        assert all(0.0 <= float(cell.strip(' |%')) <= 100.0 for cell in row[4:])
+
+
 @pytest.mark.parametrize('setting, message', [
     ({'states_per_trajectory': 0}, 'states_per_trajectory=0 must be a positive integer'),
     ({'teacher_steps': 'x'}, "teacher_steps='x' must be a positive integer"),
@@ -174,6 +197,8 @@ def test_the_students_export_samples_at_its_recorded_steps(student, tmp_path, ca
     ({'default_evaluations': 3}, r'default_evaluations=3 must be one of evaluations \[1, 2, 4, 8\]'),
     ({'spacing': float('nan')}, 'spacing=nan must be a positive finite number'),
     ({'evaluations': [8], 'default_evaluations': 8, 'teacher_steps': 8, 'spacing': 3.0}, 'share a step'),
+    # 8 passes at spacing 2 over 24 steps: the 8th would start at step 24 (t_min) and land there.
+    ({'evaluations': [8], 'default_evaluations': 8, 'spacing': 2.0}, "start one at the teacher's last"),
 ])  # fmt: skip
 def test_a_distillation_setting_out_of_range_is_one_line_naming_it(setting, message):
     with pytest.raises(ValueError, match=message):

@@ -51,13 +51,14 @@ def pass_indices(teacher_steps: int, evaluations: int, spacing: float = 1.0) -> 
     [0, 8, 16, 21, 24]).
 
     Raises:
-        ValueError: two passes would start at the same step.
+        ValueError: two passes would start at the same step, or the last at the teacher's end (a pass
+            from t_min to t_min).
     """
     starts = [round(teacher_steps * (1 - (1 - i / evaluations) ** spacing)) for i in range(evaluations)]
-    if len(set(starts)) < len(starts):
+    if len(set(starts)) < len(starts) or starts[-1] >= teacher_steps:
         raise ValueError(
             f'{evaluations} passes over {teacher_steps} teacher steps at spacing {spacing:g} would share a '
-            'step; use more teacher_steps or a spacing nearer 1'
+            "step or start one at the teacher's last; use more teacher_steps or a spacing nearer 1"
         )
     return [*starts, teacher_steps]
 
