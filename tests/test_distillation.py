@@ -30,6 +30,11 @@ def test_a_students_passes_are_evenly_spaced_along_the_teachers_steps():
     assert pass_indices(24, 1) == [0, 24]
     assert pass_indices(24, 4) == [0, 6, 12, 18, 24]
     assert jumps(24, [1, 2]) == [(0, 12), (0, 24), (12, 24)]
+    assert pass_indices(24, 4, 2.5) == [0, 12, 20, 23, 24]  # the later passes closer together
+    # Where rounding would start two passes at one step or the last at the end (t_min to t_min),
+    # the later passes take the steps just before the end, one each.
+    assert pass_indices(24, 8, 2.5) == [0, 7, 12, 17, 20, 21, 22, 23, 24]
+    assert pass_indices(8, 8, 3.0) == list(range(9))
     assert network_evaluations(SamplerSettings(solver=DISTILLED), 4) == 4  # the last pass is the argmax
 
 
@@ -184,7 +189,11 @@ def test_the_handover_table_starts_the_student_on_the_teachers_states(student, t
         if line[:3] in ('| 1', '| 2', '| 4')
     ]
     starts = [(int(r[0][2:]), int(r[1]), int(r[2])) for r in rows]
-    expected = [(c, k + 1, step) for c in (1, 2, 4) for k, step in enumerate(pass_indices(24, c, 1.5)[:-1])]
+    recipe = load_config(str(REPO / 'yamls' / 'cdcd-tiny-distill.yaml'), [])
+    spacing = recipe['algorithms']['distillation']['spacing']
+    expected = [
+        (c, k + 1, step) for c in (1, 2, 4) for k, step in enumerate(pass_indices(24, c, spacing)[:-1])
+    ]
     assert starts == expected
     for row in rows:
         assert all(0.0 <= float(cell.strip(' |%')) <= 100.0 for cell in row[4:])
@@ -196,9 +205,6 @@ def test_the_handover_table_starts_the_student_on_the_teachers_states(student, t
     ({'evaluations': [0]}, r'evaluations=\[0\] must list counts in \[1, teacher_steps=24\]'),
     ({'default_evaluations': 3}, r'default_evaluations=3 must be one of evaluations \[1, 2, 4, 8\]'),
     ({'spacing': float('nan')}, 'spacing=nan must be a positive finite number'),
-    ({'evaluations': [8], 'default_evaluations': 8, 'teacher_steps': 8, 'spacing': 3.0}, 'share a step'),
-    # 8 passes at spacing 2 over 24 steps: the 8th would start at step 24 (t_min) and land there.
-    ({'evaluations': [8], 'default_evaluations': 8, 'spacing': 2.0}, "start one at the teacher's last"),
 ])  # fmt: skip
 def test_a_distillation_setting_out_of_range_is_one_line_naming_it(setting, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ the exponential step there, x_s = x0_hat + (s/t)^(1/tau) (x_t - x0_hat) (`sample
 For a jump between two of the teacher's states the target is the x0_hat that makes that step
 land exactly on the teacher's state at s (`jump_target`, a mean-squared error); a jump to the
 end is the sample itself: the cross-entropy of the teacher's sampled tokens. One student serves
-several step counts: the pass times of each count are evenly spaced along the teacher's steps,
+several step counts: the pass times of each count are spaced along the teacher's steps (`pass_indices`),
 and every jump of every count is trained (TRACT's and the flow-map models' multi-step jumps,
 taught by one teacher in one round; docs/ablations.md has the method's choice).
 
@@ -47,19 +47,15 @@ def pass_indices(teacher_steps: int, evaluations: int, spacing: float = 1.0) -> 
     """Where a student of `evaluations` passes starts each, as indices of the teacher's steps, plus the end.
 
     Pass i starts at round(teacher_steps (1 - (1 - i/k)^spacing)): evenly spaced along the teacher's
-    steps at spacing 1, the last passes closer together above (24 steps, 4 passes, spacing 1.5:
-    [0, 8, 16, 21, 24]).
-
-    Raises:
-        ValueError: two passes would start at the same step, or the last at the teacher's end (a pass
-            from t_min to t_min).
+    steps at spacing 1, the last passes closer together above (24 steps, 4 passes, spacing 2.5:
+    [0, 12, 20, 23, 24]). Where rounding would start two passes at one step, or the last at the
+    teacher's end, the later passes are packed onto the steps just before the end, one each (8
+    passes at spacing 2.5: [0, 7, 12, 17, 20, 21, 22, 23, 24]). `evaluations` <= `teacher_steps`.
     """
     starts = [round(teacher_steps * (1 - (1 - i / evaluations) ** spacing)) for i in range(evaluations)]
-    if len(set(starts)) < len(starts) or starts[-1] >= teacher_steps:
-        raise ValueError(
-            f'{evaluations} passes over {teacher_steps} teacher steps at spacing {spacing:g} would share a '
-            "step or start one at the teacher's last; use more teacher_steps or a spacing nearer 1"
-        )
+    latest = teacher_steps
+    for i in reversed(range(evaluations)):
+        starts[i] = latest = min(starts[i], latest - 1)
     return [*starts, teacher_steps]
 
 
