@@ -26,11 +26,12 @@ from cdcd_composer.masking import MaskingConfig
 from cdcd_composer.sampler import DISTILLED, SamplerSettings, network_evaluations, sample
 
 
-def test_a_students_passes_are_evenly_spaced_along_the_teachers_steps():
+def test_a_students_passes_are_spaced_along_the_teachers_steps():
     assert pass_indices(24, 1) == [0, 24]
     assert pass_indices(24, 4) == [0, 6, 12, 18, 24]
     assert jumps(24, [1, 2]) == [(0, 12), (0, 24), (12, 24)]
-    assert pass_indices(24, 4, 2.5) == [0, 12, 20, 23, 24]  # the later passes closer together
+    assert pass_indices(24, 4, 1.5) == [0, 8, 16, 21, 24]  # the later passes closer together
+    assert pass_indices(24, 4, 2.5) == [0, 12, 20, 23, 24]
     # Where rounding would start two passes at one step or the last at the end (t_min to t_min),
     # the later passes take the steps just before the end, one each.
     assert pass_indices(24, 8, 2.5) == [0, 7, 12, 17, 20, 21, 22, 23, 24]

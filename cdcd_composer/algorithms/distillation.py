@@ -47,10 +47,11 @@ def pass_indices(teacher_steps: int, evaluations: int, spacing: float = 1.0) -> 
     """Where a student of `evaluations` passes starts each, as indices of the teacher's steps, plus the end.
 
     Pass i starts at round(teacher_steps (1 - (1 - i/k)^spacing)): evenly spaced along the teacher's
-    steps at spacing 1, the last passes closer together above (24 steps, 4 passes, spacing 2.5:
-    [0, 12, 20, 23, 24]). Where rounding would start two passes at one step, or the last at the
-    teacher's end, the later passes are packed onto the steps just before the end, one each (8
-    passes at spacing 2.5: [0, 7, 12, 17, 20, 21, 22, 23, 24]). `evaluations` <= `teacher_steps`.
+    steps at spacing 1, the last passes closer together above (24 steps, 4 passes: spacing 1.5, the
+    recipe's, [0, 8, 16, 21, 24]; spacing 2.5, [0, 12, 20, 23, 24]). Where rounding would start two
+    passes at one step, or the last at the teacher's end, the later passes are packed onto the steps
+    just before the end, one each (8 passes at spacing 2.5: [0, 7, 12, 17, 20, 21, 22, 23, 24]).
+    `evaluations` <= `teacher_steps`.
     """
     starts = [round(teacher_steps * (1 - (1 - i / evaluations) ** spacing)) for i in range(evaluations)]
     latest = teacher_steps
