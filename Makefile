@@ -6,9 +6,24 @@ DATA := data/synthetic
 # Two CPU cores: one intra-op thread per core.
 export OMP_NUM_THREADS ?= 2
 
+define VENV_SPACE
+import os, shutil, sys
+where = os.path.abspath(sys.argv[1])
+while not os.path.isdir(where):  # the venv and maybe its parents are made by venv
+    where = os.path.dirname(where)
+free = shutil.disk_usage(where).free / 1e9
+if free < 8:
+    sys.exit(f'make: a new venv at {sys.argv[1]} needs about 8 GB free; {where} has {free:.1f} GB. '
+             'Free some space there, or name a venv on another disk: make VENV=/path/to/venv ...')
+endef
+export VENV_SPACE
+
 .PHONY: install judge demo test test-fast test-gpu lint clean
 
+# A new venv takes about 7 GB (torch and its CUDA wheels) and pip unpacks wheels beside it: with
+# under 8 GB free on the venv's disk, refuse in one line before pip fills the disk halfway.
 $(VENV)/.installed: setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -c "$$VENV_SPACE" $(VENV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[test,eval]'  # eval: the default judge's gguf and accelerate
